@@ -1,0 +1,1 @@
+"""ticketing: an event-driven ticket marketplace built as Python microservices."""

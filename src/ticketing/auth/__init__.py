@@ -1,0 +1,1 @@
+"""The auth service: accounts, password and magic-link sign-in, the session cookie."""

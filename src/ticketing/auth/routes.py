@@ -1,0 +1,136 @@
+"""HTTP routes of the auth service: a thin adapter over service.py."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import RedirectResponse
+
+from ticketing.auth import service
+from ticketing.auth.mail import Mailer
+from ticketing.auth.schemas import (
+    CurrentUserOut,
+    MagicLinkBody,
+    SigninBody,
+    SignupBody,
+    UserOut,
+)
+from ticketing.auth.settings import AuthSettings
+from ticketing.common.app import RuntimeDep, SessionDep
+from ticketing.common.auth import CurrentUser, clear_session_cookie, sign_in
+from ticketing.common.errors import BadRequest, TooManyRequests
+
+router = APIRouter(prefix="/api/users", tags=["auth"])
+
+
+def _settings(request: Request) -> AuthSettings:
+    settings: AuthSettings = request.app.state.settings
+    return settings
+
+
+def _mailer(request: Request) -> Mailer:
+    mailer: Mailer = request.app.state.mailer
+    return mailer
+
+
+SettingsDep = Annotated[AuthSettings, Depends(_settings)]
+MailerDep = Annotated[Mailer, Depends(_mailer)]
+
+
+async def _rate_limit(
+    runtime: RuntimeDep, request: Request, *, action: str, email: str, per_client: int, per_email: int
+) -> None:
+    settings: AuthSettings = request.app.state.settings
+    client = request.client.host if request.client else "unknown"
+    limits = {f"{action}:client:{client}": per_client, f"{action}:email:{email}": per_email}
+    # Its own transaction: the count must stick even when the attempt itself fails.
+    async with runtime.db.transaction() as session:
+        over = await service.over_limit(
+            session, limits=limits, window_seconds=settings.rate_limit_window_seconds
+        )
+    if over:
+        raise TooManyRequests("Too many attempts; please wait a minute and try again")
+
+
+@router.post("/signup", status_code=201)
+async def signup(
+    body: SignupBody, session: SessionDep, settings: SettingsDep, response: Response
+) -> UserOut:
+    user = await service.signup(session, email=body.email, password=body.password)
+    sign_in(response, settings, user_id=user.id, email=user.email)
+    return UserOut(id=user.id, email=user.email)
+
+
+@router.post("/signin")
+async def signin(
+    body: SigninBody,
+    request: Request,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+) -> UserOut:
+    await _rate_limit(
+        runtime, request, action="signin", email=body.email,
+        per_client=settings.signin_limit_per_client, per_email=settings.signin_limit_per_email,
+    )  # fmt: skip
+    user = await service.signin(session, email=body.email, password=body.password)
+    sign_in(response, settings, user_id=user.id, email=user.email)
+    return UserOut(id=user.id, email=user.email)
+
+
+@router.post("/signout")
+async def signout(settings: SettingsDep, response: Response) -> dict[str, str]:
+    clear_session_cookie(response, settings)
+    return {}
+
+
+@router.get("/currentuser")
+async def currentuser(user: CurrentUser) -> CurrentUserOut:
+    return CurrentUserOut.model_validate({"currentUser": user.model_dump() if user else None})
+
+
+@router.post("/magic-link", status_code=202)
+async def request_magic_link(
+    body: MagicLinkBody,
+    request: Request,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    mailer: MailerDep,
+) -> dict[str, str]:
+    await _rate_limit(
+        runtime, request, action="magic", email=body.email,
+        per_client=settings.magic_link_limit_per_client,
+        per_email=settings.magic_link_limit_per_email,
+    )  # fmt: skip
+    async with runtime.db.transaction() as session:
+        token = await service.create_magic_link(
+            session, email=body.email, ttl_seconds=settings.magic_link_ttl_seconds
+        )
+    link = f"{settings.public_url.rstrip('/')}/api/users/verify-magic-link?token={token}"
+    await mailer.send(
+        to=body.email,
+        subject="Your sign-in link",
+        text=f"Sign in to Ticketing with this link:\n\n{link}\n\n"
+        f"It works once and expires in {settings.magic_link_ttl_seconds} seconds.\n"
+        "If you did not ask for it, ignore this email.",
+        html=f'<p><a href="{link}">Sign in to Ticketing</a></p>'
+        f"<p>The link works once and expires in {settings.magic_link_ttl_seconds} seconds. "
+        "If you did not ask for it, ignore this email.</p>",
+    )
+    return {}
+
+
+@router.get("/verify-magic-link")
+async def verify_magic_link(
+    session: SessionDep,
+    settings: SettingsDep,
+    token: Annotated[str | None, Query()] = None,
+) -> RedirectResponse:
+    if not token:
+        raise BadRequest("This sign-in link is invalid, used or expired", field="token")
+    user = await service.use_magic_link(session, token=token)
+    response = RedirectResponse("/", status_code=303)
+    sign_in(response, settings, user_id=user.id, email=user.email)
+    return response

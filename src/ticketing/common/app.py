@@ -1,0 +1,133 @@
+"""The app factory every service uses: errors, health, metrics, and the lifespan that runs
+the database, the bus connection, the outbox relay and the service's listener."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ticketing.common.db import Database
+from ticketing.common.errors import install_error_handlers
+from ticketing.common.messaging import Bus, Listener, Publisher
+from ticketing.common.metrics import ServiceMetrics, install_http_metrics
+from ticketing.common.outbox import OutboxRelay
+from ticketing.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The moving parts of one running service, built from its settings."""
+
+    def __init__(self, name: str, settings: Settings, metadata: Sequence[MetaData]) -> None:
+        self.name = name
+        self.settings = settings
+        self.metrics = ServiceMetrics(name)
+        self.db = Database(settings.service_database_url(name), metadata=metadata)
+        self.bus = Bus(settings)
+        self.publisher = Publisher(self.bus)
+        self.relay = OutboxRelay(
+            self.db, self.publisher, metrics=self.metrics, sweep_seconds=settings.outbox_sweep_seconds
+        )
+        self.listener = Listener(
+            service=name,
+            db=self.db,
+            bus=self.bus,
+            metrics=self.metrics,
+            max_deliver=settings.listener_max_deliver,
+            ack_wait=settings.listener_ack_wait_seconds,
+        )
+
+    async def start(self) -> None:
+        await self.db.create_all()
+        await self.bus.connect()
+        self.relay.start()
+        if self.listener.handlers:
+            await self.listener.start()
+        log.info("%s started", self.name)
+
+    async def stop(self) -> None:
+        await self.listener.stop()
+        await self.relay.stop()
+        await self.bus.close()
+        await self.db.dispose()
+
+
+def create_service_app(
+    name: str,
+    settings: Settings,
+    *,
+    routers: Sequence[APIRouter],
+    metadata: Sequence[MetaData] = (),
+    register_listeners: Callable[[Listener], None] | None = None,
+) -> FastAPI:
+    """A service's FastAPI app; nothing connects until its lifespan starts."""
+    runtime = Runtime(name, settings, metadata)
+    if register_listeners is not None:
+        register_listeners(runtime.listener)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title=f"ticketing {name}", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    install_http_metrics(app, runtime.metrics)
+    app.include_router(_ops_router(runtime))
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def _ops_router(runtime: Runtime) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        checks = {"database": "ok", "nats": "ok" if runtime.bus.is_connected else "down"}
+        try:
+            await runtime.db.ping()
+        except Exception:
+            checks["database"] = "down"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ready else "unavailable", **checks},
+                            status_code=200 if ready else 503)  # fmt: skip
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return runtime.metrics.render()
+
+    return router
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+async def _session(request: Request) -> AsyncIterator[AsyncSession]:
+    # Route handlers are the entrypoint that commits; "function" scope commits before the
+    # response is sent, so a failed commit is still reported to the client.
+    async with runtime_of(request).db.transaction() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]

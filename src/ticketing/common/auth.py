@@ -1,0 +1,84 @@
+"""The session: a JWT in an HttpOnly cookie that every service verifies with the shared key."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import jwt
+from fastapi import Depends, Request, Response
+from pydantic import BaseModel
+
+from ticketing.common.errors import NotAuthorized
+from ticketing.common.settings import Settings
+
+COOKIE_NAME = "session"
+ALGORITHM = "HS256"
+
+
+class UserClaims(BaseModel):
+    """Who is signed in, as the session token says."""
+
+    id: str
+    email: str
+    iat: int
+
+
+def issue_token(settings: Settings, *, user_id: str, email: str) -> str:
+    now = int(time.time())
+    claims = {"id": user_id, "email": email, "iat": now, "exp": now + settings.jwt_ttl_seconds}
+    return jwt.encode(claims, settings.signing_key, algorithm=ALGORITHM)
+
+
+def verify_token(settings: Settings, token: str) -> UserClaims | None:
+    """The claims of a valid, unexpired token, or None for anything else."""
+    try:
+        claims = jwt.decode(
+            token, settings.signing_key, algorithms=[ALGORITHM], options={"require": ["exp", "iat"]}
+        )
+        return UserClaims.model_validate(claims)
+    except (jwt.PyJWTError, ValueError):
+        return None
+
+
+def set_session_cookie(response: Response, settings: Settings, token: str) -> None:
+    response.set_cookie(
+        COOKIE_NAME,
+        token,
+        max_age=settings.jwt_ttl_seconds,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=not settings.is_dev,
+    )
+
+
+def clear_session_cookie(response: Response, settings: Settings) -> None:
+    response.delete_cookie(
+        COOKIE_NAME, path="/", httponly=True, samesite="lax", secure=not settings.is_dev
+    )
+
+
+def sign_in(response: Response, settings: Settings, *, user_id: str, email: str) -> None:
+    """Start a session for this user on the response."""
+    set_session_cookie(response, settings, issue_token(settings, user_id=user_id, email=email))
+
+
+def current_user(request: Request) -> UserClaims | None:
+    """The signed-in user, or None; never an error."""
+    token = request.cookies.get(COOKIE_NAME)
+    if not token:
+        return None
+    settings: Settings = request.app.state.settings
+    return verify_token(settings, token)
+
+
+def require_user(user: Annotated[UserClaims | None, Depends(current_user)]) -> UserClaims:
+    """The signed-in user, or 401."""
+    if user is None:
+        raise NotAuthorized()
+    return user
+
+
+CurrentUser = Annotated[UserClaims | None, Depends(current_user)]
+RequireUser = Annotated[UserClaims, Depends(require_user)]

@@ -1,0 +1,129 @@
+"""The database factory: one engine per service, created from the settings, never at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import MetaData, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Session
+
+log = logging.getLogger(__name__)
+
+
+class Base(DeclarativeBase):
+    """Tables that every service keeps in its own database (outbox, inbox, dead letters)."""
+
+
+class Database:
+    """A service's engine and session factory, plus hooks run after a commit."""
+
+    def __init__(self, url: str, *, metadata: Sequence[MetaData] = ()) -> None:
+        self.url = url
+        self.metadata = [Base.metadata, *metadata]
+        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        self.engine: AsyncEngine = _make_engine(url, is_sqlite=self.is_sqlite)
+        # A session class of its own, so the commit hook sees only this database's sessions.
+        sync_class = type("ServiceSession", (Session,), {})
+        self.sessionmaker = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=sync_class
+        )
+        self._after_commit: list[Callable[[], None]] = []
+        event.listen(sync_class, "after_commit", self._committed)
+
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        """Call `hook` after any session that wrote outbox rows commits."""
+        self._after_commit.append(hook)
+
+    def _committed(self, session: Any) -> None:
+        if session.info.pop("outbox_dirty", False):
+            for hook in self._after_commit:
+                hook()
+
+    async def create_all(self) -> None:
+        """Create the database if it is missing, then every table of this service."""
+        await ensure_database(self.url)
+        async with self.engine.begin() as conn:
+            for md in self.metadata:
+                await conn.run_sync(md.create_all)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session whose work commits when the block ends and rolls back on an error."""
+        async with self.sessionmaker() as session, session.begin():
+            yield session
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _make_engine(url: str, *, is_sqlite: bool) -> AsyncEngine:
+    if not is_sqlite:
+        return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    engine = create_async_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        # Autocommit at the driver level so that the BEGIN below is the only transaction start.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        # Take the write lock up front: a deferred transaction that later writes can fail with
+        # "database is locked" instead of waiting its turn.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+async def ensure_database(url: str) -> None:
+    """Create a PostgreSQL database (or the SQLite file's folder) when it does not exist yet."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return
+    name = parsed.database
+    admin = parsed.set(drivername="postgresql", database="postgres")
+    conn = await asyncpg.connect(admin.render_as_string(hide_password=False))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+                log.info("created database %s", name)
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                pass  # another replica created it first
+    finally:
+        await conn.close()
+
+
+async def drop_database(url: str) -> None:
+    """Drop a PostgreSQL database or delete a SQLite file; used by tests and tooling."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{parsed.database}{suffix}").unlink(missing_ok=True)
+        return
+    admin = parsed.set(drivername="postgresql", database="postgres")
+    conn = await asyncpg.connect(admin.render_as_string(hide_password=False))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+    finally:
+        await conn.close()

@@ -1,0 +1,116 @@
+"""Domain errors with a status, and the one handler that renders the contract's error body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    """An error a client caused or may see; rendered as {"errors": [{message, field}]}."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class BadRequest(DomainError):
+    status_code = 400
+
+
+class NotAuthorized(DomainError):
+    status_code = 401
+
+    def __init__(self, message: str = "Not authorized", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+
+
+class NotFound(DomainError):
+    status_code = 404
+
+    def __init__(self, message: str = "Not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+
+
+class Conflict(DomainError):
+    status_code = 409
+
+
+class PaymentRequired(DomainError):
+    status_code = 402
+
+
+class TooManyRequests(DomainError):
+    status_code = 429
+
+
+class ServiceUnavailable(DomainError):
+    status_code = 503
+
+
+def error_body(message: str, field: str | None = None) -> dict[str, Any]:
+    return {"errors": [{"message": message, "field": field}]}
+
+
+def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, field), status_code=status)
+
+
+def _validation_item(err: dict[str, Any]) -> dict[str, Any]:
+    kind = err.get("type", "")
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    field = ".".join(loc) or None
+    if kind == "json_invalid":
+        return {"message": "Request body is not valid JSON", "field": None}
+    if field is None and kind in ("model_attributes_type", "dict_type", "missing"):
+        return {"message": "Request body must be a JSON object", "field": None}
+    message = str(err.get("msg", "Invalid value")).removeprefix("Value error, ")
+    if kind == "missing":
+        message = f"{field} is required"
+    return {"message": message, "field": field}
+
+
+async def _on_domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return error_response(exc.status_code, exc.message, exc.field)
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    items = [_validation_item(dict(e)) for e in exc.errors()]
+    # One message per field: the first problem found is the one worth fixing first.
+    seen: set[str | None] = set()
+    unique = [i for i in items if not (i["field"] in seen or seen.add(i["field"]))]
+    return JSONResponse({"errors": unique}, status_code=400)
+
+
+async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    messages = {404: "Not found", 405: "Method not allowed"}
+    message = messages.get(exc.status_code) or str(exc.detail)
+    return JSONResponse(
+        error_body(message), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "Something went wrong")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error, expected or not, in the contract's shape."""
+    app.add_exception_handler(DomainError, _on_domain_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,284 @@
+"""Messaging on NATS JetStream: the stream, a deduplicating publisher and durable listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ticketing.common.db import Database
+from ticketing.common.events import Envelope, Event, subject_for
+from ticketing.common.metrics import ServiceMetrics
+from ticketing.common.outbox import DeadLetter, mark_handled
+from ticketing.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_SECONDS = 120.0
+E = TypeVar("E", bound=Event)
+Handler = Callable[[AsyncSession, Any], Awaitable[None]]
+
+
+class RetryLater(Exception):  # noqa: N818 - a signal, not a failure
+    """Raised by a handler that cannot act yet (e.g. an event arrived before its predecessor)."""
+
+    def __init__(self, reason: str, *, delay: float = 0.5) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Bus:
+    """One NATS connection with JetStream, and the stream every service shares."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "Bus.connect() first"
+        return self._js
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.nats_subject_prefix
+
+    @property
+    def stream(self) -> str:
+        return self.settings.nats_stream
+
+    async def connect(self) -> None:
+        if not self.settings.nats_url:
+            raise ValueError("TICKETING_NATS_URL is not set")
+        self.nc = await nats.connect(
+            self.settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+        )
+        self._js = self.nc.jetstream()
+        await ensure_stream(self.js, name=self.stream, prefix=self.prefix)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            self.nc = None
+
+
+async def ensure_stream(js: JetStreamContext, *, name: str, prefix: str) -> None:
+    """Create the stream, or bring an existing one to this configuration; safe to race."""
+    config = StreamConfig(
+        name=name,
+        subjects=[f"{prefix}.>"],
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except Exception:
+            await js.stream_info(name)  # created by a concurrent starter: fine if it exists now
+    await js.update_stream(config)
+
+
+class Publisher:
+    """Publishes envelopes; the event id is the Nats-Msg-Id so JetStream drops duplicates."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def publish_raw(self, event_type: str, event_id: str, body: bytes) -> None:
+        await self.bus.js.publish(
+            subject_for(event_type, self.bus.prefix),
+            body,
+            stream=self.bus.stream,
+            headers={"Nats-Msg-Id": event_id},
+        )
+
+    async def publish(self, envelope: Envelope) -> None:
+        await self.publish_raw(envelope.type, envelope.id, envelope.model_dump_json().encode())
+
+
+class Listener:
+    """A service's durable consumer: decodes events, runs handlers in a transaction, acks after commit.
+
+    Every replica of a service pulls from the same durable consumer, so each event reaches one
+    replica. A handler that raises RetryLater is redelivered after a delay; one that keeps
+    failing is recorded in dead_letters and terminated after `max_deliver` attempts.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        db: Database,
+        bus: Bus,
+        metrics: ServiceMetrics | None = None,
+        max_deliver: int = 5,
+        max_retry_later: int = 200,
+        ack_wait: float = 30.0,
+        batch: int = 32,
+    ) -> None:
+        self.service = service
+        self.db = db
+        self.bus = bus
+        self.metrics = metrics
+        self.max_deliver = max_deliver
+        self.max_retry_later = max_retry_later
+        self.ack_wait = ack_wait
+        self.batch = batch
+        self.handlers: dict[str, Handler] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def on(self, event_cls: type[E]) -> Callable[[Callable[[AsyncSession, E], Awaitable[None]]], Any]:
+        """Register the handler of one event type."""
+
+        def register(fn: Callable[[AsyncSession, E], Awaitable[None]]) -> Any:
+            self.handlers[event_cls.type] = fn
+            return fn
+
+        return register
+
+    async def start(self) -> None:
+        config = ConsumerConfig(
+            durable_name=self.service,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            # Our own count decides when a message is dead; the server keeps trying until then.
+            max_deliver=-1,
+            filter_subject=f"{self.bus.prefix}.>",
+            max_ack_pending=1000,
+        )
+        await self.bus.js.add_consumer(self.bus.stream, config)
+        sub = await self.bus.js.pull_subscribe_bind(durable=self.service, stream=self.bus.stream)
+        self._task = asyncio.create_task(self._run(sub), name=f"listener-{self.service}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(self.batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("fetch failed for %s; retrying", self.service, exc_info=True)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self.handle(msg)
+
+    async def handle(self, msg: Msg) -> None:
+        """Handle one delivery and settle it: ack, nak with a delay, or dead-letter."""
+        attempt = msg.metadata.num_delivered or 1
+        try:
+            envelope = Envelope.model_validate_json(msg.data)
+        except ValidationError as exc:
+            await self._dead(msg, None, f"undecodable message: {exc}", attempt)
+            return
+        handler = self.handlers.get(envelope.type)
+        if handler is None:
+            await msg.ack()  # an event this service does not listen to
+            return
+        try:
+            event = envelope.payload()
+        except (ValidationError, ValueError) as exc:
+            await self._dead(msg, envelope, f"invalid payload: {exc}", attempt)
+            return
+        await self._dispatch(msg, envelope, event, handler, attempt)
+
+    async def _dispatch(
+        self, msg: Msg, envelope: Envelope, event: Event, handler: Handler, attempt: int
+    ) -> None:
+        try:
+            async with self.db.transaction() as session:
+                first = await mark_handled(session, consumer=self.service, event_id=envelope.id)
+                if first:
+                    await handler(session, event)
+        except RetryLater as retry:
+            if attempt >= self.max_retry_later:
+                await self._dead(msg, envelope, f"gave up waiting: {retry}", attempt)
+                return
+            self._count(envelope.type, "retry")
+            await msg.nak(delay=retry.delay)
+            return
+        except IntegrityError as exc:
+            if await self._already_handled(envelope.id):
+                first = False
+            else:
+                await self._failed(msg, envelope, exc, attempt)
+                return
+        except Exception as exc:
+            await self._failed(msg, envelope, exc, attempt)
+            return
+        await msg.ack()
+        self._count(envelope.type, "handled" if first else "duplicate")
+
+    async def _already_handled(self, event_id: str) -> bool:
+        async with self.db.transaction() as session:
+            return not await mark_handled(session, consumer=self.service, event_id=event_id)
+
+    async def _failed(self, msg: Msg, envelope: Envelope, exc: Exception, attempt: int) -> None:
+        if attempt >= self.max_deliver:
+            await self._dead(msg, envelope, repr(exc), attempt)
+            return
+        log.warning(
+            "%s failed on %s %s (attempt %d of %d): %r",
+            self.service, envelope.type, envelope.id, attempt, self.max_deliver, exc,
+        )  # fmt: skip
+        self._count(envelope.type, "failed")
+        await msg.nak(delay=min(0.2 * 2**attempt, 30.0))
+
+    async def _dead(self, msg: Msg, envelope: Envelope | None, error: str, attempt: int) -> None:
+        log.error(
+            "%s gives up on %s after %d attempts: %s",
+            self.service, envelope.id if envelope else msg.subject, attempt, error,
+        )  # fmt: skip
+        try:
+            async with self.db.transaction() as session:
+                session.add(
+                    DeadLetter(
+                        consumer=self.service,
+                        event_id=envelope.id if envelope else None,
+                        subject=msg.subject,
+                        body=msg.data.decode("utf-8", errors="replace"),
+                        error=error[:4000],
+                        attempts=attempt,
+                    )
+                )
+        except Exception:
+            log.exception("could not record a dead letter; it will be redelivered")
+            await msg.nak(delay=5.0)
+            return
+        self._count(envelope.type if envelope else "unknown", "dead")
+        await msg.term()
+
+    def _count(self, event_type: str, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.events_handled.labels(type=event_type, outcome=outcome).inc()

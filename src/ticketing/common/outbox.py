@@ -1,0 +1,178 @@
+"""Transactional outbox and inbox: events are stored with the change that causes them,
+published afterwards by a relay, and handled at most once by each consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ticketing.common.db import Base, Database
+from ticketing.common.events import Envelope, Event
+
+if TYPE_CHECKING:
+    from ticketing.common.messaging import Publisher
+    from ticketing.common.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+# Any constant works: each service has a database of its own, so relays of different
+# services never contend for it; replicas of one service take turns.
+_RELAY_LOCK_KEY = 0x7469636B
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class OutboxEvent(Base):
+    """An event waiting to be published (published_at is null) or already sent."""
+
+    __tablename__ = "outbox"
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+    __table_args__ = (
+        Index(
+            "ix_outbox_pending",
+            "seq",
+            postgresql_where=published_at.is_(None),
+            sqlite_where=published_at.is_(None),
+        ),
+    )
+
+
+class InboxEntry(Base):
+    """An event a consumer has handled; its presence makes a redelivery a no-op."""
+
+    __tablename__ = "inbox"
+
+    consumer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    handled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+
+
+class DeadLetter(Base):
+    """A message a consumer gave up on: kept with its error for a person to look at."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    consumer: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str | None] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    body: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+
+
+def add_event(session: AsyncSession, event: Event, *, event_id: str | None = None) -> Envelope:
+    """Store an event in the outbox, in the caller's transaction."""
+    envelope = Envelope.wrap(event, event_id=event_id)
+    session.add(
+        OutboxEvent(event_id=envelope.id, type=envelope.type, body=envelope.model_dump_json())
+    )
+    session.info["outbox_dirty"] = True
+    return envelope
+
+
+async def mark_handled(session: AsyncSession, *, consumer: str, event_id: str) -> bool:
+    """Record that `consumer` handled `event_id`; False when it already had."""
+    seen = await session.get(InboxEntry, (consumer, event_id))
+    if seen is not None:
+        return False
+    session.add(InboxEntry(consumer=consumer, event_id=event_id))
+    await session.flush()  # a concurrent duplicate fails here, before any effect
+    return True
+
+
+class OutboxRelay:
+    """Publishes pending outbox rows in order: at once after a commit, and on a sweep."""
+
+    def __init__(
+        self,
+        db: Database,
+        publisher: Publisher,
+        *,
+        metrics: ServiceMetrics | None = None,
+        sweep_seconds: float = 2.0,
+        batch_size: int = 200,
+    ) -> None:
+        self.db = db
+        self.publisher = publisher
+        self.metrics = metrics
+        self.sweep_seconds = sweep_seconds
+        self.batch_size = batch_size
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        """Wake the relay; called after a commit that wrote outbox rows."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self.db.on_commit(self.notify)
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                while await self.publish_pending() == self.batch_size:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox relay failed; retrying on the next sweep")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.sweep_seconds)
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of pending rows; returns how many went out."""
+        async with self.db.transaction() as session:
+            if not self.db.is_sqlite:
+                locked = await session.scalar(select(func.pg_try_advisory_xact_lock(_RELAY_LOCK_KEY)))
+                if not locked:
+                    return 0  # another replica is publishing; it keeps the order
+            rows = (
+                await session.scalars(
+                    select(OutboxEvent)
+                    .where(OutboxEvent.published_at.is_(None))
+                    .order_by(OutboxEvent.seq)
+                    .limit(self.batch_size)
+                )
+            ).all()
+            for row in rows:
+                await self.publisher.publish_raw(row.type, row.event_id, row.body.encode())
+                if self.metrics:
+                    self.metrics.events_published.labels(type=row.type).inc()
+            if rows:
+                await session.execute(
+                    update(OutboxEvent)
+                    .where(OutboxEvent.seq.in_([r.seq for r in rows]))
+                    .values(published_at=_utcnow())
+                )
+        return len(rows)

@@ -1,0 +1,70 @@
+"""Settings read from `TICKETING_` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_JWT_KEY = "dev-only-insecure-jwt-key-change-me"
+STREAM_NAME = "TICKETING"
+SUBJECT_PREFIX = "ticketing"
+
+
+class InsecureSettingsError(ValueError):
+    """Production was asked to start with a secret that is missing or the development default."""
+
+
+class Settings(BaseSettings):
+    """What every service reads; a service's own settings class adds its own fields."""
+
+    model_config = SettingsConfigDict(env_prefix="TICKETING_", extra="ignore")
+
+    env: Literal["dev", "production"] = "dev"
+    data_dir: Path = Path(".ticketing")
+    database_url: str | None = None
+    nats_url: str | None = None
+    redis_url: str | None = None
+    public_url: str = "http://127.0.0.1:8000"
+    jwt_key: str | None = None
+    jwt_ttl_seconds: int = 7 * 24 * 3600
+    order_ttl_seconds: int = 900
+    log_json: bool = False
+    log_level: str = "INFO"
+    # The stream and subject prefix are fixed by the contract in production; tests give each
+    # run its own so that parallel runs on one NATS server never see each other's events.
+    nats_stream: str = STREAM_NAME
+    nats_subject_prefix: str = SUBJECT_PREFIX
+    listener_max_deliver: int = 5
+    listener_ack_wait_seconds: float = 30.0
+    outbox_sweep_seconds: float = 2.0
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets_in_production(self) -> Settings:
+        if self.env == "production" and self.jwt_key in (None, "", DEV_JWT_KEY):
+            raise InsecureSettingsError(
+                "TICKETING_JWT_KEY must be set to a secret of your own when TICKETING_ENV=production"
+            )
+        return self
+
+    @property
+    def is_dev(self) -> bool:
+        return self.env == "dev"
+
+    @property
+    def signing_key(self) -> str:
+        """The JWT key; development falls back to a fixed key so a laptop needs no setup."""
+        return self.jwt_key or DEV_JWT_KEY
+
+    def service_database_url(self, service: str) -> str:
+        """The database URL for one service: `{service}` replaced, SQLite in the data dir by default."""
+        template = self.database_url or f"sqlite+aiosqlite:///{self.data_dir.resolve()}/{{service}}.db"
+        return template.replace("{service}", service)
+
+    def require_urls(self, *names: str) -> None:
+        """Fail clearly when a URL a standalone service needs is not configured."""
+        missing = [f"TICKETING_{n.upper()}" for n in names if not getattr(self, n)]
+        if missing:
+            raise ValueError(f"missing settings: {', '.join(missing)}")

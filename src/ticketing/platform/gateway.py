@@ -1,0 +1,66 @@
+"""One port for every service, routed by path exactly as the Kubernetes ingress routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import AsyncExitStack
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Dispatches by path prefix and runs every app's lifespan as its own."""
+
+    def __init__(self, routes: list[tuple[str, FastAPI]]) -> None:
+        # Longest prefix first, so a more specific route wins.
+        self.routes = sorted(routes, key=lambda r: len(r[0]), reverse=True)
+
+    def _app_for(self, path: str) -> FastAPI | None:
+        for prefix, app in self.routes:
+            if prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return app
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        path = scope.get("path", "/")
+        if path == "/healthz":
+            await _json(send, 200, {"status": "ok"})
+            return
+        app = self._app_for(path)
+        if app is None:
+            await _json(send, 404, {"errors": [{"message": "Not found", "field": None}]})
+            return
+        await app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        stack = AsyncExitStack()
+        await receive()  # lifespan.startup
+        try:
+            for _prefix, app in self.routes:
+                await stack.enter_async_context(app.router.lifespan_context(app))
+        except Exception as exc:
+            log.exception("a service failed to start")
+            await stack.aclose()
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await stack.aclose()
+        finally:
+            await send({"type": "lifespan.shutdown.complete"})
+
+
+async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
