@@ -17,7 +17,9 @@ import pytest
 from ticketing.common.settings import Settings
 from ticketing.platform.embedded import EmbeddedNats, SmtpSink, port_answers
 
-PG_URL = os.environ.get("TICKETING_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
+PG_URL = os.environ.get(
+    "TICKETING_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432"
+)
 NATS_URL = os.environ.get("TICKETING_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 

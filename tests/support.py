@@ -11,14 +11,14 @@ T = TypeVar("T")
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[T]], *, within: float = 10.0, interval: float = 0.05
 ) -> T:
     """Poll `probe` until it returns a truthy value; fail with the last value at the deadline."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = await probe()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+            raise AssertionError(f"condition not met within {within}s (last value: {value!r})")
         await asyncio.sleep(interval)

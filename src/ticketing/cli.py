@@ -48,9 +48,7 @@ def serve(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
-    uvicorn.run(
-        spec.factory()(settings), host=host, port=port, proxy_headers=True, log_config=None
-    )
+    uvicorn.run(spec.factory()(settings), host=host, port=port, proxy_headers=True, log_config=None)
 
 
 def main() -> None:

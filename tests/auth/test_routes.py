@@ -149,14 +149,18 @@ async def test_a_token_signed_with_another_key_is_not_a_session(
     from ticketing.common.auth import issue_token
 
     forged = issue_token(
-        AuthSettings(jwt_key="someone-elses-key"), user_id="x", email="evil@test.com"
+        AuthSettings(jwt_key="someone-elses-key-that-is-long-enough-too"),
+        user_id="x",
+        email="evil@test.com",
     )
     client.cookies.set("session", forged)
     assert (await client.get("/api/users/currentuser")).json() == {"currentUser": None}
 
 
 async def test_cookie_is_secure_in_production(auth_settings: AuthSettings) -> None:
-    settings = auth_settings.model_copy(update={"env": "production", "jwt_key": "a-real-secret"})
+    settings = auth_settings.model_copy(
+        update={"env": "production", "jwt_key": "a-real-production-secret-of-40-characters"}
+    )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -39,7 +39,13 @@ MailerDep = Annotated[Mailer, Depends(_mailer)]
 
 
 async def _rate_limit(
-    runtime: RuntimeDep, request: Request, *, action: str, email: str, per_client: int, per_email: int
+    runtime: RuntimeDep,
+    request: Request,
+    *,
+    action: str,
+    email: str,
+    per_client: int,
+    per_email: int,
 ) -> None:
     settings: AuthSettings = request.app.state.settings
     client = request.client.host if request.client else "unknown"

@@ -68,4 +68,4 @@ class CurrentUserClaims(BaseModel):
 
 
 class CurrentUserOut(BaseModel):
-    currentUser: CurrentUserClaims | None  # noqa: N815 - the contract's name
+    currentUser: CurrentUserClaims | None

@@ -34,7 +34,10 @@ class Runtime:
         self.bus = Bus(settings)
         self.publisher = Publisher(self.bus)
         self.relay = OutboxRelay(
-            self.db, self.publisher, metrics=self.metrics, sweep_seconds=settings.outbox_sweep_seconds
+            self.db,
+            self.publisher,
+            metrics=self.metrics,
+            sweep_seconds=settings.outbox_sweep_seconds,
         )
         self.listener = Listener(
             service=name,

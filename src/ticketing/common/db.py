@@ -11,7 +11,12 @@ from typing import Any
 import asyncpg
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Session
 
 log = logging.getLogger(__name__)
@@ -110,20 +115,5 @@ async def ensure_database(url: str) -> None:
                 log.info("created database %s", name)
             except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
                 pass  # another replica created it first
-    finally:
-        await conn.close()
-
-
-async def drop_database(url: str) -> None:
-    """Drop a PostgreSQL database or delete a SQLite file; used by tests and tooling."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{parsed.database}{suffix}").unlink(missing_ok=True)
-        return
-    admin = parsed.set(drivername="postgresql", database="postgres")
-    conn = await asyncpg.connect(admin.render_as_string(hide_password=False))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
     finally:
         await conn.close()

@@ -89,9 +89,10 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
     assert isinstance(exc, RequestValidationError)
     items = [_validation_item(dict(e)) for e in exc.errors()]
     # One message per field: the first problem found is the one worth fixing first.
-    seen: set[str | None] = set()
-    unique = [i for i in items if not (i["field"] in seen or seen.add(i["field"]))]
-    return JSONResponse({"errors": unique}, status_code=400)
+    first: dict[str | None, dict[str, Any]] = {}
+    for item in items:
+        first.setdefault(item["field"], item)
+    return JSONResponse({"errors": list(first.values())}, status_code=400)
 
 
 async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -31,7 +31,7 @@ E = TypeVar("E", bound=Event)
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
 
 
-class RetryLater(Exception):  # noqa: N818 - a signal, not a failure
+class RetryLater(Exception):
     """Raised by a handler that cannot act yet (e.g. an event arrived before its predecessor)."""
 
     def __init__(self, reason: str, *, delay: float = 0.5) -> None:
@@ -118,7 +118,7 @@ class Publisher:
 
 
 class Listener:
-    """A service's durable consumer: decodes events, runs handlers in a transaction, acks after commit.
+    """A service's durable consumer: decode, handle in a transaction, ack after the commit.
 
     Every replica of a service pulls from the same durable consumer, so each event reaches one
     replica. A handler that raises RetryLater is redelivered after a delay; one that keeps
@@ -148,7 +148,9 @@ class Listener:
         self.handlers: dict[str, Handler] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def on(self, event_cls: type[E]) -> Callable[[Callable[[AsyncSession, E], Awaitable[None]]], Any]:
+    def on(
+        self, event_cls: type[E]
+    ) -> Callable[[Callable[[AsyncSession, E], Awaitable[None]]], Any]:
         """Register the handler of one event type."""
 
         def register(fn: Callable[[AsyncSession, E], Awaitable[None]]) -> Any:

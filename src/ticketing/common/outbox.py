@@ -154,7 +154,9 @@ class OutboxRelay:
         """Publish one batch of pending rows; returns how many went out."""
         async with self.db.transaction() as session:
             if not self.db.is_sqlite:
-                locked = await session.scalar(select(func.pg_try_advisory_xact_lock(_RELAY_LOCK_KEY)))
+                locked = await session.scalar(
+                    select(func.pg_try_advisory_xact_lock(_RELAY_LOCK_KEY))
+                )
                 if not locked:
                     return 0  # another replica is publishing; it keeps the order
             rows = (

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_JWT_KEY = "dev-only-insecure-jwt-key-change-me"
 STREAM_NAME = "TICKETING"
 SUBJECT_PREFIX = "ticketing"
+MIN_JWT_KEY_LENGTH = 32  # HS256 wants a key at least as long as its digest
 
 
 class InsecureSettingsError(ValueError):
@@ -43,9 +44,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets_in_production(self) -> Settings:
-        if self.env == "production" and self.jwt_key in (None, "", DEV_JWT_KEY):
+        key = self.jwt_key or ""
+        if self.env == "production" and (key == DEV_JWT_KEY or len(key) < MIN_JWT_KEY_LENGTH):
             raise InsecureSettingsError(
-                "TICKETING_JWT_KEY must be set to a secret of your own when TICKETING_ENV=production"
+                "TICKETING_JWT_KEY must be a secret of your own, at least "
+                f"{MIN_JWT_KEY_LENGTH} characters, when TICKETING_ENV=production"
             )
         return self
 
@@ -59,8 +62,10 @@ class Settings(BaseSettings):
         return self.jwt_key or DEV_JWT_KEY
 
     def service_database_url(self, service: str) -> str:
-        """The database URL for one service: `{service}` replaced, SQLite in the data dir by default."""
-        template = self.database_url or f"sqlite+aiosqlite:///{self.data_dir.resolve()}/{{service}}.db"
+        """One service's database URL: `{service}` filled in; SQLite in the data dir by default."""
+        template = (
+            self.database_url or f"sqlite+aiosqlite:///{self.data_dir.resolve()}/{{service}}.db"
+        )
         return template.replace("{service}", service)
 
     def require_urls(self, *names: str) -> None:

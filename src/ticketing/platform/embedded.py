@@ -68,7 +68,9 @@ def nats_server_binary() -> str:
 class EmbeddedNats:
     """A nats-server child process with JetStream, its store in `store_dir`."""
 
-    def __init__(self, store_dir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, *, host: str = "127.0.0.1", port: int | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_port(host)
@@ -110,10 +112,10 @@ class _MailboxHandler:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        body = message.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
-        html = message.get_body(preferencelist=("html",))  # type: ignore[attr-defined]
+        body = message.get_body(preferencelist=("plain",))
+        html = message.get_body(preferencelist=("html",))
         record = {
             "id": str(uuid.uuid4()),
             "received_at": datetime.now(UTC).isoformat(),

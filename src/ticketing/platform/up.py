@@ -21,9 +21,7 @@ class PortBusyError(RuntimeError):
     pass
 
 
-def _start_infrastructure(
-    stack: ExitStack, settings: Settings, table: Table
-) -> dict[str, Any]:
+def _start_infrastructure(stack: ExitStack, settings: Settings, table: Table) -> dict[str, Any]:
     """Start what no URL names; returns the settings every service gets on top of the env."""
     overrides: dict[str, Any] = {}
     data_dir = settings.data_dir.resolve()
@@ -57,7 +55,9 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
     configure_logging(json_lines=False, level=log_level)
     console = Console()
     if not port_is_free(host, port):
-        raise PortBusyError(f"port {port} on {host} is already in use: is another `ticketing up` running?")
+        raise PortBusyError(
+            f"port {port} on {host} is already in use: is another `ticketing up` running?"
+        )
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     table = Table(title="ticketing up")

@@ -1,0 +1,144 @@
+"""Magic links through a real SMTP server (aiosmtpd): request, email, verify, single use, TTL."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from tests.support import eventually
+from ticketing.auth.app import create_app
+from ticketing.auth.models import MagicLink
+from ticketing.auth.service import hash_token
+from ticketing.auth.settings import AuthSettings
+from ticketing.platform.embedded import SmtpSink, read_mailbox
+
+LINK = re.compile(r"http://testserver/api/users/verify-magic-link\?token=([A-Za-z0-9_\-]+)")
+
+
+async def _emailed_token(sink: SmtpSink, to: str) -> str:
+    async def mails() -> list[dict[str, Any]]:
+        return [m for m in read_mailbox(sink.folder) if to in m["to"]]
+
+    newest = (await eventually(mails))[0]
+    match = LINK.search(newest["text"])
+    assert match, newest["text"]
+    return match.group(1)
+
+
+async def test_request_is_202_and_emails_a_link(
+    client: httpx.AsyncClient, smtp_sink: SmtpSink
+) -> None:
+    response = await client.post("/api/users/magic-link", json={"email": "new@test.com"})
+    assert response.status_code == 202
+    assert response.json() == {}
+    token = await _emailed_token(smtp_sink, "new@test.com")
+    assert len(token) >= 32
+    mail = read_mailbox(smtp_sink.folder)[0]
+    assert mail["subject"] == "Your sign-in link"
+    assert "expires in 60 seconds" in mail["text"]
+
+
+async def test_first_use_signs_up_and_sets_the_cookie(
+    client: httpx.AsyncClient, smtp_sink: SmtpSink
+) -> None:
+    await client.post("/api/users/magic-link", json={"email": "new@test.com"})
+    token = await _emailed_token(smtp_sink, "new@test.com")
+    response = await client.get(f"/api/users/verify-magic-link?token={token}")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/"
+    assert "httponly" in response.headers["set-cookie"].lower()
+    current = (await client.get("/api/users/currentuser")).json()["currentUser"]
+    assert current["email"] == "new@test.com"
+
+
+async def test_a_known_email_signs_in_to_the_same_account(
+    client: httpx.AsyncClient, make_client: Callable[[], httpx.AsyncClient], smtp_sink: SmtpSink
+) -> None:
+    user = (
+        await client.post(
+            "/api/users/signup", json={"email": "known@test.com", "password": "secret"}
+        )
+    ).json()
+    async with make_client() as browser:
+        await browser.post("/api/users/magic-link", json={"email": "known@test.com"})
+        token = await _emailed_token(smtp_sink, "known@test.com")
+        assert (await browser.get(f"/api/users/verify-magic-link?token={token}")).status_code == 303
+        current = (await browser.get("/api/users/currentuser")).json()["currentUser"]
+    assert current["id"] == user["id"]
+
+
+async def test_a_link_works_once(client: httpx.AsyncClient, smtp_sink: SmtpSink) -> None:
+    await client.post("/api/users/magic-link", json={"email": "once@test.com"})
+    token = await _emailed_token(smtp_sink, "once@test.com")
+    assert (await client.get(f"/api/users/verify-magic-link?token={token}")).status_code == 303
+    again = await client.get(f"/api/users/verify-magic-link?token={token}")
+    assert again.status_code == 400
+    assert again.json()["errors"][0]["message"] == "This sign-in link is invalid, used or expired"
+
+
+async def test_bad_or_missing_tokens_are_400(client: httpx.AsyncClient) -> None:
+    for url in ("/api/users/verify-magic-link?token=nope", "/api/users/verify-magic-link"):
+        response = await client.get(url)
+        assert response.status_code == 400
+        assert "set-cookie" not in response.headers
+
+
+async def test_token_is_stored_hashed(
+    client: httpx.AsyncClient, auth_app: Any, smtp_sink: SmtpSink
+) -> None:
+    await client.post("/api/users/magic-link", json={"email": "hash@test.com"})
+    token = await _emailed_token(smtp_sink, "hash@test.com")
+    async with auth_app.state.runtime.db.transaction() as session:
+        stored = list(await session.scalars(select(MagicLink.token_hash)))
+    assert stored == [hash_token(token)]
+    assert token not in stored
+
+
+async def test_an_expired_link_is_refused(auth_settings: AuthSettings, smtp_sink: SmtpSink) -> None:
+    app = create_app(auth_settings.model_copy(update={"magic_link_ttl_seconds": 0}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            await c.post("/api/users/magic-link", json={"email": "late@test.com"})
+            token = await _emailed_token(smtp_sink, "late@test.com")
+            response = await c.get(f"/api/users/verify-magic-link?token={token}")
+    assert response.status_code == 400
+
+
+async def test_invalid_email_is_400(client: httpx.AsyncClient) -> None:
+    response = await client.post("/api/users/magic-link", json={"email": "nope"})
+    assert response.status_code == 400
+    assert response.json() == {"errors": [{"message": "Email must be valid", "field": "email"}]}
+
+
+async def test_requests_are_rate_limited_per_email(
+    auth_settings: AuthSettings, smtp_sink: SmtpSink
+) -> None:
+    app = create_app(auth_settings.model_copy(update={"magic_link_limit_per_email": 2}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            codes = [
+                (await c.post("/api/users/magic-link", json={"email": "spam@test.com"})).status_code
+                for _ in range(3)
+            ]
+    assert codes == [202, 202, 429]
+
+
+async def test_smtp_down_is_503_not_500(auth_settings: AuthSettings, tmp_path: Path) -> None:
+    from ticketing.platform.embedded import free_port
+
+    app = create_app(
+        auth_settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{free_port()}"})
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            response = await c.post("/api/users/magic-link", json={"email": "x@test.com"})
+    assert response.status_code == 503
+    assert response.json()["errors"][0]["message"].startswith("Could not send the email")

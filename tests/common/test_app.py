@@ -1,0 +1,155 @@
+"""The app factory: error bodies, health, readiness and metrics, on a tiny service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI
+from pydantic import BaseModel
+
+from tests.support import eventually
+from ticketing.common.app import Runtime, SessionDep, create_service_app
+from ticketing.common.auth import RequireUser, issue_token
+from ticketing.common.errors import Conflict
+from ticketing.common.events import ExpirationComplete
+from ticketing.common.outbox import add_event
+from ticketing.common.settings import Settings
+
+router = APIRouter(prefix="/api/probe")
+
+
+class Body(BaseModel):
+    ticketId: str
+    quantity: int
+
+
+@router.post("/items", status_code=201)
+async def create_item(body: Body, session: SessionDep) -> dict[str, str]:
+    return {"ticketId": body.ticketId}
+
+
+@router.get("/mine")
+async def mine(user: RequireUser) -> dict[str, str]:
+    return {"id": user.id}
+
+
+@router.get("/conflict")
+async def conflict() -> None:
+    raise Conflict("Lost the race", field="ticketId")
+
+
+@router.get("/boom")
+async def boom() -> None:
+    raise RuntimeError("a bug")
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_service_app("probe", settings, routers=[router])
+
+
+@pytest.fixture
+def app_runtime(app: FastAPI) -> Runtime:
+    runtime: Runtime = app.state.runtime
+    return runtime
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            yield c
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "database": "ok", "nats": "ok"}
+
+
+async def test_unknown_route_is_404_with_the_error_body(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/nothing-here")
+    assert response.status_code == 404
+    assert response.json() == {"errors": [{"message": "Not found", "field": None}]}
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/api/probe/items", content=b"{oops", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "errors": [{"message": "Request body is not valid JSON", "field": None}]
+    }
+
+
+async def test_a_body_that_is_not_an_object_is_400(client: httpx.AsyncClient) -> None:
+    for body in ([1, 2], "text", None):
+        response = await client.post("/api/probe/items", json=body)
+        assert response.status_code == 400
+        assert response.json()["errors"][0]["field"] is None
+
+
+async def test_validation_errors_name_fields_as_the_client_sent_them(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/api/probe/items", json={"quantity": "many"})
+    assert response.status_code == 400
+    fields = {e["field"]: e["message"] for e in response.json()["errors"]}
+    assert fields["ticketId"] == "ticketId is required"
+    assert set(fields) == {"ticketId", "quantity"}
+
+
+async def test_domain_errors_carry_their_status(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/probe/conflict")
+    assert response.status_code == 409
+    assert response.json() == {"errors": [{"message": "Lost the race", "field": "ticketId"}]}
+
+
+async def test_require_user_is_401_without_a_session(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    response = await client.get("/api/probe/mine")
+    assert response.status_code == 401
+    assert response.json() == {"errors": [{"message": "Not authorized", "field": None}]}
+    client.cookies.set("session", issue_token(settings, user_id="u-1", email="a@b.com"))
+    assert (await client.get("/api/probe/mine")).json() == {"id": "u-1"}
+
+
+async def test_method_not_allowed_keeps_the_error_shape(client: httpx.AsyncClient) -> None:
+    response = await client.delete("/api/probe/items")
+    assert response.status_code == 405
+    assert response.json()["errors"][0]["message"] == "Method not allowed"
+
+
+async def test_an_unexpected_error_is_500_with_the_error_body(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/probe/boom")
+    assert response.status_code == 500
+    assert response.json() == {"errors": [{"message": "Something went wrong", "field": None}]}
+
+
+async def test_metrics_count_requests_by_route(client: httpx.AsyncClient) -> None:
+    await client.post("/api/probe/items", json={"ticketId": "t", "quantity": 1})
+    text = (await client.get("/metrics")).text
+    assert (
+        'ticketing_http_requests_total{method="POST",route="/api/probe/items",status="201"} 1.0'
+        in text
+    )
+    assert "ticketing_http_request_duration_seconds_bucket" in text
+
+
+async def test_metrics_count_events_published_from_the_outbox(
+    client: httpx.AsyncClient, app_runtime: Runtime
+) -> None:
+    async with app_runtime.db.transaction() as session:
+        add_event(session, ExpirationComplete(order_id="o-1"))
+    line = 'ticketing_events_published_total{type="expiration:complete"} 1.0'
+
+    async def counted() -> bool:
+        return line in (await client.get("/metrics")).text
+
+    await eventually(counted)

@@ -1,0 +1,222 @@
+"""The bus on a real NATS JetStream: publish, consume, redelivery, dedupe, queue semantics,
+poison messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tests.common.conftest import Effect, count_effects, effects
+from tests.support import eventually
+from ticketing.common.db import Database
+from ticketing.common.events import Envelope, OrderCreated, TicketCreated, subject_for
+from ticketing.common.messaging import Bus, Listener, Publisher, RetryLater
+from ticketing.common.outbox import DeadLetter
+
+MakeListener = Callable[..., Awaitable[Listener]]
+
+
+def ticket(n: int = 1) -> TicketCreated:
+    return TicketCreated(
+        id=f"ticket-{n}", version=0, title="Concert", price=Decimal("20.5"), user_id="u1"
+    )
+
+
+async def consumer_settled(bus: Bus, service: str = "probe") -> bool:
+    """True once the durable consumer has nothing left to deliver or awaiting an ack."""
+    info = await bus.js.consumer_info(bus.stream, service)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_published_events_are_consumed_as_typed_models(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    received: list[TicketCreated] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            received.append(event)
+            session.add(Effect(key=event.id))
+
+    await make_listener(setup)
+    for n in range(3):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    await eventually(lambda: _at_least(db, 3))
+    assert [e.key for e in await effects(db)] == ["ticket-0", "ticket-1", "ticket-2"]
+    assert received[0] == ticket(0)
+    assert received[0].price == Decimal("20.5")
+
+
+async def _at_least(db: Database, n: int) -> bool:
+    return await count_effects(db) >= n
+
+
+async def test_a_failed_handler_is_rolled_back_and_redelivered(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    calls = 0
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            nonlocal calls
+            calls += 1
+            session.add(Effect(key=event.id))
+            await session.flush()
+            if calls == 1:
+                raise RuntimeError("the first attempt fails after writing")
+
+    await make_listener(setup)
+    await publisher.publish(Envelope.wrap(ticket()))
+    await eventually(lambda: consumer_settled(bus))
+    await eventually(lambda: _at_least(db, 1))
+    assert calls == 2
+    assert len(await effects(db)) == 1  # the failed attempt's write was rolled back
+
+
+async def test_jetstream_drops_a_second_publish_with_the_same_event_id(
+    bus: Bus, publisher: Publisher
+) -> None:
+    envelope = Envelope.wrap(ticket())
+    await publisher.publish(envelope)
+    await publisher.publish(envelope)
+    info = await bus.js.stream_info(bus.stream)
+    assert info.state.messages == 1
+    stored = await bus.js.get_msg(bus.stream, 1)
+    assert stored.headers is not None
+    assert stored.headers["Nats-Msg-Id"] == envelope.id
+
+
+async def test_a_redelivered_event_has_no_second_effect(
+    db: Database, bus: Bus, make_listener: MakeListener
+) -> None:
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            session.add(Effect(key=event.id))
+
+    listener = await make_listener(setup)
+    body = Envelope.wrap(ticket()).model_dump_json().encode()
+    # Published twice without the dedupe header: the inbox alone must keep the effect single.
+    subject = subject_for("ticket:created", bus.prefix)
+    await bus.js.publish(subject, body)
+    await bus.js.publish(subject, body)
+    await eventually(lambda: consumer_settled(bus))
+    assert len(await effects(db)) == 1
+    assert listener.metrics is not None
+    duplicates = listener.metrics.events_handled.labels(type="ticket:created", outcome="duplicate")
+    assert duplicates._value.get() == 1
+
+
+async def test_replicas_of_a_service_share_the_work_and_each_event_is_handled_once(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    def replica(name: str) -> Callable[[Listener], None]:
+        def setup(listener: Listener) -> None:
+            @listener.on(TicketCreated)
+            async def handle(session: AsyncSession, event: TicketCreated) -> None:
+                session.add(Effect(key=event.id, replica=name))
+                await asyncio.sleep(0.005)  # stands for real work, so both replicas get a share
+
+        return setup
+
+    await make_listener(replica("a"), batch=1)
+    await make_listener(replica("b"), batch=1)
+    for n in range(40):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    await eventually(lambda: _at_least(db, 40))
+    rows = await effects(db)
+    assert sorted(r.key for r in rows) == sorted(f"ticket-{n}" for n in range(40))
+    assert {r.replica for r in rows} == {"a", "b"}
+
+
+async def test_a_poison_message_is_dead_lettered_after_bounded_attempts(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    calls = 0
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            nonlocal calls
+            calls += 1
+            raise ValueError("this event can never be handled")
+
+    await make_listener(setup, max_deliver=3)
+    envelope = Envelope.wrap(ticket())
+    await publisher.publish(envelope)
+    letters = await eventually(lambda: _dead_letters(db))
+    await eventually(lambda: consumer_settled(bus))
+    assert calls == 3
+    assert len(letters) == 1
+    assert letters[0].event_id == envelope.id
+    assert letters[0].attempts == 3
+    assert "this event can never be handled" in letters[0].error
+    assert envelope.id in letters[0].body  # kept whole, for a person to replay
+    assert (await bus.js.stream_info(bus.stream)).state.messages == 1  # still in the stream
+
+
+async def _dead_letters(db: Database) -> list[DeadLetter]:
+    async with db.transaction() as session:
+        return list(await session.scalars(select(DeadLetter)))
+
+
+async def test_an_undecodable_message_is_dead_lettered_at_once(
+    db: Database, bus: Bus, make_listener: MakeListener
+) -> None:
+    def setup(listener: Listener) -> None:
+        listener.on(TicketCreated)(_never_called)
+
+    await make_listener(setup)
+    await bus.js.publish(subject_for("ticket:created", bus.prefix), b"{not json")
+    letters = await eventually(lambda: _dead_letters(db))
+    assert letters[0].attempts == 1
+    assert letters[0].error.startswith("undecodable message")
+    await eventually(lambda: consumer_settled(bus))
+
+
+async def _never_called(session: AsyncSession, event: TicketCreated) -> None:
+    raise AssertionError("no handler should run for this message")
+
+
+async def test_retry_later_naks_and_the_event_comes_back(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    calls = 0
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            nonlocal calls
+            calls += 1
+            if calls < 3:
+                raise RetryLater("waiting for an earlier version", delay=0.1)
+            session.add(Effect(key=event.id))
+
+    await make_listener(setup)
+    await publisher.publish(Envelope.wrap(ticket()))
+    await eventually(lambda: _at_least(db, 1))
+    await eventually(lambda: consumer_settled(bus))
+    assert calls == 3
+    assert await _dead_letters(db) == []
+
+
+async def test_events_without_a_handler_are_acked_and_ignored(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    def setup(listener: Listener) -> None:
+        listener.on(TicketCreated)(_never_called)
+
+    await make_listener(setup)
+    order = OrderCreated.model_validate(
+        {"id": "o1", "version": 0, "status": "created", "userId": "u1",
+         "expiresAt": "2030-01-01T00:00:00Z", "ticket": {"id": "t1", "price": 10}}
+    )  # fmt: skip
+    await publisher.publish(Envelope.wrap(order))
+    await eventually(lambda: consumer_settled(bus))
+    assert await effects(db) == []

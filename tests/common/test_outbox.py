@@ -1,0 +1,145 @@
+"""The transactional outbox and its relay, on a real database and JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+
+from tests.support import eventually
+from ticketing.common.db import Database
+from ticketing.common.events import Envelope, TicketCreated
+from ticketing.common.messaging import Bus, Publisher
+from ticketing.common.outbox import OutboxEvent, OutboxRelay, add_event
+
+
+def ticket(n: int) -> TicketCreated:
+    return TicketCreated(id=f"ticket-{n}", version=0, title="Show", price=Decimal(10), user_id="u")
+
+
+async def stream_envelopes(bus: Bus) -> list[Envelope]:
+    info = await bus.js.stream_info(bus.stream)
+    first, last = info.state.first_seq, info.state.last_seq
+    if info.state.messages == 0:
+        return []
+    return [
+        Envelope.model_validate_json((await bus.js.get_msg(bus.stream, seq)).data or b"")
+        for seq in range(first, last + 1)
+    ]
+
+
+async def pending_rows(db: Database) -> list[OutboxEvent]:
+    async with db.transaction() as session:
+        return list(
+            await session.scalars(select(OutboxEvent).where(OutboxEvent.published_at.is_(None)))
+        )
+
+
+@pytest.fixture
+async def relays(db: Database, publisher: Publisher) -> asyncio.Queue[OutboxRelay]:
+    made: asyncio.Queue[OutboxRelay] = asyncio.Queue()
+    yield made
+    while not made.empty():
+        await made.get_nowait().stop()
+
+
+def start_relay(
+    db: Database, publisher: Publisher, made: asyncio.Queue[OutboxRelay], *, sweep: float = 0.2
+) -> OutboxRelay:
+    relay = OutboxRelay(db, publisher, sweep_seconds=sweep)
+    relay.start()
+    made.put_nowait(relay)
+    return relay
+
+
+async def test_an_event_committed_while_the_relay_is_down_goes_out_when_it_starts(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    async with db.transaction() as session:
+        envelope = add_event(session, ticket(1))
+    assert await stream_envelopes(bus) == []
+    start_relay(db, publisher, relays)
+    published = await eventually(lambda: stream_envelopes(bus))
+    assert [e.id for e in published] == [envelope.id]
+    assert published[0].payload() == ticket(1)
+    await eventually(lambda: _none_pending(db))
+
+
+async def _none_pending(db: Database) -> bool:
+    return await pending_rows(db) == []
+
+
+async def test_nothing_is_published_for_a_rolled_back_transaction(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    start_relay(db, publisher, relays)
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as session:
+            add_event(session, ticket(1))
+            raise RuntimeError("the use case failed")
+    async with db.transaction() as session:
+        marker = add_event(session, ticket(2))
+    published = await eventually(lambda: stream_envelopes(bus))
+    assert [e.id for e in published] == [marker.id]
+
+
+async def test_the_relay_wakes_at_once_after_a_commit(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    # A sweep an hour away: only the commit hook can make this event go out.
+    relay = start_relay(db, publisher, relays, sweep=3600)
+    await eventually(lambda: _relay_idle(relay))
+    async with db.transaction() as session:
+        envelope = add_event(session, ticket(1))
+    published = await eventually(lambda: stream_envelopes(bus), within=5)
+    assert [e.id for e in published] == [envelope.id]
+
+
+async def _relay_idle(relay: OutboxRelay) -> bool:
+    return relay._task is not None and not relay._wake.is_set()
+
+
+async def test_events_are_published_in_commit_order(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    ids = []
+    for n in range(25):
+        async with db.transaction() as session:
+            ids.append(add_event(session, ticket(n)).id)
+    start_relay(db, publisher, relays)
+    published = await eventually(lambda: _all_published(bus, 25))
+    assert [e.id for e in published] == ids
+
+
+async def _all_published(bus: Bus, n: int) -> list[Envelope]:
+    found = await stream_envelopes(bus)
+    return found if len(found) >= n else []
+
+
+async def test_a_row_published_before_a_crash_is_not_published_twice(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    async with db.transaction() as session:
+        envelope = add_event(session, ticket(1))
+    # The process died after the publish and before marking the row: it is still pending.
+    await publisher.publish(envelope)
+    start_relay(db, publisher, relays)
+    await eventually(lambda: _none_pending(db))
+    assert [e.id for e in await stream_envelopes(bus)] == [envelope.id]
+
+
+async def test_two_relays_publish_each_event_once(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    start_relay(db, publisher, relays)
+    start_relay(db, publisher, relays)
+    ids = []
+    for n in range(30):
+        async with db.transaction() as session:
+            ids.append(add_event(session, ticket(n)).id)
+    published = await eventually(lambda: _all_published(bus, 30))
+    await eventually(lambda: _none_pending(db))
+    assert sorted(e.id for e in published) == sorted(ids)
+    assert len(await stream_envelopes(bus)) == 30

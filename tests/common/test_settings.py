@@ -1,0 +1,59 @@
+"""Settings: env vars with the TICKETING_ prefix, and secrets production refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ticketing.common.settings import DEV_JWT_KEY, Settings
+
+
+def test_reads_ticketing_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKETING_ORDER_TTL_SECONDS", "42")
+    monkeypatch.setenv("TICKETING_NATS_URL", "nats://example:4222")
+    settings = Settings()
+    assert settings.order_ttl_seconds == 42
+    assert settings.nats_url == "nats://example:4222"
+
+
+def test_defaults() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.env == "dev"
+    assert settings.order_ttl_seconds == 900
+    assert settings.nats_stream == "TICKETING"
+    assert settings.nats_subject_prefix == "ticketing"
+
+
+@pytest.mark.parametrize("key", [None, "", DEV_JWT_KEY, "too-short"])
+def test_production_refuses_a_missing_default_or_weak_jwt_key(key: str | None) -> None:
+    with pytest.raises(ValidationError, match="TICKETING_JWT_KEY"):
+        Settings(env="production", jwt_key=key)
+
+
+def test_production_accepts_a_real_key() -> None:
+    settings = Settings(env="production", jwt_key="k" * 48)
+    assert not settings.is_dev
+
+
+def test_production_refuses_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKETING_ENV", "production")
+    monkeypatch.delenv("TICKETING_JWT_KEY", raising=False)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_database_url_placeholder_is_the_service_name() -> None:
+    settings = Settings(database_url="postgresql+asyncpg://db/ticketing_{service}")
+    assert settings.service_database_url("orders") == "postgresql+asyncpg://db/ticketing_orders"
+
+
+def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.service_database_url("auth") == f"sqlite+aiosqlite:///{tmp_path}/auth.db"
+
+
+def test_require_urls_names_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="TICKETING_NATS_URL"):
+        Settings(database_url="sqlite+aiosqlite:///x.db").require_urls("database_url", "nats_url")

@@ -1,0 +1,216 @@
+"""The `ticketing` command as a person runs it: `up` and `serve` in real child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Infra
+from tests.support import eventually
+from ticketing.platform.embedded import SmtpSink, free_port, port_answers, read_mailbox
+
+TICKETING = [sys.executable, "-m", "ticketing"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKETING_")}
+    env.update(extra)
+    return env
+
+
+class Running:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.process = subprocess.Popen(
+            [*TICKETING, *args], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Any]:
+    started: list[Running] = []
+
+    def run(*args: str, env: dict[str, str]) -> Running:
+        proc = Running(list(args), env, tmp_path / f"out-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+
+
+async def wait_healthy(base: str, proc: Running) -> None:
+    async def healthy() -> bool:
+        assert proc.process.poll() is None, proc.output()
+        try:
+            async with httpx.AsyncClient() as c:
+                return (await c.get(f"{base}/healthz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await eventually(healthy, within=30, interval=0.1)
+
+
+async def test_up_serves_auth_on_embedded_defaults(
+    launch: Any, tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_SMTP_URL=smtp_sink.url)
+    proc = launch("up", "--port", str(port), env=env)
+    await wait_healthy(base, proc)
+    creds = {"email": "person@test.com", "password": "secret"}
+    async with httpx.AsyncClient(base_url=base) as c:
+        assert (await c.post("/api/users/signup", json=creds)).status_code == 201
+        assert (await c.get("/api/users/currentuser")).json()["currentUser"]["email"] == creds[
+            "email"
+        ]
+        assert (
+            await c.post("/api/users/magic-link", json={"email": "m@test.com"})
+        ).status_code == 202
+        assert (await c.get("/nowhere")).status_code == 404
+    mail = await eventually(lambda: _mail(smtp_sink))
+    assert f"http://127.0.0.1:{port}/api/users/verify-magic-link?token=" in mail[0]["text"]
+    out = proc.output()
+    assert "NATS JetStream" in out and "embedded" in out
+    assert f"http://127.0.0.1:{port}" in out
+    nats_port = _embedded_nats_port(out)
+    assert proc.interrupt() == 0
+    assert not port_answers("127.0.0.1", nats_port)  # the child nats-server stopped too
+    assert (tmp_path / "data" / "auth.db").exists()
+    assert (tmp_path / "data" / "nats" / "jetstream").exists()
+
+    # Data persists in the data dir across a restart.
+    proc = launch("up", "--port", str(port), env=env)
+    await wait_healthy(base, proc)
+    async with httpx.AsyncClient(base_url=base) as c:
+        assert (await c.post("/api/users/signin", json=creds)).status_code == 200
+    assert proc.interrupt() == 0
+
+
+async def _mail(sink: SmtpSink) -> list[dict[str, Any]]:
+    return read_mailbox(sink.folder)
+
+
+def _embedded_nats_port(output: str) -> int:
+    for line in output.splitlines():
+        if "NATS JetStream" in line and "nats://" in line:
+            return int(line.split("nats://")[1].split(":")[1].split()[0].strip("│ "))
+    raise AssertionError(output)
+
+
+async def test_up_uses_the_parts_named_by_url(
+    launch: Any, tmp_path: Path, smtp_sink: SmtpSink, infra: Infra, namespace: str,
+    settings_kwargs: dict[str, Any],
+) -> None:  # fmt: skip
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = clean_env(
+        TICKETING_DATA_DIR=str(tmp_path / "data"),
+        TICKETING_SMTP_URL=smtp_sink.url,
+        TICKETING_DATABASE_URL=settings_kwargs["database_url"],
+        TICKETING_NATS_URL=infra.nats_url,
+        TICKETING_REDIS_URL="redis://127.0.0.1:6379/0",
+        TICKETING_NATS_STREAM=settings_kwargs["nats_stream"],
+        TICKETING_NATS_SUBJECT_PREFIX=settings_kwargs["nats_subject_prefix"],
+    )
+    proc = launch("up", "--port", str(port), env=env)
+    await wait_healthy(base, proc)
+    async with httpx.AsyncClient(base_url=base) as c:
+        response = await c.post(
+            "/api/users/signup", json={"email": "u@test.com", "password": "pass"}
+        )
+        assert response.status_code == 201
+    out = proc.output()
+    assert infra.nats_url in out
+    assert "external" in out
+    assert not (tmp_path / "data" / "nats").exists()  # no embedded server was started
+    assert proc.interrupt() == 0
+
+
+async def test_a_second_up_on_a_busy_port_says_so(launch: Any, tmp_path: Path) -> None:
+    port = free_port()
+    proc = launch("up", "--port", str(port), env=clean_env(TICKETING_DATA_DIR=str(tmp_path / "a")))
+    await wait_healthy(f"http://127.0.0.1:{port}", proc)
+    second = subprocess.run(
+        [*TICKETING, "up", "--port", str(port)],
+        env=clean_env(TICKETING_DATA_DIR=str(tmp_path / "b")),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert f"port {port}" in second.stderr and "already in use" in second.stderr
+    assert proc.interrupt() == 0
+
+
+def test_serve_requires_its_urls(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*TICKETING, "serve", "auth"], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "TICKETING_DATABASE_URL" in result.stderr
+    assert "TICKETING_NATS_URL" in result.stderr
+
+
+def test_serve_refuses_an_unknown_service() -> None:
+    result = subprocess.run(
+        [*TICKETING, "serve", "nope"], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "unknown service" in result.stderr
+
+
+def test_serve_refuses_production_without_a_real_jwt_key() -> None:
+    env = clean_env(
+        TICKETING_ENV="production",
+        TICKETING_DATABASE_URL="sqlite+aiosqlite:///x.db",
+        TICKETING_NATS_URL="nats://127.0.0.1:4222",
+        TICKETING_SMTP_URL="smtp://127.0.0.1:25",
+    )
+    result = subprocess.run(
+        [*TICKETING, "serve", "auth"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "TICKETING_JWT_KEY" in result.stderr
+
+
+async def test_serve_runs_one_service_like_a_container(
+    launch: Any, smtp_sink: SmtpSink, infra: Infra, settings_kwargs: dict[str, Any]
+) -> None:
+    port = free_port()
+    env = clean_env(
+        TICKETING_DATABASE_URL=settings_kwargs["database_url"],
+        TICKETING_NATS_URL=infra.nats_url,
+        TICKETING_SMTP_URL=smtp_sink.url,
+        TICKETING_NATS_STREAM=settings_kwargs["nats_stream"],
+        TICKETING_NATS_SUBJECT_PREFIX=settings_kwargs["nats_subject_prefix"],
+        TICKETING_LOG_JSON="true",
+    )
+    proc = launch("serve", "auth", "--host", "127.0.0.1", "--port", str(port), env=env)
+    base = f"http://127.0.0.1:{port}"
+    await wait_healthy(base, proc)
+    async with httpx.AsyncClient(base_url=base) as c:
+        assert (await c.get("/readyz")).status_code == 200
+        response = await c.post(
+            "/api/users/signup", json={"email": "c@test.com", "password": "pass"}
+        )
+        assert response.status_code == 201
+    assert proc.interrupt() == 0
+    assert '"level": "info"' in proc.output()  # structured logs
