@@ -10,8 +10,14 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 from pydantic.alias_generators import to_camel
 
+
+def money_to_json(amount: Decimal) -> int | float:
+    """20 stays 20 and 20.5 stays 20.5 on the wire."""
+    return int(amount) if amount == amount.to_integral_value() else float(amount)
+
+
 # Money travels as a JSON number, as the HTTP contract shows it; Decimal keeps it exact inside.
-Money = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
+Money = Annotated[Decimal, PlainSerializer(money_to_json, return_type=float, when_used="json")]
 
 
 class CamelModel(BaseModel):

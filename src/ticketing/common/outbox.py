@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, select, update
+from sqlalchemy import BigInteger, Index, Integer, String, Text, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ticketing.common.db import Base, Database
+from ticketing.common.db import Base, Database, UtcDateTime, utcnow
 from ticketing.common.events import Envelope, Event
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 _RELAY_LOCK_KEY = 0x7469636B
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class OutboxEvent(Base):
     """An event waiting to be published (published_at is null) or already sent."""
 
@@ -42,8 +38,8 @@ class OutboxEvent(Base):
     event_id: Mapped[str] = mapped_column(String(36), unique=True)
     type: Mapped[str] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
-    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
 
     __table_args__ = (
         Index(
@@ -62,7 +58,7 @@ class InboxEntry(Base):
 
     consumer: Mapped[str] = mapped_column(String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    handled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+    handled_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class DeadLetter(Base):
@@ -79,7 +75,7 @@ class DeadLetter(Base):
     body: Mapped[str] = mapped_column(Text)
     error: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 def add_event(session: AsyncSession, event: Event, *, event_id: str | None = None) -> Envelope:
@@ -175,6 +171,6 @@ class OutboxRelay:
                 await session.execute(
                     update(OutboxEvent)
                     .where(OutboxEvent.seq.in_([r.seq for r in rows]))
-                    .values(published_at=_utcnow())
+                    .values(published_at=utcnow())
                 )
         return len(rows)

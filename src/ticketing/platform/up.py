@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import ExitStack
 from typing import Any
@@ -53,6 +54,7 @@ def _start_infrastructure(stack: ExitStack, settings: Settings, table: Table) ->
 def run_up(*, host: str, port: int, log_level: str = "info") -> None:
     """Start the platform and serve it until Ctrl-C."""
     configure_logging(json_lines=False, level=log_level)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP line
     console = Console()
     if not port_is_free(host, port):
         raise PortBusyError(

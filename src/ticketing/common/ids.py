@@ -1,0 +1,26 @@
+"""Ids are UUID strings; a malformed one in a path is simply an unknown id (404)."""
+
+from __future__ import annotations
+
+import uuid
+
+from ticketing.common.errors import NotFound
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_id(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def path_id(value: str, *, what: str = "Resource") -> str:
+    """The canonical form of an id taken from a path; 404 when it cannot be an id at all."""
+    if not is_id(value):
+        raise NotFound(f"{what} not found")
+    return str(uuid.UUID(value))
