@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import DateTime, MetaData, TypeDecorator, event, text
@@ -19,8 +19,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.orm.exc import StaleDataError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -44,6 +46,11 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def next_version(current: int | None) -> int:
+    """Versions start at 0 and go up by one on every change; a stale write fails at flush."""
+    return 0 if current is None else current + 1
 
 
 class Base(DeclarativeBase):
@@ -87,6 +94,19 @@ class Database:
         """A session whose work commits when the block ends and rolls back on an error."""
         async with self.sessionmaker() as session, session.begin():
             yield session
+
+    async def retrying(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 5
+    ) -> T:
+        """Run `work` in a transaction, again from the start when a concurrent write won."""
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.transaction() as session:
+                    return await work(session)
+            except StaleDataError:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

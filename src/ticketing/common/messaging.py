@@ -17,6 +17,7 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from ticketing.common.db import Database
 from ticketing.common.events import Envelope, Event, subject_for
@@ -223,12 +224,13 @@ class Listener:
                 first = await mark_handled(session, consumer=self.service, event_id=envelope.id)
                 if first:
                     await handler(session, event)
-        except RetryLater as retry:
+        except (RetryLater, StaleDataError) as retry:
+            # Not a failure: the event is early, or a concurrent write won; try again soon.
             if attempt >= self.max_retry_later:
                 await self._dead(msg, envelope, f"gave up waiting: {retry}", attempt)
                 return
             self._count(envelope.type, "retry")
-            await msg.nak(delay=retry.delay)
+            await msg.nak(delay=retry.delay if isinstance(retry, RetryLater) else 0.05)
             return
         except IntegrityError as exc:
             if await self._already_handled(envelope.id):

@@ -41,5 +41,17 @@ SERVICES: dict[str, ServiceSpec] = {
             "ticketing.auth.settings:AuthSettings",
             needs=("database_url", "nats_url", "smtp_url"),
         ),
+        ServiceSpec(
+            "tickets",
+            "/api/tickets",
+            "ticketing.tickets.app:create_app",
+            "ticketing.tickets.settings:TicketsSettings",
+        ),
+        ServiceSpec(
+            "orders",
+            "/api/orders",
+            "ticketing.orders.app:create_app",
+            "ticketing.orders.settings:OrdersSettings",
+        ),
     )
 }

@@ -1,0 +1,1 @@
+"""The orders service: orders, their reservation window, and a replica of tickets."""

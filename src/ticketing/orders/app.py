@@ -1,0 +1,23 @@
+"""The orders service's app factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from ticketing.common.app import create_service_app
+from ticketing.orders import listeners
+from ticketing.orders.models import OrdersBase
+from ticketing.orders.routes import router
+from ticketing.orders.settings import OrdersSettings
+
+SERVICE = "orders"
+
+
+def create_app(settings: OrdersSettings | None = None) -> FastAPI:
+    return create_service_app(
+        SERVICE,
+        settings or OrdersSettings(),
+        routers=[router],
+        metadata=[OrdersBase.metadata],
+        register_listeners=listeners.register,
+    )

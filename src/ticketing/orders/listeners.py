@@ -1,0 +1,19 @@
+"""Event handlers of the orders service: a thin adapter over service.py."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ticketing.common.events import TicketCreated, TicketUpdated
+from ticketing.common.messaging import Listener
+from ticketing.orders import service
+
+
+def register(listener: Listener) -> None:
+    @listener.on(TicketCreated)
+    async def on_ticket_created(session: AsyncSession, event: TicketCreated) -> None:
+        await service.ticket_created(session, event)
+
+    @listener.on(TicketUpdated)
+    async def on_ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
+        await service.ticket_updated(session, event)

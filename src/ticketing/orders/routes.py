@@ -1,0 +1,49 @@
+"""HTTP routes of the orders service: a thin adapter over service.py."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from ticketing.common.app import SessionDep
+from ticketing.common.auth import RequireUser
+from ticketing.common.ids import path_id
+from ticketing.orders import service
+from ticketing.orders.models import Order
+from ticketing.orders.schemas import OrderBody, OrderOut
+
+router = APIRouter(prefix="/api/orders", tags=["orders"])
+
+
+def _out(order: Order) -> OrderOut:
+    return OrderOut.model_validate(order, from_attributes=True)
+
+
+@router.post("", status_code=201)
+async def create_order(
+    body: OrderBody, user: RequireUser, session: SessionDep, request: Request
+) -> OrderOut:
+    order = await service.create_order(
+        session,
+        user_id=user.id,
+        ticket_id=body.ticket_id,
+        ttl_seconds=request.app.state.settings.order_ttl_seconds,
+    )
+    return _out(order)
+
+
+@router.get("")
+async def list_orders(user: RequireUser, session: SessionDep) -> list[OrderOut]:
+    return [_out(o) for o in await service.my_orders(session, user_id=user.id)]
+
+
+@router.get("/{order_id}")
+async def show_order(order_id: str, user: RequireUser, session: SessionDep) -> OrderOut:
+    oid = path_id(order_id, what="Order")
+    return _out(await service.get_order(session, order_id=oid, user_id=user.id))
+
+
+@router.delete("/{order_id}", status_code=204)
+async def cancel_order(order_id: str, user: RequireUser, session: SessionDep) -> Response:
+    oid = path_id(order_id, what="Order")
+    await service.cancel_order(session, order_id=oid, user_id=user.id)
+    return Response(status_code=204)

@@ -1,0 +1,141 @@
+"""Use cases of the orders service. They take a session and flush; the caller commits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
+
+from ticketing.common.db import utcnow
+from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
+from ticketing.common.events import (
+    OrderCancelled,
+    OrderCreated,
+    OrderTicket,
+    TicketCreated,
+    TicketRef,
+    TicketUpdated,
+)
+from ticketing.common.messaging import RetryLater
+from ticketing.common.outbox import add_event
+from ticketing.orders.models import Order, OrderStatus, TicketReplica
+
+ALREADY_RESERVED = "Ticket is already reserved"
+
+
+async def create_order(
+    session: AsyncSession, *, user_id: str, ticket_id: str, ttl_seconds: int
+) -> Order:
+    """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins."""
+    ticket = await session.get(TicketReplica, ticket_id)
+    if ticket is None:
+        raise NotFound("Ticket not found")
+    if ticket.user_id == user_id:
+        raise BadRequest("You cannot buy your own ticket", field="ticketId")
+    await _free_expired_hold(session, ticket_id)
+    now = utcnow()
+    order = Order(
+        user_id=user_id,
+        ticket_id=ticket_id,
+        status=OrderStatus.CREATED,
+        expires_at=now + timedelta(seconds=ttl_seconds),
+        created_at=now,
+    )
+    order.ticket = ticket
+    session.add(order)
+    try:
+        await session.flush()  # the partial unique index decides the race here
+    except IntegrityError:
+        raise BadRequest(ALREADY_RESERVED) from None
+    add_event(
+        session,
+        OrderCreated(
+            id=order.id,
+            version=order.version,
+            status=order.status.value,
+            user_id=user_id,
+            expires_at=order.expires_at,
+            ticket=OrderTicket(id=ticket.id, price=ticket.price),
+        ),
+    )
+    return order
+
+
+async def _free_expired_hold(session: AsyncSession, ticket_id: str) -> None:
+    """Cancel the ticket's holder if its window has passed; refuse if it still holds."""
+    holder = await session.scalar(
+        select(Order).where(Order.ticket_id == ticket_id, Order.status != OrderStatus.CANCELLED)
+    )
+    if holder is None:
+        return
+    if holder.status is not OrderStatus.CREATED or holder.expires_at > utcnow():
+        raise BadRequest(ALREADY_RESERVED)
+    try:
+        await _cancel(session, holder)
+    except StaleDataError:
+        raise BadRequest(ALREADY_RESERVED) from None  # another buyer cancelled it first
+
+
+async def _cancel(session: AsyncSession, order: Order) -> None:
+    order.status = OrderStatus.CANCELLED
+    await session.flush()
+    add_event(
+        session,
+        OrderCancelled(id=order.id, version=order.version, ticket=TicketRef(id=order.ticket_id)),
+    )
+
+
+async def my_orders(session: AsyncSession, *, user_id: str) -> Sequence[Order]:
+    query = select(Order).where(Order.user_id == user_id).order_by(Order.created_at, Order.id)
+    return (await session.scalars(query)).all()
+
+
+async def get_order(session: AsyncSession, *, order_id: str, user_id: str) -> Order:
+    order = await session.get(Order, order_id)
+    if order is None:
+        raise NotFound("Order not found")
+    if order.user_id != user_id:
+        raise NotAuthorized()
+    return order
+
+
+async def cancel_order(session: AsyncSession, *, order_id: str, user_id: str) -> Order:
+    """The buyer gives the ticket back; cancelling twice is harmless."""
+    order = await get_order(session, order_id=order_id, user_id=user_id)
+    if order.status is OrderStatus.COMPLETE:
+        raise BadRequest("Cannot cancel a completed order")
+    if order.status is OrderStatus.CREATED:
+        await _cancel(session, order)
+    return order
+
+
+async def ticket_created(session: AsyncSession, event: TicketCreated) -> None:
+    if await session.get(TicketReplica, event.id) is not None:
+        return
+    session.add(
+        TicketReplica(
+            id=event.id,
+            title=event.title,
+            price=event.price,
+            user_id=event.user_id,
+            version=event.version,
+        )
+    )
+
+
+async def ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
+    """Apply an update only in version order: early ones wait, stale ones are dropped."""
+    replica = await session.get(TicketReplica, event.id)
+    if replica is None:
+        raise RetryLater(f"ticket {event.id} not created here yet")
+    if event.version <= replica.version:
+        return
+    if event.version > replica.version + 1:
+        raise RetryLater(f"ticket {event.id} v{event.version} came before v{replica.version + 1}")
+    replica.title = event.title
+    replica.price = event.price
+    replica.version = event.version

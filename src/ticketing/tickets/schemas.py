@@ -1,0 +1,61 @@
+"""Request and response bodies of the tickets service."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
+
+from ticketing.common.events import CamelModel, Money
+
+MAX_PRICE = Decimal(1_000_000_000)
+MAX_TITLE = 200
+
+
+def _title(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PydanticCustomError("title", "Title is required")
+    if len(value.strip()) > MAX_TITLE:
+        raise PydanticCustomError("title", f"Title must be at most {MAX_TITLE} characters")
+    return value.strip()
+
+
+def _price(value: Any) -> Decimal:
+    message = "Price must be greater than 0"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise PydanticCustomError("price", message)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("price", message)
+    try:
+        # Through str, so 10.1 is 10.1 and not its binary neighbour.
+        price = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise PydanticCustomError("price", message) from None
+    if not price.is_finite() or price <= 0:
+        raise PydanticCustomError("price", message)
+    if price >= MAX_PRICE:
+        raise PydanticCustomError("price", f"Price must be less than {MAX_PRICE}")
+    if price != price.quantize(Decimal("0.01")):
+        raise PydanticCustomError("price", "Price must have at most 2 decimal places")
+    return price
+
+
+Title = Annotated[str, BeforeValidator(_title), Field(default="", validate_default=True)]
+Price = Annotated[Decimal, BeforeValidator(_price), Field(default=None, validate_default=True)]
+
+
+class TicketBody(BaseModel):
+    title: Title
+    price: Price
+
+
+class TicketOut(CamelModel):
+    id: str
+    title: str
+    price: Money
+    user_id: str
+    version: int
+    order_id: str | None

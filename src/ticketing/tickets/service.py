@@ -1,0 +1,126 @@
+"""Use cases of the tickets service. They take a session and flush; the caller commits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
+from ticketing.common.events import TicketCreated, TicketUpdated
+from ticketing.common.messaging import RetryLater
+from ticketing.common.outbox import add_event
+from ticketing.tickets.models import ReleasedOrder, Ticket
+
+log = logging.getLogger(__name__)
+
+
+def _updated(ticket: Ticket) -> TicketUpdated:
+    return TicketUpdated(
+        id=ticket.id,
+        version=ticket.version,
+        title=ticket.title,
+        price=ticket.price,
+        user_id=ticket.user_id,
+        order_id=ticket.order_id,
+    )
+
+
+async def _changed(session: AsyncSession, ticket: Ticket) -> None:
+    """Write a change (the version check happens here) and announce it."""
+    await session.flush()
+    add_event(session, _updated(ticket))
+
+
+async def create_ticket(
+    session: AsyncSession, *, user_id: str, title: str, price: Decimal
+) -> Ticket:
+    ticket = Ticket(title=title, price=price, user_id=user_id)
+    session.add(ticket)
+    await session.flush()
+    add_event(
+        session,
+        TicketCreated(
+            id=ticket.id, version=ticket.version, title=title, price=price, user_id=user_id
+        ),
+    )
+    return ticket
+
+
+async def available_tickets(session: AsyncSession) -> Sequence[Ticket]:
+    """Tickets on sale: neither reserved nor sold, oldest first."""
+    query = (
+        select(Ticket)
+        .where(Ticket.order_id.is_(None), Ticket.sold.is_(False))
+        .order_by(Ticket.created_at, Ticket.id)
+    )
+    return (await session.scalars(query)).all()
+
+
+async def get_ticket(session: AsyncSession, ticket_id: str) -> Ticket:
+    ticket = await session.get(Ticket, ticket_id)
+    if ticket is None:
+        raise NotFound("Ticket not found")
+    return ticket
+
+
+async def update_ticket(
+    session: AsyncSession, *, ticket_id: str, user_id: str, title: str, price: Decimal
+) -> Ticket:
+    ticket = await get_ticket(session, ticket_id)
+    if ticket.user_id != user_id:
+        raise NotAuthorized()
+    if ticket.sold:
+        raise BadRequest("Cannot edit a sold ticket")
+    if ticket.order_id is not None:
+        raise BadRequest("Cannot edit a reserved ticket")
+    ticket.title = title
+    ticket.price = price
+    await _changed(session, ticket)
+    return ticket
+
+
+async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> None:
+    """order:created: the ticket is held by this order."""
+    ticket = await session.get(Ticket, ticket_id)
+    if ticket is None:
+        raise RetryLater(f"ticket {ticket_id} is unknown here")
+    if ticket.order_id == order_id:
+        return  # already done
+    if await session.get(ReleasedOrder, order_id) is not None:
+        return  # the order was cancelled before its creation reached us
+    if ticket.order_id is not None:
+        # The orders database allows one active order per ticket, so the holder's
+        # cancellation is on its way; wait for it rather than steal the ticket.
+        raise RetryLater(f"ticket {ticket_id} is still held by order {ticket.order_id}")
+    ticket.order_id = order_id
+    await _changed(session, ticket)
+
+
+async def release(session: AsyncSession, *, ticket_id: str, order_id: str) -> None:
+    """order:cancelled: free the ticket, but only if this order is the one holding it."""
+    if await session.get(ReleasedOrder, order_id) is None:
+        session.add(ReleasedOrder(order_id=order_id))
+    ticket = await session.get(Ticket, ticket_id)
+    if ticket is None or ticket.order_id != order_id or ticket.sold:
+        log.info("order %s released nothing: ticket %s is not held by it", order_id, ticket_id)
+        await session.flush()
+        return
+    ticket.order_id = None
+    await _changed(session, ticket)
+
+
+async def mark_sold(session: AsyncSession, *, ticket_id: str, order_id: str) -> None:
+    """order:completed: the holder paid; the ticket is sold for good."""
+    ticket = await session.get(Ticket, ticket_id)
+    if ticket is None:
+        raise RetryLater(f"ticket {ticket_id} is unknown here")
+    if ticket.sold and ticket.order_id == order_id:
+        return
+    if ticket.order_id != order_id:
+        raise RetryLater(f"ticket {ticket_id} is not yet reserved by order {order_id}")
+    ticket.sold = True
+    await _changed(session, ticket)
