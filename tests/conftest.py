@@ -6,16 +6,23 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import nats
 import pytest
+from fastapi import FastAPI
 
+from ticketing.common.app import Runtime
+from ticketing.common.auth import COOKIE_NAME, issue_token
 from ticketing.common.settings import Settings
 from ticketing.platform.embedded import EmbeddedNats, SmtpSink, port_answers
+from ticketing.platform.gateway import Gateway
+from ticketing.platform.services import SERVICES
 
 PG_URL = os.environ.get(
     "TICKETING_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432"
@@ -115,3 +122,54 @@ def smtp_sink(tmp_path: Path) -> Iterator[SmtpSink]:
         yield sink
     finally:
         sink.stop()
+
+
+class Platform:
+    """Services of this test running in process, behind the same gateway `ticketing up` uses."""
+
+    def __init__(self, settings_kwargs: dict[str, Any]) -> None:
+        self.settings_kwargs = settings_kwargs
+        self.settings = Settings(**settings_kwargs)
+        self.apps: dict[str, FastAPI] = {}
+        self._stacks: dict[str, AsyncExitStack] = {}
+
+    async def start(self, *names: str, **overrides: Any) -> None:
+        for name in names:
+            app = SERVICES[name].create_app(**{**self.settings_kwargs, **overrides})
+            stack = AsyncExitStack()
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            self.apps[name] = app
+            self._stacks[name] = stack
+
+    async def stop(self, name: str) -> None:
+        await self._stacks.pop(name).aclose()
+        del self.apps[name]
+
+    async def stop_all(self) -> None:
+        for name in list(self._stacks):
+            await self.stop(name)
+
+    def runtime(self, name: str) -> Runtime:
+        runtime: Runtime = self.apps[name].state.runtime
+        return runtime
+
+    def client(self, user_id: str | None = None) -> httpx.AsyncClient:
+        """A browser; signed in as `user_id` when one is given."""
+        gateway = Gateway([(SERVICES[name].prefix, app) for name, app in self.apps.items()])
+        transport = httpx.ASGITransport(app=gateway)
+        client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
+        if user_id is not None:
+            token = issue_token(self.settings, user_id=user_id, email=f"{user_id[:8]}@test.com")
+            client.cookies.set(COOKIE_NAME, token)
+        return client
+
+
+@pytest.fixture
+async def platform(settings_kwargs: dict[str, Any]) -> AsyncIterator[Platform]:
+    started = Platform(settings_kwargs)
+    yield started
+    await started.stop_all()
+
+
+def new_user() -> str:
+    return str(uuid.uuid4())

@@ -7,6 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from ticketing.common.events import Envelope
+from ticketing.common.messaging import Bus
+
 T = TypeVar("T")
 
 
@@ -22,3 +25,23 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s (last value: {value!r})")
         await asyncio.sleep(interval)
+
+
+async def consumer_settled(bus: Bus, durable: str) -> bool:
+    """True once a durable consumer has nothing left to deliver and nothing awaiting an ack."""
+    info = await bus.js.consumer_info(bus.stream, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def stream_envelopes(bus: Bus, event_type: str | None = None) -> list[Envelope]:
+    """Every envelope in the test's stream, in stream order (optionally one type only)."""
+    info = await bus.js.stream_info(bus.stream)
+    if info.state.messages == 0:
+        return []
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        raw = await bus.js.get_msg(bus.stream, seq)
+        envelope = Envelope.model_validate_json(raw.data or b"")
+        if event_type is None or envelope.type == event_type:
+            found.append(envelope)
+    return found

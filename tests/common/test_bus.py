@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests.common.conftest import Effect, count_effects, effects
-from tests.support import eventually
+from tests.support import consumer_settled, eventually
 from ticketing.common.db import Database
 from ticketing.common.events import Envelope, OrderCreated, TicketCreated, subject_for
 from ticketing.common.messaging import Bus, Listener, Publisher, RetryLater
@@ -24,12 +24,6 @@ def ticket(n: int = 1) -> TicketCreated:
     return TicketCreated(
         id=f"ticket-{n}", version=0, title="Concert", price=Decimal("20.5"), user_id="u1"
     )
-
-
-async def consumer_settled(bus: Bus, service: str = "probe") -> bool:
-    """True once the durable consumer has nothing left to deliver or awaiting an ack."""
-    info = await bus.js.consumer_info(bus.stream, service)
-    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def test_published_events_are_consumed_as_typed_models(
@@ -73,7 +67,7 @@ async def test_a_failed_handler_is_rolled_back_and_redelivered(
 
     await make_listener(setup)
     await publisher.publish(Envelope.wrap(ticket()))
-    await eventually(lambda: consumer_settled(bus))
+    await eventually(lambda: consumer_settled(bus, "probe"))
     await eventually(lambda: _at_least(db, 1))
     assert calls == 2
     assert len(await effects(db)) == 1  # the failed attempt's write was rolled back
@@ -106,7 +100,7 @@ async def test_a_redelivered_event_has_no_second_effect(
     subject = subject_for("ticket:created", bus.prefix)
     await bus.js.publish(subject, body)
     await bus.js.publish(subject, body)
-    await eventually(lambda: consumer_settled(bus))
+    await eventually(lambda: consumer_settled(bus, "probe"))
     assert len(await effects(db)) == 1
     assert listener.metrics is not None
     duplicates = listener.metrics.events_handled.labels(type="ticket:created", outcome="duplicate")
@@ -151,7 +145,7 @@ async def test_a_poison_message_is_dead_lettered_after_bounded_attempts(
     envelope = Envelope.wrap(ticket())
     await publisher.publish(envelope)
     letters = await eventually(lambda: _dead_letters(db))
-    await eventually(lambda: consumer_settled(bus))
+    await eventually(lambda: consumer_settled(bus, "probe"))
     assert calls == 3
     assert len(letters) == 1
     assert letters[0].event_id == envelope.id
@@ -177,7 +171,7 @@ async def test_an_undecodable_message_is_dead_lettered_at_once(
     letters = await eventually(lambda: _dead_letters(db))
     assert letters[0].attempts == 1
     assert letters[0].error.startswith("undecodable message")
-    await eventually(lambda: consumer_settled(bus))
+    await eventually(lambda: consumer_settled(bus, "probe"))
 
 
 async def _never_called(session: AsyncSession, event: TicketCreated) -> None:
@@ -201,7 +195,7 @@ async def test_retry_later_naks_and_the_event_comes_back(
     await make_listener(setup)
     await publisher.publish(Envelope.wrap(ticket()))
     await eventually(lambda: _at_least(db, 1))
-    await eventually(lambda: consumer_settled(bus))
+    await eventually(lambda: consumer_settled(bus, "probe"))
     assert calls == 3
     assert await _dead_letters(db) == []
 
@@ -218,5 +212,5 @@ async def test_events_without_a_handler_are_acked_and_ignored(
          "expiresAt": "2030-01-01T00:00:00Z", "ticket": {"id": "t1", "price": 10}}
     )  # fmt: skip
     await publisher.publish(Envelope.wrap(order))
-    await eventually(lambda: consumer_settled(bus))
+    await eventually(lambda: consumer_settled(bus, "probe"))
     assert await effects(db) == []

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select
 
-from tests.support import eventually
+from tests.support import eventually, stream_envelopes
 from ticketing.common.db import Database
 from ticketing.common.events import Envelope, TicketCreated
 from ticketing.common.messaging import Bus, Publisher
@@ -17,17 +17,6 @@ from ticketing.common.outbox import OutboxEvent, OutboxRelay, add_event
 
 def ticket(n: int) -> TicketCreated:
     return TicketCreated(id=f"ticket-{n}", version=0, title="Show", price=Decimal(10), user_id="u")
-
-
-async def stream_envelopes(bus: Bus) -> list[Envelope]:
-    info = await bus.js.stream_info(bus.stream)
-    first, last = info.state.first_seq, info.state.last_seq
-    if info.state.messages == 0:
-        return []
-    return [
-        Envelope.model_validate_json((await bus.js.get_msg(bus.stream, seq)).data or b"")
-        for seq in range(first, last + 1)
-    ]
 
 
 async def pending_rows(db: Database) -> list[OutboxEvent]:

@@ -17,7 +17,9 @@ def money_to_json(amount: Decimal) -> int | float:
 
 
 # Money travels as a JSON number, as the HTTP contract shows it; Decimal keeps it exact inside.
-Money = Annotated[Decimal, PlainSerializer(money_to_json, return_type=int | float, when_used="json")]
+Money = Annotated[
+    Decimal, PlainSerializer(money_to_json, return_type=int | float, when_used="json")
+]
 
 
 class CamelModel(BaseModel):

@@ -75,9 +75,11 @@ class Bus:
         return self.nc is not None and self.nc.is_connected
 
     async def close(self) -> None:
+        # Listeners settle their own messages and publishes are awaited, so there is nothing
+        # in flight to drain; close at once.
         if self.nc is not None:
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await self.nc.close()
             self.nc = None
 
 
@@ -148,6 +150,7 @@ class Listener:
         self.batch = batch
         self.handlers: dict[str, Handler] = {}
         self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
 
     def on(
         self, event_cls: type[E]
@@ -172,8 +175,10 @@ class Listener:
             max_ack_pending=1000,
         )
         await self.bus.js.add_consumer(self.bus.stream, config)
-        sub = await self.bus.js.pull_subscribe_bind(durable=self.service, stream=self.bus.stream)
-        self._task = asyncio.create_task(self._run(sub), name=f"listener-{self.service}")
+        self._sub = await self.bus.js.pull_subscribe_bind(
+            durable=self.service, stream=self.bus.stream
+        )
+        self._task = asyncio.create_task(self._run(self._sub), name=f"listener-{self.service}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -181,6 +186,10 @@ class Listener:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
 
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:

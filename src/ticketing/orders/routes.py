@@ -25,7 +25,7 @@ async def create_order(
     order = await service.create_order(
         session,
         user_id=user.id,
-        ticket_id=body.ticket_id,
+        ticket_id=body.ticketId,
         ttl_seconds=request.app.state.settings.order_ttl_seconds,
     )
     return _out(order)

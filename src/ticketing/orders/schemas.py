@@ -24,7 +24,8 @@ TicketId = Annotated[str, BeforeValidator(_ticket_id)]
 
 
 class OrderBody(BaseModel):
-    ticket_id: TicketId = Field(default="", alias="ticketId", validate_default=True)
+    # Named as the client sends it: a missing field's error location uses the field name.
+    ticketId: TicketId = Field(default="", validate_default=True)
 
 
 class OrderTicketOut(CamelModel):
