@@ -151,6 +151,7 @@ class Listener:
         self.handlers: dict[str, Handler] = {}
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._stopping = False
 
     def on(
         self, event_cls: type[E]
@@ -174,6 +175,7 @@ class Listener:
             filter_subject=f"{self.bus.prefix}.>",
             max_ack_pending=1000,
         )
+        self._stopping = False
         await self.bus.js.add_consumer(self.bus.stream, config)
         self._sub = await self.bus.js.pull_subscribe_bind(
             durable=self.service, stream=self.bus.stream
@@ -181,6 +183,9 @@ class Listener:
         self._task = asyncio.create_task(self._run(self._sub), name=f"listener-{self.service}")
 
     async def stop(self) -> None:
+        # The flag, not only the cancel: on Python 3.11 a fetch can swallow a cancellation
+        # that lands as a message arrives, and the loop must still end.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,7 +197,7 @@ class Listener:
             self._sub = None
 
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
-        while True:
+        while not self._stopping:
             try:
                 msgs = await sub.fetch(self.batch, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):

@@ -117,16 +117,20 @@ class OutboxRelay:
         self.batch_size = batch_size
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def notify(self) -> None:
         """Wake the relay; called after a commit that wrote outbox rows."""
         self._wake.set()
 
     def start(self) -> None:
+        self._stopping = False
         self.db.on_commit(self.notify)
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
+        self._stopping = True  # see Listener.stop: a cancellation alone may be swallowed
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -134,7 +138,7 @@ class OutboxRelay:
             self._task = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 while await self.publish_pending() == self.batch_size:

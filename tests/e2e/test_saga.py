@@ -1,0 +1,155 @@
+"""The reservation saga end to end over the real bus: tickets and orders in step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Platform, new_user
+from tests.support import consumer_settled, eventually, stream_envelopes
+from ticketing.common.events import Envelope, OrderCancelled, TicketRef
+
+
+@pytest.fixture
+async def market(platform: Platform) -> Platform:
+    await platform.start("tickets", "orders")
+    return platform
+
+
+async def sell(platform: Platform, seller: str, title: str = "Concert") -> dict[str, Any]:
+    async with platform.client(seller) as c:
+        response = await c.post("/api/tickets", json={"title": title, "price": 20})
+    assert response.status_code == 201
+    return dict(response.json())
+
+
+async def buy(client: httpx.AsyncClient, ticket_id: str) -> httpx.Response:
+    """Order a ticket, waiting for the orders replica to have heard of it."""
+
+    async def attempt() -> httpx.Response | None:
+        response = await client.post("/api/orders", json={"ticketId": ticket_id})
+        return None if response.status_code == 404 else response
+
+    response = await eventually(attempt)
+    return response
+
+
+async def ticket_matching(platform: Platform, ticket_id: str, **expected: Any) -> dict[str, Any]:
+    async def probe() -> dict[str, Any]:
+        async with platform.client() as c:
+            shown = dict((await c.get(f"/api/tickets/{ticket_id}")).json())
+        return shown if all(shown[k] == v for k, v in expected.items()) else {}
+
+    return await eventually(probe)
+
+
+async def test_order_reserves_cancel_releases_and_the_ticket_is_orderable_again(
+    market: Platform,
+) -> None:
+    ticket = await sell(market, new_user())
+    async with market.client(new_user()) as buyer:
+        response = await buy(buyer, ticket["id"])
+        assert response.status_code == 201
+        first = response.json()
+        reserved = await ticket_matching(market, ticket["id"], version=1)
+        assert reserved["orderId"] == first["id"]
+        async with market.client() as anonymous:
+            assert (await anonymous.get("/api/tickets")).json() == []
+
+        assert (await buyer.delete(f"/api/orders/{first['id']}")).status_code == 204
+        released = await ticket_matching(market, ticket["id"], version=2)
+        assert released["orderId"] is None
+
+        # Once the replica has seen v1 and v2 too, the new order carries the current version.
+        await eventually(lambda: _replica_at(market, ticket["id"], 2))
+        response = await buyer.post("/api/orders", json={"ticketId": ticket["id"]})
+    assert response.status_code == 201
+    second = response.json()
+    assert second["ticket"]["version"] == 2
+    held = await ticket_matching(market, ticket["id"], version=3)
+    assert held["orderId"] == second["id"]
+
+
+async def test_an_edit_reaches_the_orders_replica(market: Platform) -> None:
+    seller = new_user()
+    ticket = await sell(market, seller)
+    async with market.client(seller) as c:
+        edited = await c.put(f"/api/tickets/{ticket['id']}", json={"title": "Moved", "price": 30})
+        assert edited.status_code == 200
+    await eventually(lambda: _replica_at(market, ticket["id"], 1))
+    async with market.client(new_user()) as buyer:
+        response = await buyer.post("/api/orders", json={"ticketId": ticket["id"]})
+    assert response.status_code == 201
+    placed = response.json()
+    assert placed["ticket"] == {"id": ticket["id"], "title": "Moved", "price": 30, "version": 1}
+
+
+async def _replica_at(platform: Platform, ticket_id: str, version: int) -> bool:
+    from ticketing.orders.models import TicketReplica
+
+    async with platform.runtime("orders").db.transaction() as session:
+        found = await session.get(TicketReplica, ticket_id)
+    return found is not None and found.version == version
+
+
+async def test_an_order_committed_before_a_crash_is_published_once_after_restart(
+    market: Platform,
+) -> None:
+    ticket = await sell(market, new_user())
+    await eventually(lambda: _replica_at(market, ticket["id"], 0))
+    # The relay dies: the order commits, but nothing publishes it.
+    await market.runtime("orders").relay.stop()
+    async with market.client(new_user()) as buyer:
+        response = await buyer.post("/api/orders", json={"ticketId": ticket["id"]})
+    assert response.status_code == 201
+    placed = response.json()
+    bus = market.runtime("orders").bus
+    assert await stream_envelopes(bus, "order:created") == []
+    # The process goes down and comes back: a new orders service on the same database.
+    await market.stop("orders")
+    await market.start("orders")
+    bus = market.runtime("orders").bus
+    published = await eventually(lambda: stream_envelopes(bus, "order:created"))
+    assert [e.data["id"] for e in published] == [placed["id"]]
+    reserved = await ticket_matching(market, ticket["id"], version=1)
+    assert reserved["orderId"] == placed["id"]
+    await eventually(lambda: consumer_settled(bus, "tickets"))
+    assert len(await stream_envelopes(bus, "order:created")) == 1
+
+
+async def test_a_late_cancel_of_an_old_order_does_not_free_the_new_holders_ticket(
+    market: Platform,
+) -> None:
+    ticket = await sell(market, new_user())
+    async with market.client(new_user()) as first, market.client(new_user()) as second:
+        old = (await buy(first, ticket["id"])).json()
+        await ticket_matching(market, ticket["id"], version=1)
+        assert (await first.delete(f"/api/orders/{old['id']}")).status_code == 204
+        await ticket_matching(market, ticket["id"], version=2)
+        await eventually(lambda: _replica_at(market, ticket["id"], 2))
+        new = (await second.post("/api/orders", json={"ticketId": ticket["id"]})).json()
+        await ticket_matching(market, ticket["id"], version=3, orderId=new["id"])
+    # A copy of the old cancellation arrives late (a new event id, as a redelivery from
+    # another publisher would have).
+    late = OrderCancelled(id=old["id"], version=1, ticket=TicketRef(id=ticket["id"]))
+    runtime = market.runtime("orders")
+    await runtime.publisher.publish(Envelope.wrap(late))
+    await eventually(lambda: consumer_settled(runtime.bus, "tickets"))
+    still = await ticket_matching(market, ticket["id"], version=3)
+    assert still["orderId"] == new["id"]
+
+
+async def test_an_expired_hold_is_superseded_and_the_ticket_follows(platform: Platform) -> None:
+    await platform.start("tickets")
+    await platform.start("orders", order_ttl_seconds=0)
+    ticket = await sell(platform, new_user())
+    async with platform.client(new_user()) as late, platform.client(new_user()) as next_buyer:
+        stale = (await buy(late, ticket["id"])).json()
+        await ticket_matching(platform, ticket["id"], version=1, orderId=stale["id"])
+        fresh = await next_buyer.post("/api/orders", json={"ticketId": ticket["id"]})
+        assert fresh.status_code == 201
+    # The tickets service releases the stale hold (v2) and reserves for the new order (v3).
+    held = await ticket_matching(platform, ticket["id"], version=3)
+    assert held["orderId"] == fresh.json()["id"]
