@@ -214,3 +214,63 @@ async def test_serve_runs_one_service_like_a_container(
         assert response.status_code == 201
     assert proc.interrupt() == 0
     assert '"level": "info"' in proc.output()  # structured logs
+
+
+@pytest.mark.parametrize(("service", "probe", "status"), [
+    ("tickets", "/api/tickets", 200),
+    ("orders", "/api/orders", 401),
+])  # fmt: skip
+async def test_serve_runs_tickets_and_orders(
+    launch: Any, infra: Infra, settings_kwargs: dict[str, Any], service: str, probe: str,
+    status: int,
+) -> None:  # fmt: skip
+    port = free_port()
+    env = clean_env(
+        TICKETING_DATABASE_URL=settings_kwargs["database_url"],
+        TICKETING_NATS_URL=infra.nats_url,
+        TICKETING_NATS_STREAM=settings_kwargs["nats_stream"],
+        TICKETING_NATS_SUBJECT_PREFIX=settings_kwargs["nats_subject_prefix"],
+    )
+    proc = launch("serve", service, "--host", "127.0.0.1", "--port", str(port), env=env)
+    base = f"http://127.0.0.1:{port}"
+    await wait_healthy(base, proc)
+    async with httpx.AsyncClient(base_url=base) as c:
+        assert (await c.get("/readyz")).status_code == 200
+        assert (await c.get(probe)).status_code == status
+    assert proc.interrupt() == 0
+
+
+async def test_up_runs_the_reservation_flow_by_hand(
+    launch: Any, tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    """The README's curl walk-through, as HTTP calls against a real `ticketing up`."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_SMTP_URL=smtp_sink.url)
+    proc = launch("up", "--port", str(port), env=env)
+    await wait_healthy(base, proc)
+    async with (
+        httpx.AsyncClient(base_url=base) as seller,
+        httpx.AsyncClient(base_url=base) as buyer,
+    ):
+        await seller.post("/api/users/signup", json={"email": "s@test.com", "password": "secret"})
+        await buyer.post("/api/users/signup", json={"email": "b@test.com", "password": "secret"})
+        ticket = (await seller.post("/api/tickets", json={"title": "Gig", "price": 15})).json()
+
+        async def ordered() -> httpx.Response | None:
+            response = await buyer.post("/api/orders", json={"ticketId": ticket["id"]})
+            return response if response.status_code == 201 else None
+
+        order = (await eventually(ordered)).json()
+
+        async def ticket_at(version: int) -> dict[str, Any] | None:
+            shown = (await seller.get(f"/api/tickets/{ticket['id']}")).json()
+            return shown if shown["version"] == version else None
+
+        assert (await eventually(lambda: ticket_at(1)))["orderId"] == order["id"]
+        assert (await buyer.get("/api/orders")).json()[0]["status"] == "created"
+        assert (await buyer.delete(f"/api/orders/{order['id']}")).status_code == 204
+        assert (await eventually(lambda: ticket_at(2)))["orderId"] is None
+        listed = (await buyer.get("/api/tickets")).json()
+        assert [t["id"] for t in listed] == [ticket["id"]]
+    assert proc.interrupt() == 0
