@@ -16,11 +16,12 @@ import httpx
 import nats
 import pytest
 from fastapi import FastAPI
+from ticketing.platform.stripe_sandbox import SandboxServer
 
 from ticketing.common.app import Runtime
 from ticketing.common.auth import COOKIE_NAME, issue_token
 from ticketing.common.settings import Settings
-from ticketing.platform.embedded import EmbeddedNats, SmtpSink, port_answers
+from ticketing.platform.embedded import EmbeddedNats, EmbeddedRedis, SmtpSink, port_answers
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.services import SERVICES
 
@@ -28,12 +29,14 @@ PG_URL = os.environ.get(
     "TICKETING_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432"
 )
 NATS_URL = os.environ.get("TICKETING_TEST_NATS_URL", "nats://127.0.0.1:4222")
+REDIS_URL = os.environ.get("TICKETING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @dataclass(frozen=True)
 class Infra:
     kind: str  # "real" or "embedded"
     nats_url: str
+    redis_url: str
 
     @property
     def postgres(self) -> bool:
@@ -44,7 +47,7 @@ def _choose_kind() -> str:
     wanted = os.environ.get("TICKETING_TEST_INFRA", "auto")
     if wanted in ("real", "embedded"):
         return wanted
-    answers = port_answers("127.0.0.1", 5432) and port_answers("127.0.0.1", 4222)
+    answers = all(port_answers("127.0.0.1", port) for port in (5432, 4222, 6379))
     return "real" if answers else "embedded"
 
 
@@ -52,14 +55,17 @@ def _choose_kind() -> str:
 def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     kind = _choose_kind()
     if kind == "real":
-        yield Infra(kind, NATS_URL)
+        yield Infra(kind, NATS_URL, REDIS_URL)
         return
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
-    server.start()
+    nats_server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
+    redis_server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"))
+    nats_server.start()
+    redis_server.start()
     try:
-        yield Infra(kind, server.url)
+        yield Infra(kind, nats_server.url, redis_server.url)
     finally:
-        server.stop()
+        nats_server.stop()
+        redis_server.stop()
 
 
 @pytest.fixture
@@ -80,6 +86,7 @@ async def settings_kwargs(
     yield {
         "database_url": database_url,
         "nats_url": infra.nats_url,
+        "redis_url": infra.redis_url,
         "nats_stream": namespace.upper(),
         "nats_subject_prefix": namespace,
         "data_dir": tmp_path,
@@ -173,3 +180,23 @@ async def platform(settings_kwargs: dict[str, Any]) -> AsyncIterator[Platform]:
 
 def new_user() -> str:
     return str(uuid.uuid4())
+
+
+WEBHOOK_SECRET = "whsec_test_secret_for_the_suite"
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[SandboxServer]:
+    """The local Stripe-compatible sandbox, over real HTTP."""
+    server = SandboxServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def payments_settings(sandbox: SandboxServer) -> dict[str, Any]:
+    return {
+        "stripe_secret_key": "sk_test_sandbox",
+        "stripe_api_base": sandbox.url,
+        "stripe_webhook_secret": WEBHOOK_SECRET,
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -52,6 +52,9 @@ class Runtime:
         await self.db.create_all()
         await self.bus.connect()
         self.relay.start()
+
+    async def listen(self) -> None:
+        """Start consuming; last, once everything the handlers use is up."""
         if self.listener.handlers:
             await self.listener.start()
         log.info("%s started", self.name)
@@ -70,8 +73,12 @@ def create_service_app(
     routers: Sequence[APIRouter],
     metadata: Sequence[MetaData] = (),
     register_listeners: Callable[[Listener], None] | None = None,
+    extra_lifespan: Callable[[Runtime], AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
-    """A service's FastAPI app; nothing connects until its lifespan starts."""
+    """A service's FastAPI app; nothing connects until its lifespan starts.
+
+    `extra_lifespan` runs service-specific parts (e.g. a job worker) inside the common ones.
+    """
     runtime = Runtime(name, settings, metadata)
     if register_listeners is not None:
         register_listeners(runtime.listener)
@@ -80,7 +87,12 @@ def create_service_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
-            yield
+            async with AsyncExitStack() as stack:
+                if extra_lifespan is not None:
+                    await stack.enter_async_context(extra_lifespan(runtime))
+                await runtime.listen()
+                yield
+                await runtime.listener.stop()  # before the extra parts its handlers use go
         finally:
             await runtime.stop()
 

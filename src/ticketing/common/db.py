@@ -96,14 +96,18 @@ class Database:
             yield session
 
     async def retrying(
-        self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 5
+        self,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        attempts: int = 5,
+        retry_on: tuple[type[Exception], ...] = (StaleDataError,),
     ) -> T:
         """Run `work` in a transaction, again from the start when a concurrent write won."""
         for attempt in range(1, attempts + 1):
             try:
                 async with self.transaction() as session:
                     return await work(session)
-            except StaleDataError:
+            except retry_on:
                 if attempt == attempts:
                     raise
         raise AssertionError("unreachable")

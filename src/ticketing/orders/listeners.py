@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ticketing.common.events import TicketCreated, TicketUpdated
+from ticketing.common.events import (
+    ExpirationComplete,
+    PaymentCreated,
+    TicketCreated,
+    TicketUpdated,
+)
 from ticketing.common.messaging import Listener
 from ticketing.orders import service
 
@@ -17,3 +22,11 @@ def register(listener: Listener) -> None:
     @listener.on(TicketUpdated)
     async def on_ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
         await service.ticket_updated(session, event)
+
+    @listener.on(ExpirationComplete)
+    async def on_expiration_complete(session: AsyncSession, event: ExpirationComplete) -> None:
+        await service.expire(session, order_id=event.order_id)
+
+    @listener.on(PaymentCreated)
+    async def on_payment_created(session: AsyncSession, event: PaymentCreated) -> None:
+        await service.complete(session, order_id=event.order_id)

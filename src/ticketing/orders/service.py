@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from ticketing.common.db import utcnow
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import (
     OrderCancelled,
+    OrderCompleted,
     OrderCreated,
     OrderTicket,
     TicketCreated,
@@ -23,6 +25,8 @@ from ticketing.common.events import (
 from ticketing.common.messaging import RetryLater
 from ticketing.common.outbox import add_event
 from ticketing.orders.models import Order, OrderStatus, TicketReplica
+
+log = logging.getLogger(__name__)
 
 ALREADY_RESERVED = "Ticket is already reserved"
 
@@ -139,3 +143,34 @@ async def ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
     replica.title = event.title
     replica.price = event.price
     replica.version = event.version
+
+
+async def expire(session: AsyncSession, *, order_id: str) -> None:
+    """expiration:complete: cancel the order unless it was paid (or already cancelled)."""
+    order = await session.get(Order, order_id)
+    if order is None:
+        log.warning("expiration of unknown order %s ignored", order_id)
+        return
+    if order.status is not OrderStatus.CREATED:
+        return
+    early = (order.expires_at - utcnow()).total_seconds()
+    if early > 0:
+        raise RetryLater(f"order {order_id} expires in {early:.1f}s", delay=early)
+    await _cancel(session, order)
+
+
+async def complete(session: AsyncSession, *, order_id: str) -> None:
+    """payment:created: the order is paid. A cancelled order stays cancelled (payments refunds)."""
+    order = await session.get(Order, order_id)
+    if order is None:
+        raise RetryLater(f"order {order_id} not found yet")
+    if order.status is not OrderStatus.CREATED:
+        if order.status is OrderStatus.CANCELLED:
+            log.warning("payment for cancelled order %s: payments refunds it", order_id)
+        return
+    order.status = OrderStatus.COMPLETE
+    await session.flush()
+    add_event(
+        session,
+        OrderCompleted(id=order.id, version=order.version, ticket=TicketRef(id=order.ticket_id)),
+    )

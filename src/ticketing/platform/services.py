@@ -13,7 +13,7 @@ from fastapi import FastAPI
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
-    prefix: str
+    prefix: str | None  # where the gateway routes to it; None for a service with no routes
     factory_path: str  # "module:function", imported only when the service is started
     settings_path: str
     needs: tuple[str, ...] = ("database_url", "nats_url")
@@ -52,6 +52,20 @@ SERVICES: dict[str, ServiceSpec] = {
             "/api/orders",
             "ticketing.orders.app:create_app",
             "ticketing.orders.settings:OrdersSettings",
+        ),
+        ServiceSpec(
+            "expiration",
+            None,  # no public routes: it only listens and runs jobs
+            "ticketing.expiration.app:create_app",
+            "ticketing.expiration.settings:ExpirationSettings",
+            needs=("database_url", "nats_url", "redis_url"),
+        ),
+        ServiceSpec(
+            "payments",
+            "/api/payments",
+            "ticketing.payments.app:create_app",
+            "ticketing.payments.settings:PaymentsSettings",
+            needs=("database_url", "nats_url", "stripe_secret_key"),
         ),
     )
 }

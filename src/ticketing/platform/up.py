@@ -8,14 +8,17 @@ from contextlib import ExitStack
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from rich.console import Console
 from rich.table import Table
 
 from ticketing.common.logs import configure_logging
 from ticketing.common.settings import Settings
-from ticketing.platform.embedded import EmbeddedNats, SmtpSink, port_is_free
+from ticketing.payments.settings import DEV_WEBHOOK_SECRET
+from ticketing.platform.embedded import EmbeddedNats, EmbeddedRedis, SmtpSink, port_is_free
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.services import SERVICES
+from ticketing.platform.stripe_sandbox import create_sandbox_app
 
 
 class PortBusyError(RuntimeError):
@@ -48,7 +51,41 @@ def _start_infrastructure(stack: ExitStack, settings: Settings, table: Table) ->
     table.add_row("Databases", database, kind)
     if settings.redis_url:
         table.add_row("Redis", settings.redis_url, "external")
+    else:
+        redis = EmbeddedRedis(data_dir / "valkey")
+        redis.start()
+        stack.callback(redis.stop)
+        overrides["redis_url"] = redis.url
+        table.add_row("Valkey (Redis)", redis.url, f"embedded, jobs kept in {data_dir / 'valkey'}")
     return overrides
+
+
+SANDBOX_PREFIX = "/_stripe"
+
+
+def _stripe_sandbox(
+    host: str, port: int, overrides: dict[str, Any], table: Table
+) -> list[tuple[str | None, FastAPI]]:
+    """Without a Stripe key, serve the local sandbox behind the gateway and point payments at it."""
+    if os.environ.get("TICKETING_STRIPE_SECRET_KEY"):
+        table.add_row(
+            "Stripe", os.environ.get("TICKETING_STRIPE_API_BASE", "api.stripe.com"), "external"
+        )
+        return []
+    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    secret = os.environ.get("TICKETING_STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
+    overrides.update(
+        stripe_secret_key="sk_test_sandbox",
+        stripe_api_base=f"{local}{SANDBOX_PREFIX}",
+        stripe_webhook_secret=secret,
+    )
+    app = create_sandbox_app(
+        prefix=SANDBOX_PREFIX,
+        webhook_url=f"{local}/api/payments/webhook",
+        webhook_secret=secret,
+    )
+    table.add_row("Stripe sandbox", f"{local}{SANDBOX_PREFIX}", "in process (test cards)")
+    return [(SANDBOX_PREFIX, app)]
 
 
 def run_up(*, host: str, port: int, log_level: str = "info") -> None:
@@ -71,10 +108,11 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
             shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
             overrides["public_url"] = f"http://{shown}:{port}"
         public_url = overrides.get("public_url", settings.public_url)
-        routes = []
+        routes = _stripe_sandbox(host, port, overrides, table)
         for spec in SERVICES.values():
             routes.append((spec.prefix, spec.create_app(**overrides)))
-            table.add_row(f"{spec.name} service", f"{public_url}{spec.prefix}", "in process")
+            where = f"{public_url}{spec.prefix}" if spec.prefix else "(no routes)"
+            table.add_row(f"{spec.name} service", where, "in process")
         console.print(table)
         console.print(f"The platform is at [bold]{public_url}[/bold]  (Ctrl-C stops everything)")
         uvicorn.run(Gateway(routes), host=host, port=port, log_level=log_level.lower())

@@ -1,0 +1,1 @@
+"""The expiration service: a delayed job per order, in Redis, that ends its reservation."""

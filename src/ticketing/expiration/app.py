@@ -1,0 +1,28 @@
+"""The expiration service's app factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from ticketing.common.app import create_service_app
+from ticketing.expiration import listeners
+from ticketing.expiration.jobs import JobQueue
+from ticketing.expiration.settings import ExpirationSettings
+
+SERVICE = "expiration"
+
+
+def create_app(settings: ExpirationSettings | None = None) -> FastAPI:
+    settings = settings or ExpirationSettings()
+    settings.require_urls("redis_url")
+    assert settings.redis_url is not None
+    queue = JobQueue(
+        settings.expiration_queue, settings.redis_url, settings.expiration_poll_seconds
+    )
+    return create_service_app(
+        SERVICE,
+        settings,
+        routers=[],
+        register_listeners=lambda listener: listeners.register(listener, queue),
+        extra_lifespan=queue.running,
+    )

@@ -1,0 +1,54 @@
+"""Use cases of the expiration service: schedule a job per order, and what the job does."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from arq.connections import ArqRedis
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ticketing.common.events import ExpirationComplete, OrderCreated
+from ticketing.common.messaging import RetryLater
+from ticketing.common.outbox import OutboxEvent, add_event
+
+log = logging.getLogger(__name__)
+
+JOB = "expire_order"
+_EVENT_NAMESPACE = uuid.UUID("5b0f7c1e-3f52-4c1b-9a55-0c7e6f0a9d21")
+
+
+def job_id(order_id: str) -> str:
+    return f"expire:{order_id}"
+
+
+def expiration_event_id(order_id: str) -> str:
+    """One event id per order, so a job that runs twice still announces the expiry once."""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"expiration:{order_id}"))
+
+
+async def schedule(pool: ArqRedis | None, *, queue: str, event: OrderCreated) -> None:
+    """order:created: run the job at the order's expiresAt; scheduling twice is a no-op."""
+    if pool is None:
+        raise RetryLater("the job queue is not connected yet")
+    job = await pool.enqueue_job(
+        JOB, event.id, _job_id=job_id(event.id), _queue_name=queue, _defer_until=event.expires_at
+    )
+    if job is None:
+        log.info("expiry of order %s was already scheduled", event.id)
+
+
+async def announce_expiry(session: AsyncSession, *, order_id: str) -> None:
+    """The job: publish expiration:complete through the outbox, once per order."""
+    event_id = expiration_event_id(order_id)
+    exists = await session.scalar(select(OutboxEvent.seq).where(OutboxEvent.event_id == event_id))
+    if exists is None:
+        add_event(session, ExpirationComplete(order_id=order_id), event_id=event_id)
+
+
+async def expire_order(ctx: dict[str, Any], order_id: str) -> None:
+    """arq entry point; `ctx["runtime"]` is the service's runtime."""
+    async with ctx["runtime"].db.transaction() as session:
+        await announce_expiry(session, order_id=order_id)

@@ -1,0 +1,1 @@
+"""The payments service: charges through Stripe, refunds, and a replica of orders."""

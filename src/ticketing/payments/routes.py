@@ -1,0 +1,79 @@
+"""HTTP routes of the payments service: a thin adapter over service.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+import stripe
+from fastapi import APIRouter, Depends, Header, Request
+from sqlalchemy.exc import IntegrityError
+
+from ticketing.common.app import RuntimeDep
+from ticketing.common.auth import RequireUser
+from ticketing.common.errors import BadRequest, ServiceUnavailable
+from ticketing.common.messaging import RetryLater
+from ticketing.payments import service
+from ticketing.payments.charges import Charges
+from ticketing.payments.schemas import PaymentBody, PaymentOut
+from ticketing.payments.settings import PaymentsSettings
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/payments", tags=["payments"])
+
+
+def _charges(request: Request) -> Charges:
+    charges: Charges = request.app.state.charges
+    return charges
+
+
+ChargesDep = Annotated[Charges, Depends(_charges)]
+
+
+@router.post("", status_code=201)
+async def create_payment(
+    body: PaymentBody, user: RequireUser, runtime: RuntimeDep, charges: ChargesDep
+) -> PaymentOut:
+    payment = await service.pay(
+        runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token
+    )
+    return PaymentOut(id=payment.id)
+
+
+@router.post("/webhook")
+async def stripe_webhook(
+    request: Request,
+    runtime: RuntimeDep,
+    charges: ChargesDep,
+    stripe_signature: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Stripe's events, signature verified; payment_intent.succeeded records the payment."""
+    settings: PaymentsSettings = request.app.state.settings
+    payload = await request.body()
+    try:
+        stripe.Webhook.construct_event(payload, stripe_signature, settings.stripe_webhook_secret)
+        event = json.loads(payload)
+    except (ValueError, stripe.SignatureVerificationError):
+        raise BadRequest("Invalid webhook signature") from None
+    if event.get("type") == "payment_intent.succeeded":
+        intent = event["data"]["object"]
+        order_id = (intent.get("metadata") or {}).get("orderId")
+        if order_id:
+            await _record(runtime, charges, order_id, intent["id"], int(intent["amount"]))
+    return {"received": True}
+
+
+async def _record(
+    runtime: Any, charges: Charges, order_id: str, stripe_id: str, amount: int
+) -> None:
+    try:
+        await runtime.db.retrying(
+            lambda s: service.record_success(
+                s, charges, order_id=order_id, stripe_id=stripe_id, amount=amount
+            ),
+            retry_on=(IntegrityError,),
+        )
+    except RetryLater as early:
+        # Stripe retries a webhook that is not acknowledged: let it come back later.
+        raise ServiceUnavailable(f"Not ready for this event yet: {early}") from None

@@ -1,0 +1,34 @@
+"""Request and response bodies of the payments service."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
+
+from ticketing.common.ids import is_id
+
+
+def _order_id(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PydanticCustomError("orderId", "OrderId must be provided")
+    if not is_id(value.strip()):
+        raise PydanticCustomError("orderId", "OrderId must be a valid id")
+    return value.strip().lower()
+
+
+def _token(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PydanticCustomError("token", "Token must be provided")
+    return value.strip()
+
+
+class PaymentBody(BaseModel):
+    # Named as the client sends them: a missing field's error location uses the field name.
+    orderId: Annotated[str, BeforeValidator(_order_id)] = Field(default="", validate_default=True)
+    token: Annotated[str, BeforeValidator(_token)] = Field(default="", validate_default=True)
+
+
+class PaymentOut(BaseModel):
+    id: str

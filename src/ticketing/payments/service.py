@@ -1,0 +1,172 @@
+"""Use cases of the payments service. They take a session and flush; the caller commits,
+except `pay`, which must talk to Stripe between its transactions."""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ticketing.common.db import Database, utcnow
+from ticketing.common.errors import BadRequest, NotAuthorized, NotFound, PaymentRequired
+from ticketing.common.events import OrderCancelled, OrderCompleted, OrderCreated, PaymentCreated
+from ticketing.common.messaging import RetryLater
+from ticketing.common.outbox import add_event
+from ticketing.payments.charges import CardDeclined, Charges
+from ticketing.payments.models import DeclinedAttempt, OrderReplica, Payment
+
+log = logging.getLogger(__name__)
+
+CANCELLED_NOTE = "Refunded: the order was cancelled before the payment completed"
+
+
+def cents(price: Decimal) -> int:
+    return int((price * 100).to_integral_value())
+
+
+async def _payable(session: AsyncSession, *, order_id: str, user_id: str) -> OrderReplica:
+    order = await session.get(OrderReplica, order_id)
+    if order is None:
+        raise NotFound("Order not found")
+    if order.user_id != user_id:
+        raise NotAuthorized()
+    if order.status == "cancelled":
+        raise BadRequest("Cannot pay for a cancelled order")
+    if order.status == "complete" or await _succeeded_payment(session, order_id) is not None:
+        raise BadRequest("This order has already been paid")
+    if order.expires_at <= utcnow():
+        raise BadRequest("Cannot pay for an expired order")
+    return order
+
+
+async def _succeeded_payment(session: AsyncSession, order_id: str) -> Payment | None:
+    query = select(Payment).where(Payment.order_id == order_id, Payment.status == "succeeded")
+    return await session.scalar(query)
+
+
+async def pay(
+    db: Database, charges: Charges, *, order_id: str, user_id: str, token: str
+) -> Payment:
+    """Charge the buyer for their order; a retried request reuses the attempt's key."""
+    async with db.transaction() as session:
+        order = await _payable(session, order_id=order_id, user_id=user_id)
+        declined = await session.scalar(
+            select(func.count()).where(DeclinedAttempt.order_id == order_id)
+        )
+        attempt = int(declined or 0) + 1
+        amount = cents(order.price)
+    try:
+        intent = await charges.charge(
+            amount_cents=amount,
+            token=token,
+            order_id=order_id,
+            idempotency_key=f"order-{order_id}-attempt-{attempt}",
+        )
+    except CardDeclined as declined_card:
+        await _record_decline(db, order_id=order_id, attempt=attempt, reason=declined_card.message)
+        raise PaymentRequired(declined_card.message) from None
+    # A concurrent request with the same key got the same charge: its insert wins, ours
+    # fails on the unique stripe id, and the retry finds the recorded payment.
+    payment = await db.retrying(
+        lambda s: record_success(s, charges, order_id=order_id, stripe_id=intent, amount=amount),
+        retry_on=(IntegrityError,),
+    )
+    if payment.status == "refunded":
+        # The order was cancelled while the card was being charged; the payment record
+        # keeps the refund and says why.
+        raise BadRequest("Cannot pay for a cancelled order")
+    return payment
+
+
+async def _record_decline(db: Database, *, order_id: str, attempt: int, reason: str) -> None:
+    async with db.transaction() as session:
+        exists = await session.scalar(
+            select(DeclinedAttempt.id).where(
+                DeclinedAttempt.order_id == order_id, DeclinedAttempt.attempt == attempt
+            )
+        )
+        if exists is None:  # a replayed decline of the same attempt is the same decline
+            session.add(DeclinedAttempt(order_id=order_id, attempt=attempt, reason=reason))
+
+
+async def record_success(
+    session: AsyncSession, charges: Charges, *, order_id: str, stripe_id: str, amount: int
+) -> Payment:
+    """Record a succeeded charge once, whether it is seen by the request or by a webhook.
+
+    A charge for an order that was cancelled meanwhile, or that another charge already paid,
+    is refunded and kept with a note saying why.
+    """
+    known = await session.scalar(select(Payment).where(Payment.stripe_id == stripe_id))
+    if known is not None:
+        return known
+    order = await session.get(OrderReplica, order_id)
+    if order is None:
+        raise RetryLater(f"order {order_id} not known here yet")
+    paid_before = await _succeeded_payment(session, order_id)
+    payment = Payment(order_id=order_id, stripe_id=stripe_id, amount_cents=amount)
+    session.add(payment)
+    if order.status == "cancelled":
+        await _refund(charges, payment, note=CANCELLED_NOTE)
+    elif paid_before is not None:
+        await _refund(charges, payment, note="Refunded: the order was already paid")
+    else:
+        await session.flush()
+        add_event(session, PaymentCreated(id=payment.id, order_id=order_id, stripe_id=stripe_id))
+    await session.flush()
+    return payment
+
+
+async def _refund(charges: Charges, payment: Payment, *, note: str) -> None:
+    payment.refund_id = await charges.refund(payment_intent=payment.stripe_id)
+    payment.status = "refunded"
+    payment.note = note
+    log.warning("payment %s for order %s refunded: %s", payment.stripe_id, payment.order_id, note)
+
+
+async def order_created(session: AsyncSession, event: OrderCreated) -> None:
+    if await session.get(OrderReplica, event.id) is not None:
+        return
+    session.add(
+        OrderReplica(
+            id=event.id,
+            user_id=event.user_id,
+            ticket_id=event.ticket.id,
+            price=event.ticket.price,
+            status=event.status,
+            expires_at=event.expires_at,
+            version=event.version,
+        )
+    )
+
+
+async def _next_version(session: AsyncSession, order_id: str, version: int) -> OrderReplica | None:
+    """The replica if `version` is the next one; None if stale; RetryLater if early."""
+    order = await session.get(OrderReplica, order_id)
+    if order is None or version > order.version + 1:
+        raise RetryLater(f"order {order_id} v{version} arrived before its predecessors")
+    return order if version == order.version + 1 else None
+
+
+async def order_cancelled(session: AsyncSession, charges: Charges, event: OrderCancelled) -> None:
+    """Mark the order cancelled, and refund a payment that landed for it anyway."""
+    order = await _next_version(session, event.id, event.version)
+    if order is None:
+        return
+    order.status = "cancelled"
+    order.version = event.version
+    paid = await _succeeded_payment(session, event.id)
+    if paid is not None:
+        await _refund(charges, paid, note=CANCELLED_NOTE)
+    await session.flush()
+
+
+async def order_completed(session: AsyncSession, event: OrderCompleted) -> None:
+    order = await _next_version(session, event.id, event.version)
+    if order is None:
+        return
+    order.status = "complete"
+    order.version = event.version

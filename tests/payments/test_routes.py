@@ -1,0 +1,257 @@
+"""The payments contract against the local Stripe sandbox, through the official SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from tests.conftest import Platform, new_user
+from tests.payments.conftest import WEBHOOK_SECRET, seed_order
+from tests.support import eventually, stream_envelopes
+from ticketing.common.events import Envelope, OrderCancelled, TicketRef
+from ticketing.payments.models import Payment
+from ticketing.platform.stripe_sandbox import SandboxServer, sign_payload
+
+
+async def pay(client: httpx.AsyncClient, order_id: str, token: str = "tok_visa") -> httpx.Response:
+    return await client.post("/api/payments", json={"orderId": order_id, "token": token})
+
+
+def charges(sandbox: SandboxServer) -> list[dict[str, Any]]:
+    return list(sandbox.app.state.sandbox.charges)
+
+
+async def payments(platform: Platform) -> list[Payment]:
+    async with platform.runtime("payments").db.transaction() as session:
+        return list(await session.scalars(select(Payment).order_by(Payment.created_at)))
+
+
+def error(response: httpx.Response) -> str:
+    return str(response.json()["errors"][0]["message"])
+
+
+async def test_paying_charges_the_card_and_publishes_payment_created(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    order = await seed_order(shop, price="20.50")
+    async with shop.client(order.user_id) as buyer:
+        response = await pay(buyer, order.id)
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"id"}
+    [charge] = charges(sandbox)
+    assert charge["amount"] == 2050
+    assert charge["currency"] == "usd"
+    assert charge["metadata"] == {"orderId": order.id}
+    [payment] = await payments(shop)
+    assert payment.id == body["id"]
+    published = await eventually(
+        lambda: stream_envelopes(shop.runtime("payments").bus, "payment:created")
+    )
+    assert [e.data for e in published] == [
+        {"id": body["id"], "orderId": order.id, "stripeId": payment.stripe_id}
+    ]
+
+
+async def test_validation_and_access(shop: Platform) -> None:
+    order = await seed_order(shop)
+    async with shop.client() as anonymous:
+        assert (await pay(anonymous, order.id)).status_code == 401
+    async with shop.client(order.user_id) as buyer:
+        missing = await buyer.post("/api/payments", json={})
+        assert missing.status_code == 400
+        assert missing.json()["errors"] == [
+            {"message": "OrderId must be provided", "field": "orderId"},
+            {"message": "Token must be provided", "field": "token"},
+        ]
+        unknown = await pay(buyer, str(uuid.uuid4()))
+        assert unknown.status_code == 404
+        assert error(unknown) == "Order not found"
+    async with shop.client(new_user()) as stranger:
+        assert (await pay(stranger, order.id)).status_code == 401
+
+
+async def test_a_cancelled_order_cannot_be_paid(shop: Platform, sandbox: SandboxServer) -> None:
+    order = await seed_order(shop)
+    runtime = shop.runtime("payments")
+    await runtime.publisher.publish(
+        Envelope.wrap(OrderCancelled(id=order.id, version=1, ticket=TicketRef(id=order.ticket.id)))
+    )
+
+    await eventually(lambda: _replica_status(shop, order.id, "cancelled"))
+    async with shop.client(order.user_id) as buyer:
+        response = await pay(buyer, order.id)
+    assert response.status_code == 400
+    assert error(response) == "Cannot pay for a cancelled order"
+    assert charges(sandbox) == []
+
+
+async def _replica_status(platform: Platform, order_id: str, status: str) -> bool:
+    from ticketing.payments.models import OrderReplica
+
+    async with platform.runtime("payments").db.transaction() as session:
+        order = await session.get(OrderReplica, order_id)
+    return order is not None and order.status == status
+
+
+async def test_an_order_is_paid_once(shop: Platform, sandbox: SandboxServer) -> None:
+    order = await seed_order(shop)
+    async with shop.client(order.user_id) as buyer:
+        assert (await pay(buyer, order.id)).status_code == 201
+        again = await pay(buyer, order.id)
+    assert again.status_code == 400
+    assert error(again) == "This order has already been paid"
+    assert len(charges(sandbox)) == 1
+
+
+async def test_an_expired_order_cannot_be_paid(shop: Platform, sandbox: SandboxServer) -> None:
+    order = await seed_order(shop, expires_in=-1)
+    async with shop.client(order.user_id) as buyer:
+        response = await pay(buyer, order.id)
+    assert response.status_code == 400
+    assert error(response) == "Cannot pay for an expired order"
+    assert charges(sandbox) == []
+
+
+async def test_a_declined_card_is_402_and_a_new_card_can_still_pay(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    order = await seed_order(shop)
+    async with shop.client(order.user_id) as buyer:
+        declined = await pay(buyer, order.id, "tok_chargeDeclined")
+        assert declined.status_code == 402
+        assert error(declined) == "Your card was declined."
+        declined_again = await pay(buyer, order.id, "tok_chargeDeclined")
+        assert declined_again.status_code == 402
+        paid = await pay(buyer, order.id, "tok_visa")
+    assert paid.status_code == 201
+    assert len(charges(sandbox)) == 1
+
+
+async def test_concurrent_retries_of_one_request_charge_once(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    order = await seed_order(shop)
+    async with shop.client(order.user_id) as buyer:
+        responses = await asyncio.gather(*(pay(buyer, order.id) for _ in range(4)))
+    created = [r.json()["id"] for r in responses if r.status_code == 201]
+    refused = [error(r) for r in responses if r.status_code != 201]
+    assert created, [r.text for r in responses]
+    assert len(set(created)) == 1
+    assert set(refused) <= {"This order has already been paid"}
+    assert len(charges(sandbox)) == 1
+    assert len(await payments(shop)) == 1
+
+
+async def test_a_retry_after_a_lost_response_reuses_the_charge(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    """The first request charged the card, then died before recording it; the retry must not
+    charge again: it reaches the sandbox with the same idempotency key."""
+    order = await seed_order(shop)
+    gateway = shop.apps["payments"].state.charges
+    first = await gateway.charge(
+        amount_cents=2000,
+        token="tok_visa",
+        order_id=order.id,
+        idempotency_key=f"order-{order.id}-attempt-1",
+    )
+    async with shop.client(order.user_id) as buyer:
+        response = await pay(buyer, order.id)
+    assert response.status_code == 201
+    assert len(charges(sandbox)) == 1
+    [payment] = await payments(shop)
+    assert payment.stripe_id == first
+
+
+async def test_a_payment_that_lands_after_the_order_was_cancelled_is_refunded(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    order = await seed_order(shop)
+    async with shop.client(order.user_id) as buyer:
+        assert (await pay(buyer, order.id)).status_code == 201
+    # The expiry won the race in the orders service: it cancelled the order anyway.
+    await shop.runtime("payments").publisher.publish(
+        Envelope.wrap(OrderCancelled(id=order.id, version=1, ticket=TicketRef(id=order.ticket.id)))
+    )
+
+    async def refunded() -> list[Payment]:
+        found = await payments(shop)
+        return found if found and found[0].status == "refunded" else []
+
+    [payment] = await eventually(refunded)
+    assert payment.note == "Refunded: the order was cancelled before the payment completed"
+    assert payment.refund_id
+    assert charges(sandbox)[0]["refunded"] is True
+
+
+def webhook_body(intent_id: str, order_id: str, amount: int = 2000) -> bytes:
+    event = {
+        "id": f"evt_{uuid.uuid4().hex}",
+        "object": "event",
+        "type": "payment_intent.succeeded",
+        "created": int(time.time()),
+        "livemode": False,
+        "data": {
+            "object": {
+                "id": intent_id,
+                "object": "payment_intent",
+                "amount": amount,
+                "currency": "usd",
+                "status": "succeeded",
+                "metadata": {"orderId": order_id},
+            }
+        },
+    }
+    return json.dumps(event).encode()
+
+
+async def post_webhook(platform: Platform, body: bytes, secret: str) -> httpx.Response:
+    async with platform.client() as stripe_itself:
+        return await stripe_itself.post(
+            "/api/payments/webhook",
+            content=body,
+            headers={
+                "Stripe-Signature": sign_payload(body, secret),
+                "content-type": "application/json",
+            },
+        )
+
+
+async def test_a_signed_webhook_records_the_payment_and_a_replay_is_harmless(
+    shop: Platform,
+) -> None:
+    order = await seed_order(shop)
+    body = webhook_body("pi_from_webhook", order.id)
+    first = await post_webhook(shop, body, WEBHOOK_SECRET)
+    replay = await post_webhook(shop, body, WEBHOOK_SECRET)
+    assert first.status_code == 200
+    assert replay.status_code == 200
+    [payment] = await payments(shop)
+    assert payment.stripe_id == "pi_from_webhook"
+    assert payment.status == "succeeded"
+    published = await eventually(
+        lambda: stream_envelopes(shop.runtime("payments").bus, "payment:created")
+    )
+    assert len(published) == 1
+    # The synchronous path then finds the order paid.
+    async with shop.client(order.user_id) as buyer:
+        assert error(await pay(buyer, order.id)) == "This order has already been paid"
+
+
+async def test_a_forged_webhook_is_rejected(shop: Platform) -> None:
+    order = await seed_order(shop)
+    body = webhook_body("pi_forged", order.id)
+    response = await post_webhook(shop, body, "whsec_someone_else")
+    assert response.status_code == 400
+    assert error(response) == "Invalid webhook signature"
+    async with shop.client() as c:
+        unsigned = await c.post("/api/payments/webhook", content=body)
+    assert unsigned.status_code == 400
+    assert await payments(shop) == []
