@@ -274,3 +274,57 @@ async def test_up_runs_the_reservation_flow_by_hand(
         listed = (await buyer.get("/api/tickets")).json()
         assert [t["id"] for t in listed] == [ticket["id"]]
     assert proc.interrupt() == 0
+
+
+async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(
+    launch: Any, tmp_path: Path
+) -> None:
+    """Sign up, sell, buy, pay with tok_visa, see the order complete; another one expires."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_ORDER_TTL_SECONDS="3")
+    proc = launch("up", "--port", str(port), env=env)
+    await wait_healthy(base, proc)
+    async with (
+        httpx.AsyncClient(base_url=base) as seller,
+        httpx.AsyncClient(base_url=base) as buyer,
+    ):
+        await seller.post("/api/users/signup", json={"email": "s@test.com", "password": "secret"})
+        await buyer.post("/api/users/signup", json={"email": "b@test.com", "password": "secret"})
+        paid_ticket = (await seller.post("/api/tickets", json={"title": "A", "price": 10})).json()
+        idle_ticket = (await seller.post("/api/tickets", json={"title": "B", "price": 12})).json()
+
+        async def placed(ticket_id: str) -> dict[str, Any] | None:
+            response = await buyer.post("/api/orders", json={"ticketId": ticket_id})
+            return dict(response.json()) if response.status_code == 201 else None
+
+        paid = await eventually(lambda: placed(paid_ticket["id"]))
+        idle = await eventually(lambda: placed(idle_ticket["id"]))
+
+        async def payment() -> httpx.Response | None:
+            body = {"orderId": paid["id"], "token": "tok_visa"}
+            response = await buyer.post("/api/payments", json=body)
+            return None if response.status_code == 404 else response
+
+        assert (await eventually(payment)).status_code == 201
+
+        async def status(order_id: str, wanted: str) -> bool:
+            shown = (await buyer.get(f"/api/orders/{order_id}")).json()
+            return bool(shown["status"] == wanted)
+
+        await eventually(lambda: status(paid["id"], "complete"))
+        await eventually(lambda: status(idle["id"], "cancelled"), within=20)
+        assert await status(paid["id"], "complete")
+
+        async def on_sale() -> list[str]:
+            return [t["id"] for t in (await buyer.get("/api/tickets")).json()]
+
+        await eventually(lambda: _contains(on_sale, idle_ticket["id"]))
+        assert paid_ticket["id"] not in await on_sale()
+    out = proc.output()
+    assert "Stripe sandbox" in out and "Valkey" in out
+    assert proc.interrupt() == 0
+
+
+async def _contains(listing: Any, item: str) -> bool:
+    return item in await listing()
