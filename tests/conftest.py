@@ -16,14 +16,15 @@ import httpx
 import nats
 import pytest
 from fastapi import FastAPI
-from ticketing.platform.stripe_sandbox import SandboxServer
 
+from tests.support import Running
 from ticketing.common.app import Runtime
 from ticketing.common.auth import COOKIE_NAME, issue_token
 from ticketing.common.settings import Settings
 from ticketing.platform.embedded import EmbeddedNats, EmbeddedRedis, SmtpSink, port_answers
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.services import SERVICES
+from ticketing.platform.stripe_sandbox import SandboxServer
 
 PG_URL = os.environ.get(
     "TICKETING_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432"
@@ -200,3 +201,20 @@ def payments_settings(sandbox: SandboxServer) -> dict[str, Any]:
         "stripe_api_base": sandbox.url,
         "stripe_webhook_secret": WEBHOOK_SECRET,
     }
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Any]:
+    """Start `ticketing` commands; whatever is still running at the end is killed."""
+    started: list[Running] = []
+
+    def run(*args: str, env: dict[str, str]) -> Running:
+        proc = Running(list(args), env, tmp_path / f"out-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
+
+import httpx
 
 from ticketing.common.events import Envelope
 from ticketing.common.messaging import Bus
@@ -45,3 +52,41 @@ async def stream_envelopes(bus: Bus, event_type: str | None = None) -> list[Enve
         if event_type is None or envelope.type == event_type:
             found.append(envelope)
     return found
+
+
+TICKETING = [sys.executable, "-m", "ticketing"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKETING_")}
+    env.update(extra)
+    return env
+
+
+class Running:
+    """A `ticketing` command running as a child process, its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.process = subprocess.Popen(
+            [*TICKETING, *args], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=30)
+
+
+async def wait_healthy(base: str, proc: Running) -> None:
+    async def healthy() -> bool:
+        assert proc.process.poll() is None, proc.output()
+        try:
+            async with httpx.AsyncClient() as c:
+                return (await c.get(f"{base}/healthz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await eventually(healthy, within=30, interval=0.1)

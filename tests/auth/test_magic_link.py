@@ -15,7 +15,8 @@ from ticketing.auth.app import create_app
 from ticketing.auth.models import MagicLink
 from ticketing.auth.service import hash_token
 from ticketing.auth.settings import AuthSettings
-from ticketing.platform.embedded import SmtpSink, read_mailbox
+from ticketing.common.mailbox import read_mailbox
+from ticketing.platform.embedded import SmtpSink
 
 LINK = re.compile(r"http://testserver/api/users/verify-magic-link\?token=([A-Za-z0-9_\-]+)")
 

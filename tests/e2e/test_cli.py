@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,59 +10,9 @@ import httpx
 import pytest
 
 from tests.conftest import Infra
-from tests.support import eventually
-from ticketing.platform.embedded import SmtpSink, free_port, port_answers, read_mailbox
-
-TICKETING = [sys.executable, "-m", "ticketing"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKETING_")}
-    env.update(extra)
-    return env
-
-
-class Running:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.process = subprocess.Popen(
-            [*TICKETING, *args], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-        )
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def interrupt(self) -> int:
-        self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=30)
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Any]:
-    started: list[Running] = []
-
-    def run(*args: str, env: dict[str, str]) -> Running:
-        proc = Running(list(args), env, tmp_path / f"out-{len(started)}.log")
-        started.append(proc)
-        return proc
-
-    yield run
-    for proc in started:
-        if proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
-
-
-async def wait_healthy(base: str, proc: Running) -> None:
-    async def healthy() -> bool:
-        assert proc.process.poll() is None, proc.output()
-        try:
-            async with httpx.AsyncClient() as c:
-                return (await c.get(f"{base}/healthz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    await eventually(healthy, within=30, interval=0.1)
+from tests.support import TICKETING, clean_env, eventually, wait_healthy
+from ticketing.common.mailbox import read_mailbox
+from ticketing.platform.embedded import SmtpSink, free_port, port_answers
 
 
 async def test_up_serves_auth_on_embedded_defaults(

@@ -6,10 +6,10 @@ from typing import Any
 
 import httpx
 import pytest
-from ticketing.platform.stripe_sandbox import SandboxServer
 
 from tests.conftest import Platform, new_user, payments_settings
 from tests.support import eventually
+from ticketing.platform.stripe_sandbox import SandboxServer
 
 TTL = 2
 

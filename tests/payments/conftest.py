@@ -5,11 +5,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from ticketing.platform.stripe_sandbox import SandboxServer
 
 from tests.conftest import WEBHOOK_SECRET, Platform, new_user, payments_settings
 from ticketing.common.events import OrderCreated
 from ticketing.payments import service
+from ticketing.platform.stripe_sandbox import SandboxServer
 
 __all__ = ["WEBHOOK_SECRET", "seed_order"]
 

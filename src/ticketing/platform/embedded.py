@@ -169,14 +169,6 @@ class _MailboxHandler:
         return "250 Message accepted for delivery"
 
 
-def read_mailbox(folder: Path) -> list[dict[str, Any]]:
-    """The messages the sink caught, newest first."""
-    if not folder.exists():
-        return []
-    files = sorted(folder.glob("*.json"), reverse=True)
-    return [json.loads(f.read_text()) for f in files]
-
-
 class SmtpSink:
     """An in-process SMTP server that accepts any mail and keeps it in a folder."""
 

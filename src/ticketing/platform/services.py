@@ -67,5 +67,12 @@ SERVICES: dict[str, ServiceSpec] = {
             "ticketing.payments.settings:PaymentsSettings",
             needs=("database_url", "nats_url", "stripe_secret_key"),
         ),
+        ServiceSpec(
+            "web",
+            "/",
+            "ticketing.web.app:create_app",
+            "ticketing.web.settings:WebSettings",
+            needs=(),
+        ),
     )
 }

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ticketing.common.logs import configure_logging
+from ticketing.common.mailbox import mailbox_dir
 from ticketing.common.settings import Settings
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET
 from ticketing.platform.embedded import EmbeddedNats, EmbeddedRedis, SmtpSink, port_is_free
@@ -41,11 +42,11 @@ def _start_infrastructure(stack: ExitStack, settings: Settings, table: Table) ->
     if smtp_url:
         table.add_row("SMTP", smtp_url, "external")
     else:
-        sink = SmtpSink(data_dir / "mailbox")
+        sink = SmtpSink(mailbox_dir(data_dir))
         sink.start()
         stack.callback(sink.stop)
         overrides["smtp_url"] = sink.url
-        table.add_row("SMTP sink", sink.url, f"embedded, mail kept in {data_dir / 'mailbox'}")
+        table.add_row("SMTP sink", sink.url, "embedded, mail shown at /dev/mailbox")
     database = settings.database_url or f"sqlite+aiosqlite:///{data_dir}/{{service}}.db"
     kind = "external" if settings.database_url else "embedded SQLite"
     table.add_row("Databases", database, kind)

@@ -1,0 +1,1 @@
+"""The web client: server-rendered pages that call the services' HTTP APIs."""

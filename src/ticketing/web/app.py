@@ -1,0 +1,60 @@
+"""The web client's app factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ticketing.web.client import ApiUnavailable
+from ticketing.web.routes import router
+from ticketing.web.settings import WebSettings
+
+HERE = Path(__file__).parent
+
+
+def create_app(settings: WebSettings | None = None) -> FastAPI:
+    settings = settings or WebSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(base_url=settings.api_base, timeout=15) as http:
+            app.state.http = http
+            yield
+
+    app = FastAPI(title="ticketing web", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.templates = Jinja2Templates(directory=HERE / "templates")
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.exception_handler(ApiUnavailable)
+    async def _unavailable(request: Request, _exc: Exception) -> HTMLResponse:
+        message = "The service is not answering right now; please try again shortly."
+        return _page(app, request, 503, "Temporarily unavailable", message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: Exception) -> HTMLResponse:
+        status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+        if status == 404:
+            return _page(app, request, 404, "Page not found", "There is nothing here.")
+        return _page(app, request, status, "Error", "Something went wrong.")
+
+    return app
+
+
+def _page(app: FastAPI, request: Request, status: int, title: str, message: str) -> HTMLResponse:
+    context = {"user": None, "dev": app.state.settings.is_dev, "title": title, "message": message}
+    templates: Jinja2Templates = app.state.templates
+    return templates.TemplateResponse(request, "error.html", context, status_code=status)

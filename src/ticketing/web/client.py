@@ -1,0 +1,64 @@
+"""Calls to the services' HTTP APIs on behalf of the visitor, with the visitor's cookie."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ticketing.common.auth import COOKIE_NAME
+
+
+@dataclass
+class ApiResult:
+    status: int
+    body: Any
+    set_cookies: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def errors(self) -> dict[str | None, str]:
+        """The contract's error list as {field: message}; None keys a form-wide message."""
+        if not isinstance(self.body, dict):
+            return {None: "Something went wrong; please try again."}
+        found: dict[str | None, str] = {}
+        for item in self.body.get("errors", []):
+            found.setdefault(item.get("field"), item.get("message", "Invalid value"))
+        return found
+
+
+class ApiUnavailable(Exception):
+    pass
+
+
+class Api:
+    """One visitor's view of the APIs: every call carries their session cookie."""
+
+    def __init__(self, http: httpx.AsyncClient, session_cookie: str | None) -> None:
+        self.http = http
+        self.cookies = {COOKIE_NAME: session_cookie} if session_cookie else {}
+
+    async def call(self, method: str, path: str, json: Any = None) -> ApiResult:
+        try:
+            response = await self.http.request(
+                method, path, json=json, headers=self._cookie_header()
+            )
+        except httpx.HTTPError as exc:
+            raise ApiUnavailable(str(exc)) from exc
+        body = response.json() if response.content else None
+        return ApiResult(response.status_code, body, response.headers.get_list("set-cookie"))
+
+    def _cookie_header(self) -> dict[str, str]:
+        if not self.cookies:
+            return {}
+        return {"cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
+
+    async def current_user(self) -> dict[str, Any] | None:
+        if not self.cookies:
+            return None
+        result = await self.call("GET", "/api/users/currentuser")
+        user = result.body.get("currentUser") if result.ok and result.body else None
+        return dict(user) if user else None

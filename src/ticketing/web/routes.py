@@ -1,0 +1,228 @@
+"""The pages: each calls the APIs as the visitor and renders a template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from ticketing.common.auth import COOKIE_NAME
+from ticketing.common.ids import is_id
+from ticketing.common.mailbox import mailbox_dir, read_mailbox
+from ticketing.web.client import Api, ApiResult
+from ticketing.web.settings import WebSettings
+
+router = APIRouter(include_in_schema=False)
+
+TEST_CARDS = [("tok_visa", "Visa, succeeds"), ("tok_chargeDeclined", "Visa, declined")]
+
+
+@dataclass
+class Visitor:
+    api: Api
+    user: dict[str, Any] | None
+    settings: WebSettings
+    templates: Jinja2Templates
+
+
+async def _visitor(request: Request) -> Visitor:
+    api = Api(request.app.state.http, request.cookies.get(COOKIE_NAME))
+    user = await api.current_user()
+    state = request.app.state
+    return Visitor(api=api, user=user, settings=state.settings, templates=state.templates)
+
+
+VisitorDep = Annotated[Visitor, Depends(_visitor)]
+
+
+def render(
+    request: Request, visitor: Visitor, name: str, status: int = 200, **context: Any
+) -> HTMLResponse:
+    context = {"user": visitor.user, "dev": visitor.settings.is_dev, **context}
+    return visitor.templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def redirect(url: str, result: ApiResult | None = None) -> RedirectResponse:
+    """A 303 that also carries any cookie the API set (sign-in, sign-out)."""
+    response = RedirectResponse(url, status_code=303)
+    for cookie in result.set_cookies if result else []:
+        response.headers.append("set-cookie", cookie)
+    return response
+
+
+def not_found(request: Request, visitor: Visitor, what: str) -> HTMLResponse:
+    return render(request, visitor, "error.html", 404, title=f"{what} not found",
+                  message=f"This {what.lower()} does not exist.")  # fmt: skip
+
+
+async def _form(request: Request) -> dict[str, str]:
+    return {k: str(v) for k, v in (await request.form()).items()}
+
+
+@router.get("/")
+async def index(request: Request, visitor: VisitorDep) -> HTMLResponse:
+    result = await visitor.api.call("GET", "/api/tickets")
+    return render(request, visitor, "index.html", tickets=result.body if result.ok else [])
+
+
+@router.post("/auth/magic-link")
+async def magic_link(request: Request, visitor: VisitorDep) -> Response:
+    form = await _form(request)
+    result = await visitor.api.call("POST", "/api/users/magic-link", {"email": form.get("email")})
+    context: dict[str, Any] = {"mode": "signin", "form": {}, "link_form": form}
+    if result.ok:
+        return render(request, visitor, "auth.html", **context, errors={}, link_sent=True)
+    link_errors = result.errors()
+    return render(request, visitor, "auth.html", 400, **context, errors={}, link_errors=link_errors)
+
+
+@router.get("/auth/{mode}")
+async def auth_page(request: Request, visitor: VisitorDep, mode: str) -> Response:
+    if mode == "signout":
+        return redirect("/", await visitor.api.call("POST", "/api/users/signout"))
+    if mode not in ("signup", "signin"):
+        return not_found(request, visitor, "Page")
+    return render(request, visitor, "auth.html", mode=mode, errors={}, form={})
+
+
+@router.post("/auth/{mode}")
+async def auth_submit(request: Request, visitor: VisitorDep, mode: str) -> Response:
+    if mode not in ("signup", "signin"):
+        return not_found(request, visitor, "Page")
+    form = await _form(request)
+    body = {"email": form.get("email", ""), "password": form.get("password", "")}
+    result = await visitor.api.call("POST", f"/api/users/{mode}", body)
+    if result.ok:
+        return redirect("/", result)
+    return render(request, visitor, "auth.html", 400, mode=mode, errors=result.errors(), form=form)
+
+
+@router.get("/tickets/new")
+async def new_ticket(request: Request, visitor: VisitorDep) -> Response:
+    if visitor.user is None:
+        return redirect("/auth/signin")
+    return render(request, visitor, "ticket_new.html", errors={}, form={})
+
+
+@router.post("/tickets/new")
+async def create_ticket(request: Request, visitor: VisitorDep) -> Response:
+    form = await _form(request)
+    body = {"title": form.get("title", ""), "price": form.get("price", "")}
+    result = await visitor.api.call("POST", "/api/tickets", body)
+    if result.ok:
+        return redirect(f"/tickets/{result.body['id']}")
+    if result.status == 401:
+        return redirect("/auth/signin")
+    return render(request, visitor, "ticket_new.html", 400, errors=result.errors(), form=form)
+
+
+async def _ticket_page(
+    request: Request, visitor: Visitor, ticket_id: str, status: int = 200, **context: Any
+) -> Response:
+    result = await visitor.api.call("GET", f"/api/tickets/{ticket_id}")
+    if not result.ok:
+        return not_found(request, visitor, "Ticket")
+    ticket = result.body
+    context.setdefault("errors", {})
+    context.setdefault("form", {"title": ticket["title"], "price": ticket["price"]})
+    mine = visitor.user is not None and visitor.user["id"] == ticket["userId"]
+    return render(request, visitor, "ticket.html", status, ticket=ticket, mine=mine, **context)
+
+
+@router.get("/tickets/{ticket_id}")
+async def show_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
+    return await _ticket_page(request, visitor, ticket_id)
+
+
+@router.post("/tickets/{ticket_id}")
+async def edit_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
+    form = await _form(request)
+    body = {"title": form.get("title", ""), "price": form.get("price", "")}
+    result = await visitor.api.call("PUT", f"/api/tickets/{ticket_id}", body)
+    if result.ok:
+        return await _ticket_page(request, visitor, ticket_id, notice="Saved.")
+    return await _ticket_page(request, visitor, ticket_id, 400, errors=result.errors(), form=form)
+
+
+@router.post("/tickets/{ticket_id}/purchase")
+async def purchase(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
+    if visitor.user is None:
+        return redirect("/auth/signin")
+    result = await visitor.api.call("POST", "/api/orders", {"ticketId": ticket_id})
+    if result.ok:
+        return redirect(f"/orders/{result.body['id']}")
+    problem = next(iter(result.errors().values()))
+    if result.status == 404:
+        problem = "This ticket was listed a moment ago; please try again in a second."
+    return await _ticket_page(request, visitor, ticket_id, 400, problem=problem)
+
+
+@router.get("/orders")
+async def orders(request: Request, visitor: VisitorDep) -> Response:
+    if visitor.user is None:
+        return redirect("/auth/signin")
+    result = await visitor.api.call("GET", "/api/orders")
+    return render(request, visitor, "orders.html", orders=result.body if result.ok else [])
+
+
+async def _order(visitor: Visitor, order_id: str) -> dict[str, Any] | None:
+    if not is_id(order_id):
+        return None
+    result = await visitor.api.call("GET", f"/api/orders/{order_id}")
+    return dict(result.body) if result.ok else None
+
+
+def _order_context(visitor: Visitor, order: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "order": order,
+        "cards": TEST_CARDS,
+        "publishable_key": visitor.settings.stripe_publishable_key,
+    }
+
+
+@router.get("/orders/{order_id}")
+async def show_order(request: Request, visitor: VisitorDep, order_id: str) -> Response:
+    if visitor.user is None:
+        return redirect("/auth/signin")
+    order = await _order(visitor, order_id)
+    if order is None:
+        return not_found(request, visitor, "Order")
+    return render(request, visitor, "order.html", **_order_context(visitor, order))
+
+
+@router.get("/orders/{order_id}/status")
+async def order_status(request: Request, visitor: VisitorDep, order_id: str) -> Response:
+    """The live part of the order page, polled by htmx until the order is settled."""
+    order = await _order(visitor, order_id)
+    if order is None:
+        return not_found(request, visitor, "Order")
+    return render(request, visitor, "order_status.html", order=order)
+
+
+@router.post("/orders/{order_id}/pay")
+async def pay(request: Request, visitor: VisitorDep, order_id: str) -> Response:
+    order = await _order(visitor, order_id)
+    if order is None:
+        return not_found(request, visitor, "Order")
+    form = await _form(request)
+    body = {"orderId": order_id, "token": form.get("token", "")}
+    result = await visitor.api.call("POST", "/api/payments", body)
+    if result.ok:
+        return redirect(f"/orders/{order_id}")
+    problem = next(iter(result.errors().values()))
+    if result.status == 404:
+        problem = "Your order is still being set up; please try again in a second."
+    context = _order_context(visitor, order)
+    return render(request, visitor, "order.html", 400 if result.status != 402 else 402,
+                  problem=problem, **context)  # fmt: skip
+
+
+@router.get("/dev/mailbox")
+async def dev_mailbox(request: Request, visitor: VisitorDep) -> Response:
+    if not visitor.settings.is_dev:
+        return not_found(request, visitor, "Page")
+    mails = read_mailbox(mailbox_dir(visitor.settings.data_dir))
+    return render(request, visitor, "mailbox.html", mails=mails)

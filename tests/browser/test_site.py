@@ -1,0 +1,197 @@
+"""The site in a real browser (the system Chromium, driven by Playwright) against a real
+`ticketing up` on embedded defaults. Every page visited is saved as a screenshot."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.support import Running, clean_env, wait_healthy
+from ticketing.platform.embedded import free_port
+
+TTL = 8  # long enough to pay by hand in a test, short enough to watch an order expire
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+LAUNCH_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `ticketing up` for the module, as a visitor would start it."""
+    tmp = tmp_path_factory.mktemp("site")
+    port = free_port()
+    env = clean_env(TICKETING_DATA_DIR=str(tmp / "data"), TICKETING_ORDER_TTL_SECONDS=str(TTL))
+    proc = Running(["up", "--port", str(port)], env, tmp / "up.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import asyncio
+
+        asyncio.run(wait_healthy(base, proc))
+        yield base
+    finally:
+        proc.interrupt()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield chromium
+        await chromium.close()
+
+
+Shot = Callable[[Page, str], Any]
+
+
+@pytest.fixture
+def shot(request: pytest.FixtureRequest) -> Shot:
+    """Save a screenshot of the page under artifacts/screenshots/<test>-<n>-<name>.png."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    counter = iter(range(1, 1000))
+
+    async def take(page: Page, name: str) -> None:
+        path = ARTIFACTS / f"{request.node.name}-{next(counter):02d}-{name}.png"
+        await page.screenshot(path=str(path), full_page=True)
+
+    return take
+
+
+async def new_page(browser: Browser, site: str, *, mobile: bool = False) -> Page:
+    viewport = {"width": 390, "height": 844} if mobile else {"width": 1280, "height": 800}
+    context = await browser.new_context(base_url=site, viewport=viewport)  # type: ignore[arg-type]
+    return await context.new_page()
+
+
+def email() -> str:
+    return f"{uuid.uuid4().hex[:10]}@example.com"
+
+
+async def sign_up(page: Page, shot: Shot, address: str) -> None:
+    await page.goto("/auth/signup")
+    await shot(page, "signup")
+    await page.get_by_label("Email").fill(address)
+    await page.get_by_label("Password").fill("secret-pass")
+    await page.get_by_role("button", name="Sign up").click()
+    await expect(page.get_by_text(address)).to_be_visible()
+
+
+async def sell(page: Page, shot: Shot, title: str, price: str) -> str:
+    await page.get_by_role("link", name="Sell a ticket").click()
+    await expect(page.get_by_role("heading", name="Sell a ticket")).to_be_visible()
+    await shot(page, "sell")
+    await page.get_by_label("Title").fill(title)
+    await page.get_by_label("Price").fill(price)
+    await page.get_by_role("button", name="Sell ticket").click()
+    await expect(page.get_by_role("heading", name=title)).to_be_visible()
+    await shot(page, "ticket-seller-view")
+    return page.url
+
+
+async def purchase(page: Page, shot: Shot, ticket_url: str) -> None:
+    """Buy a ticket; right after it is listed the orders service may need a moment."""
+    await page.goto(ticket_url)
+    await shot(page, "ticket-buyer-view")
+    for _ in range(20):
+        await page.get_by_role("button", name="Purchase").click()
+        await page.wait_for_load_state()
+        if "/orders/" in page.url:
+            break
+        await expect(page.get_by_text("listed a moment ago")).to_be_visible()
+    await expect(page.get_by_text(re.compile(r"\d+ seconds left"))).to_be_visible()
+    await shot(page, "order")
+
+
+async def test_sell_sign_out_buy_and_pay(browser: Browser, site: str, shot: Shot) -> None:
+    page = await new_page(browser, site)
+    await page.goto("/")
+    await shot(page, "home")
+    await sign_up(page, shot, email())
+    ticket_url = await sell(page, shot, "Arctic Monkeys, row 12", "85.50")
+    await page.get_by_role("link", name="Sign out").click()
+    await expect(page.get_by_role("link", name="Sign in")).to_be_visible()
+
+    await sign_up(page, shot, email())
+    await page.goto("/")
+    await expect(page.get_by_role("link", name=re.compile("Arctic Monkeys"))).to_be_visible()
+    await shot(page, "home-with-ticket")
+    await purchase(page, shot, ticket_url)
+    await page.get_by_label("Card").select_option("tok_visa")
+    await page.get_by_role("button", name="Pay").click()
+    await expect(page.get_by_text("Status: complete")).to_be_visible(timeout=15_000)
+    await expect(page.get_by_role("button", name="Pay")).to_have_count(0)
+    await shot(page, "order-complete")
+    await page.get_by_role("link", name="My orders").click()
+    await expect(page.get_by_role("cell", name="Arctic Monkeys, row 12")).to_be_visible()
+    await expect(page.get_by_role("cell", name="complete")).to_be_visible()
+    await shot(page, "my-orders")
+
+
+async def test_a_declined_card_shows_the_decline(browser: Browser, site: str, shot: Shot) -> None:
+    page = await new_page(browser, site, mobile=True)
+    await sign_up(page, shot, email())
+    ticket_url = await sell(page, shot, "Cup final", "40")
+    await page.goto("/auth/signout")
+    await sign_up(page, shot, email())
+    await purchase(page, shot, ticket_url)
+    await page.get_by_label("Card").select_option("tok_chargeDeclined")
+    for _ in range(20):
+        await page.get_by_role("button", name="Pay").click()
+        await page.wait_for_load_state()
+        if not await page.get_by_text("still being set up").is_visible():
+            break
+    await expect(page.get_by_text("Your card was declined.")).to_be_visible()
+    await shot(page, "declined")
+
+
+async def test_an_unpaid_order_expires(browser: Browser, site: str, shot: Shot) -> None:
+    page = await new_page(browser, site)
+    await sign_up(page, shot, email())
+    ticket_url = await sell(page, shot, "Jazz night", "25")
+    await page.goto("/auth/signout")
+    await sign_up(page, shot, email())
+    await purchase(page, shot, ticket_url)
+    await expect(page.get_by_text("Order expired")).to_be_visible(timeout=(TTL + 5) * 1000)
+    await expect(page.get_by_role("button", name="Pay")).to_have_count(0)
+    await expect(page.get_by_text("Status: cancelled")).to_be_visible(timeout=10_000)
+    await shot(page, "expired")
+
+
+async def test_a_bad_sign_in_shows_the_error(browser: Browser, site: str, shot: Shot) -> None:
+    page = await new_page(browser, site)
+    await page.goto("/auth/signin")
+    form = page.get_by_role("form", name="Account sign-in")
+    await form.get_by_label("Email").fill("nobody@example.com")
+    await form.get_by_label("Password").fill("wrong-password")
+    await form.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_text("Invalid credentials")).to_be_visible()
+    await shot(page, "bad-signin")
+
+
+async def test_a_magic_link_from_the_mailbox_signs_in(
+    browser: Browser, site: str, shot: Shot
+) -> None:
+    address = email()
+    page = await new_page(browser, site)
+    await page.goto("/auth/signin")
+    form = page.get_by_role("form", name="Magic link")
+    await form.get_by_label("Email").fill(address)
+    await form.get_by_role("button", name="Email me a sign-in link").click()
+    await expect(page.get_by_text("we sent you a sign-in link")).to_be_visible()
+    await shot(page, "link-sent")
+    await page.goto("/dev/mailbox")
+    await shot(page, "mailbox")
+    mail = page.get_by_role("article").filter(has_text=address)
+    await mail.get_by_role("link", name="Sign in to Ticketing").click()
+    await expect(page.get_by_text(address)).to_be_visible()
+    await expect(page.get_by_role("link", name="Sign out")).to_be_visible()
+    await shot(page, "signed-in-by-link")
