@@ -222,3 +222,15 @@ async def test_signin_is_rate_limited_per_client(auth_settings: AuthSettings) ->
                 for i in range(3)
             ]
     assert codes == [400, 400, 429]
+
+
+@pytest.mark.parametrize("password", [r"pa\u0000ss", r"pa\ud800ss"])
+async def test_unstorable_passwords_are_400_not_500(
+    client: httpx.AsyncClient, password: str
+) -> None:
+    # Raw JSON: a lone surrogate escape is valid JSON, but not text that can be stored.
+    body = '{"email": "a@b.com", "password": "PASSWORD"}'.replace("PASSWORD", password).encode()
+    headers = {"content-type": "application/json"}
+    for route in ("signup", "signin"):
+        response = await client.post(f"/api/users/{route}", content=body, headers=headers)
+        assert response.status_code == 400, response.text

@@ -214,3 +214,27 @@ async def test_events_without_a_handler_are_acked_and_ignored(
     await publisher.publish(Envelope.wrap(order))
     await eventually(lambda: consumer_settled(bus, "probe"))
     assert await effects(db) == []
+
+
+async def test_a_handler_integrity_error_is_retried_not_marked_handled(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    calls = 0
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise IntegrityError("INSERT ...", {}, Exception("a constraint of the handler"))
+            session.add(Effect(key=event.id))
+
+    await make_listener(setup)
+    await publisher.publish(Envelope.wrap(ticket()))
+    await eventually(lambda: _at_least(db, 1))
+    await eventually(lambda: consumer_settled(bus, "probe"))
+    assert calls == 2
+    assert len(await effects(db)) == 1

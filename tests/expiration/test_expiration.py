@@ -93,3 +93,17 @@ async def test_a_pending_job_survives_a_restart_of_the_service(platform: Platfor
     await platform.start("expiration")
     published = await eventually(lambda: expirations(platform))
     assert [e.data["orderId"] for e in published] == [order.id]
+
+
+async def test_a_job_that_cannot_reach_its_database_asks_arq_to_retry(tmp_path: Any) -> None:
+    import pytest
+    from arq import Retry
+
+    from ticketing.common.db import Database
+
+    class Unreachable:
+        db = Database("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+
+    with pytest.raises(Retry):
+        await expire_order({"runtime": Unreachable(), "job_try": 1}, str(uuid.uuid4()))
+    await Unreachable.db.dispose()

@@ -255,3 +255,30 @@ async def test_a_forged_webhook_is_rejected(shop: Platform) -> None:
         unsigned = await c.post("/api/payments/webhook", content=body)
     assert unsigned.status_code == 400
     assert await payments(shop) == []
+
+
+async def test_a_token_that_is_not_a_token_is_400(shop: Platform, sandbox: SandboxServer) -> None:
+    order = await seed_order(shop)
+    body = '{"orderId": "ID", "token": "tok_\\ud800"}'.replace("ID", order.id).encode()
+    async with shop.client(order.user_id) as buyer:
+        response = await buyer.post(
+            "/api/payments", content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 400
+    assert response.json()["errors"] == [
+        {"message": "Token is not a valid card token", "field": "token"}
+    ]
+    assert charges(sandbox) == []
+
+
+async def test_a_double_click_with_a_declined_card_is_two_declines(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    order = await seed_order(shop)
+    async with shop.client(order.user_id) as buyer:
+        responses = await asyncio.gather(
+            pay(buyer, order.id, "tok_chargeDeclined"), pay(buyer, order.id, "tok_chargeDeclined")
+        )
+        assert [r.status_code for r in responses] == [402, 402]
+        assert (await pay(buyer, order.id)).status_code == 201
+    assert len(charges(sandbox)) == 1

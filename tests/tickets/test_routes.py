@@ -232,3 +232,15 @@ async def _ticket_if(platform: Platform, ticket_id: str, *, version: int) -> dic
     async with platform.client() as c:
         shown = dict((await c.get(f"/api/tickets/{ticket_id}")).json())
     return shown if shown["version"] == version else {}
+
+
+@pytest.mark.parametrize("title", [r"a\ud800b", r"nul\u0000byte"])
+async def test_text_that_cannot_be_stored_is_400(tickets: Platform, title: str) -> None:
+    # Raw JSON, so that the escapes reach the server as escapes.
+    body = '{"title": "TITLE", "price": 10}'.replace("TITLE", title).encode()
+    async with tickets.client(new_user()) as c:
+        response = await c.post(
+            "/api/tickets", content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 400
+    assert response.json()["errors"] == [{"message": "Title must be plain text", "field": "title"}]

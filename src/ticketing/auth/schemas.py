@@ -8,10 +8,12 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
+from ticketing.common.text import is_clean_text
+
 
 def _email(value: Any) -> str:
     message = "Email must be valid"
-    if not isinstance(value, str):
+    if not is_clean_text(value):
         raise PydanticCustomError("email", message)
     try:
         checked = validate_email(value.strip(), check_deliverability=False)
@@ -21,13 +23,13 @@ def _email(value: Any) -> str:
 
 
 def _new_password(value: Any) -> str:
-    if not isinstance(value, str) or not 4 <= len(value.strip()) <= 20:
+    if not is_clean_text(value) or not 4 <= len(value.strip()) <= 20:
         raise PydanticCustomError("password", "Password must be between 4 and 20 characters")
     return value
 
 
 def _given_password(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not is_clean_text(value) or not value.strip():
         raise PydanticCustomError("password", "You must supply a password")
     return value
 

@@ -117,6 +117,8 @@ def _ops_router(runtime: Runtime) -> APIRouter:
     @router.get("/readyz")
     async def readyz() -> JSONResponse:
         checks = {"database": "ok", "nats": "ok" if runtime.bus.is_connected else "down"}
+        if runtime.listener.handlers:
+            checks["listener"] = "ok" if runtime.listener.is_running else "down"
         try:
             await runtime.db.ping()
         except Exception:

@@ -22,7 +22,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from ticketing.common.db import Database
 from ticketing.common.events import Envelope, Event, subject_for
 from ticketing.common.metrics import ServiceMetrics
-from ticketing.common.outbox import DeadLetter, mark_handled
+from ticketing.common.outbox import DeadLetter, InboxEntry, mark_handled
 from ticketing.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,10 @@ class Listener:
         )
         self._task = asyncio.create_task(self._run(self._sub), name=f"listener-{self.service}")
 
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         # The flag, not only the cancel: on Python 3.11 a fetch can swallow a cancellation
         # that lands as a message arrives, and the loop must still end.
@@ -209,7 +213,15 @@ class Listener:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                await self.handle(msg)
+                try:
+                    await self.handle(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Unsettled, the message comes back after ack_wait; the loop must live on.
+                    log.exception(
+                        "%s could not settle a message; it will be redelivered", self.service
+                    )
 
     async def handle(self, msg: Msg) -> None:
         """Handle one delivery and settle it: ack, nak with a delay, or dead-letter."""
@@ -259,8 +271,9 @@ class Listener:
         self._count(envelope.type, "handled" if first else "duplicate")
 
     async def _already_handled(self, event_id: str) -> bool:
-        async with self.db.transaction() as session:
-            return not await mark_handled(session, consumer=self.service, event_id=event_id)
+        """Read-only: did a concurrent delivery of this event commit its effect?"""
+        async with self.db.sessionmaker() as session:
+            return await session.get(InboxEntry, (self.service, event_id)) is not None
 
     async def _failed(self, msg: Msg, envelope: Envelope, exc: Exception, attempt: int) -> None:
         if attempt >= self.max_deliver:

@@ -152,29 +152,46 @@ class OutboxRelay:
 
     async def publish_pending(self) -> int:
         """Publish one batch of pending rows; returns how many went out."""
+        if self.db.is_sqlite:
+            return await self._publish_in_short_transactions()
         async with self.db.transaction() as session:
-            if not self.db.is_sqlite:
-                locked = await session.scalar(
-                    select(func.pg_try_advisory_xact_lock(_RELAY_LOCK_KEY))
-                )
-                if not locked:
-                    return 0  # another replica is publishing; it keeps the order
-            rows = (
-                await session.scalars(
-                    select(OutboxEvent)
-                    .where(OutboxEvent.published_at.is_(None))
-                    .order_by(OutboxEvent.seq)
-                    .limit(self.batch_size)
-                )
-            ).all()
-            for row in rows:
-                await self.publisher.publish_raw(row.type, row.event_id, row.body.encode())
-                if self.metrics:
-                    self.metrics.events_published.labels(type=row.type).inc()
-            if rows:
-                await session.execute(
-                    update(OutboxEvent)
-                    .where(OutboxEvent.seq.in_([r.seq for r in rows]))
-                    .values(published_at=utcnow())
-                )
+            locked = await session.scalar(select(func.pg_try_advisory_xact_lock(_RELAY_LOCK_KEY)))
+            if not locked:
+                return 0  # another replica is publishing; it keeps the order
+            rows = await self._pending(session)
+            await self._publish(rows)
+            await self._mark(session, rows)
         return len(rows)
+
+    async def _publish_in_short_transactions(self) -> int:
+        # SQLite has one writer: never hold its lock while waiting on NATS. Publishing before
+        # marking is safe: a row published twice has the same Nats-Msg-Id.
+        async with self.db.transaction() as session:
+            rows = await self._pending(session)
+        await self._publish(rows)
+        async with self.db.transaction() as session:
+            await self._mark(session, rows)
+        return len(rows)
+
+    async def _pending(self, session: AsyncSession) -> list[OutboxEvent]:
+        query = (
+            select(OutboxEvent)
+            .where(OutboxEvent.published_at.is_(None))
+            .order_by(OutboxEvent.seq)
+            .limit(self.batch_size)
+        )
+        return list((await session.scalars(query)).all())
+
+    async def _publish(self, rows: list[OutboxEvent]) -> None:
+        for row in rows:
+            await self.publisher.publish_raw(row.type, row.event_id, row.body.encode())
+            if self.metrics:
+                self.metrics.events_published.labels(type=row.type).inc()
+
+    async def _mark(self, session: AsyncSession, rows: list[OutboxEvent]) -> None:
+        if rows:
+            await session.execute(
+                update(OutboxEvent)
+                .where(OutboxEvent.seq.in_([r.seq for r in rows]))
+                .values(published_at=utcnow())
+            )

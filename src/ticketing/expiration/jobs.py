@@ -42,7 +42,7 @@ class JobQueue:
             poll_delay=self.poll_seconds,
             ctx={"runtime": runtime},
             keep_result=3600,
-            max_tries=10,
+            max_tries=10_000,  # a job retries until it can announce the expiry
         )
         task = asyncio.create_task(worker.async_run(), name="expiration-worker")
         try:

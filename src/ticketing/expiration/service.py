@@ -6,7 +6,9 @@ import logging
 import uuid
 from typing import Any
 
+from arq import Retry
 from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,9 +35,16 @@ async def schedule(pool: ArqRedis | None, *, queue: str, event: OrderCreated) ->
     """order:created: run the job at the order's expiresAt; scheduling twice is a no-op."""
     if pool is None:
         raise RetryLater("the job queue is not connected yet")
-    job = await pool.enqueue_job(
-        JOB, event.id, _job_id=job_id(event.id), _queue_name=queue, _defer_until=event.expires_at
-    )
+    try:
+        job = await pool.enqueue_job(
+            JOB,
+            event.id,
+            _job_id=job_id(event.id),
+            _queue_name=queue,
+            _defer_until=event.expires_at,
+        )
+    except RedisError as exc:
+        raise RetryLater(f"Redis is unavailable: {exc}", delay=2.0) from exc
     if job is None:
         log.info("expiry of order %s was already scheduled", event.id)
 
@@ -50,5 +59,11 @@ async def announce_expiry(session: AsyncSession, *, order_id: str) -> None:
 
 async def expire_order(ctx: dict[str, Any], order_id: str) -> None:
     """arq entry point; `ctx["runtime"]` is the service's runtime."""
-    async with ctx["runtime"].db.transaction() as session:
-        await announce_expiry(session, order_id=order_id)
+    try:
+        async with ctx["runtime"].db.transaction() as session:
+            await announce_expiry(session, order_id=order_id)
+    except Exception as exc:
+        # arq retries only on Retry: anything else would end the job and strand the order.
+        tries = int(ctx.get("job_try", 1))
+        log.warning("expiring order %s failed (try %d): %r", order_id, tries, exc)
+        raise Retry(defer=min(tries, 10)) from exc

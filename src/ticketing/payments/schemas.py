@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 from ticketing.common.ids import is_id
+
+# Stripe's tokens and payment method ids: tok_..., pm_..., letters, digits and underscores.
+TOKEN = re.compile(r"[A-Za-z0-9_]{1,255}")
 
 
 def _order_id(value: Any) -> str:
@@ -21,6 +25,8 @@ def _order_id(value: Any) -> str:
 def _token(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise PydanticCustomError("token", "Token must be provided")
+    if not TOKEN.fullmatch(value.strip()):
+        raise PydanticCustomError("token", "Token is not a valid card token")
     return value.strip()
 
 

@@ -3,6 +3,7 @@ except `pay`, which must talk to Stripe between its transactions."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from decimal import Decimal
 
@@ -11,7 +12,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ticketing.common.db import Database, utcnow
-from ticketing.common.errors import BadRequest, NotAuthorized, NotFound, PaymentRequired
+from ticketing.common.errors import (
+    BadRequest,
+    NotAuthorized,
+    NotFound,
+    PaymentRequired,
+    ServiceUnavailable,
+)
 from ticketing.common.events import OrderCancelled, OrderCompleted, OrderCreated, PaymentCreated
 from ticketing.common.messaging import RetryLater
 from ticketing.common.outbox import add_event
@@ -82,14 +89,16 @@ async def pay(
 
 
 async def _record_decline(db: Database, *, order_id: str, attempt: int, reason: str) -> None:
-    async with db.transaction() as session:
-        exists = await session.scalar(
-            select(DeclinedAttempt.id).where(
-                DeclinedAttempt.order_id == order_id, DeclinedAttempt.attempt == attempt
+    # A replayed decline of the same attempt (a double click) is the same decline: one row.
+    with contextlib.suppress(IntegrityError):
+        async with db.transaction() as session:
+            exists = await session.scalar(
+                select(DeclinedAttempt.id).where(
+                    DeclinedAttempt.order_id == order_id, DeclinedAttempt.attempt == attempt
+                )
             )
-        )
-        if exists is None:  # a replayed decline of the same attempt is the same decline
-            session.add(DeclinedAttempt(order_id=order_id, attempt=attempt, reason=reason))
+            if exists is None:
+                session.add(DeclinedAttempt(order_id=order_id, attempt=attempt, reason=reason))
 
 
 async def record_success(
@@ -103,7 +112,8 @@ async def record_success(
     known = await session.scalar(select(Payment).where(Payment.stripe_id == stripe_id))
     if known is not None:
         return known
-    order = await session.get(OrderReplica, order_id)
+    # Locked, so a cancellation handled concurrently sees this payment or waits for it.
+    order = await session.get(OrderReplica, order_id, with_for_update=True)
     if order is None:
         raise RetryLater(f"order {order_id} not known here yet")
     paid_before = await _succeeded_payment(session, order_id)
@@ -145,7 +155,7 @@ async def order_created(session: AsyncSession, event: OrderCreated) -> None:
 
 async def _next_version(session: AsyncSession, order_id: str, version: int) -> OrderReplica | None:
     """The replica if `version` is the next one; None if stale; RetryLater if early."""
-    order = await session.get(OrderReplica, order_id)
+    order = await session.get(OrderReplica, order_id, with_for_update=True)
     if order is None or version > order.version + 1:
         raise RetryLater(f"order {order_id} v{version} arrived before its predecessors")
     return order if version == order.version + 1 else None
@@ -160,7 +170,11 @@ async def order_cancelled(session: AsyncSession, charges: Charges, event: OrderC
     order.version = event.version
     paid = await _succeeded_payment(session, event.id)
     if paid is not None:
-        await _refund(charges, paid, note=CANCELLED_NOTE)
+        try:
+            await _refund(charges, paid, note=CANCELLED_NOTE)
+        except ServiceUnavailable as unavailable:
+            # Stripe is down: keep the event until the refund goes through, however long.
+            raise RetryLater(str(unavailable), delay=5.0) from None
     await session.flush()
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 from ticketing.common.events import CamelModel, Money
+from ticketing.common.text import is_clean_text
 
 MAX_PRICE = Decimal(1_000_000_000)
 MAX_TITLE = 200
@@ -18,6 +19,8 @@ MAX_TITLE = 200
 def _title(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise PydanticCustomError("title", "Title is required")
+    if not is_clean_text(value):
+        raise PydanticCustomError("title", "Title must be plain text")
     if len(value.strip()) > MAX_TITLE:
         raise PydanticCustomError("title", f"Title must be at most {MAX_TITLE} characters")
     return value.strip()
