@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from ticketing.common.logs import configure_logging
 from ticketing.common.mailbox import mailbox_dir
 from ticketing.common.settings import Settings
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET
-from ticketing.platform.embedded import EmbeddedNats, EmbeddedRedis, SmtpSink, port_is_free
+from ticketing.platform.embedded import (
+    ChildServer,
+    EmbeddedNats,
+    EmbeddedRedis,
+    SmtpSink,
+    port_is_free,
+)
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import create_sandbox_app
@@ -26,38 +36,83 @@ class PortBusyError(RuntimeError):
     pass
 
 
-def _start_infrastructure(stack: ExitStack, settings: Settings, table: Table) -> dict[str, Any]:
+Probe = Callable[[], str]
+
+
+def _always(state: str) -> Probe:
+    return lambda: state
+
+
+def _child(server: ChildServer) -> Probe:
+    return lambda: "running" if server.process and server.process.poll() is None else "stopped"
+
+
+def _service(app: FastAPI) -> Probe:
+    def probe() -> str:
+        runtime = getattr(app.state, "runtime", None)
+        if runtime is None:  # the web client: ready once its API client exists
+            return "ready" if hasattr(app.state, "http") else "starting"
+        listening = runtime.listener.is_running or not runtime.listener.handlers
+        return "ready" if runtime.bus.is_connected and listening else "starting"
+
+    return probe
+
+
+class StatusBoard:
+    """What runs where, with a status read live from each part."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, Probe]] = []
+
+    def add(self, part: str, where: str, how: str, probe: Probe | None = None) -> None:
+        self.rows.append((part, where, how, probe or _always("-")))
+
+    def render(self) -> Table:
+        table = Table(title="ticketing up")
+        for column in ("part", "where", "how", "status"):
+            table.add_column(column, overflow="fold")
+        colours = {"ready": "green", "running": "green", "starting": "yellow", "stopped": "red"}
+        for part, where, how, probe in self.rows:
+            state = probe()
+            table.add_row(part, where, how, f"[{colours.get(state, 'white')}]{state}[/]")
+        return table
+
+
+def _start_infrastructure(
+    stack: ExitStack, settings: Settings, board: StatusBoard
+) -> dict[str, Any]:
     """Start what no URL names; returns the settings every service gets on top of the env."""
     overrides: dict[str, Any] = {}
     data_dir = settings.data_dir.resolve()
     if settings.nats_url:
-        table.add_row("NATS JetStream", settings.nats_url, "external")
+        board.add("NATS JetStream", settings.nats_url, "external")
     else:
         nats = EmbeddedNats(data_dir / "nats")
         nats.start()
         stack.callback(nats.stop)
         overrides["nats_url"] = nats.url
-        table.add_row("NATS JetStream", nats.url, f"embedded, store {data_dir / 'nats'}")
+        board.add("NATS JetStream", nats.url, f"embedded, store {data_dir / 'nats'}", _child(nats))
     smtp_url = os.environ.get("TICKETING_SMTP_URL")
     if smtp_url:
-        table.add_row("SMTP", smtp_url, "external")
+        board.add("SMTP", smtp_url, "external")
     else:
         sink = SmtpSink(mailbox_dir(data_dir))
         sink.start()
         stack.callback(sink.stop)
         overrides["smtp_url"] = sink.url
-        table.add_row("SMTP sink", sink.url, "embedded, mail shown at /dev/mailbox")
+        board.add("SMTP sink", sink.url, "embedded, mail at /dev/mailbox", _always("running"))
     database = settings.database_url or f"sqlite+aiosqlite:///{data_dir}/{{service}}.db"
     kind = "external" if settings.database_url else "embedded SQLite"
-    table.add_row("Databases", database, kind)
+    board.add("Databases", database, kind)
     if settings.redis_url:
-        table.add_row("Redis", settings.redis_url, "external")
+        board.add("Redis", settings.redis_url, "external")
     else:
         redis = EmbeddedRedis(data_dir / "valkey")
         redis.start()
         stack.callback(redis.stop)
         overrides["redis_url"] = redis.url
-        table.add_row("Valkey (Redis)", redis.url, f"embedded, jobs kept in {data_dir / 'valkey'}")
+        how = f"embedded, jobs kept in {data_dir / 'valkey'}"
+        board.add("Valkey (Redis)", redis.url, how, _child(redis))
     return overrides
 
 
@@ -65,11 +120,11 @@ SANDBOX_PREFIX = "/_stripe"
 
 
 def _stripe_sandbox(
-    host: str, port: int, overrides: dict[str, Any], table: Table
+    host: str, port: int, overrides: dict[str, Any], board: StatusBoard
 ) -> list[tuple[str | None, FastAPI]]:
     """Without a Stripe key, serve the local sandbox behind the gateway and point payments at it."""
     if os.environ.get("TICKETING_STRIPE_SECRET_KEY"):
-        table.add_row(
+        board.add(
             "Stripe", os.environ.get("TICKETING_STRIPE_API_BASE", "api.stripe.com"), "external"
         )
         return []
@@ -85,7 +140,8 @@ def _stripe_sandbox(
         webhook_url=f"{local}/api/payments/webhook",
         webhook_secret=secret,
     )
-    table.add_row("Stripe sandbox", f"{local}{SANDBOX_PREFIX}", "in process (test cards)")
+    board.add("Stripe sandbox", f"{local}{SANDBOX_PREFIX}", "in process (test cards)",
+              _always("ready"))  # fmt: skip
     return [(SANDBOX_PREFIX, app)]
 
 
@@ -100,20 +156,42 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
         )
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    table = Table(title="ticketing up")
-    for column in ("part", "where", "how"):
-        table.add_column(column)
+    board = StatusBoard()
     with ExitStack() as stack:
-        overrides = _start_infrastructure(stack, settings, table)
+        overrides = _start_infrastructure(stack, settings, board)
         if "TICKETING_PUBLIC_URL" not in os.environ:
             shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
             overrides["public_url"] = f"http://{shown}:{port}"
         public_url = overrides.get("public_url", settings.public_url)
-        routes = _stripe_sandbox(host, port, overrides, table)
+        routes = _stripe_sandbox(host, port, overrides, board)
         for spec in SERVICES.values():
-            routes.append((spec.prefix, spec.create_app(**overrides)))
+            app = spec.create_app(**overrides)
+            routes.append((spec.prefix, app))
             where = f"{public_url}{spec.prefix}" if spec.prefix else "(no routes)"
-            table.add_row(f"{spec.name} service", where, "in process")
-        console.print(table)
-        console.print(f"The platform is at [bold]{public_url}[/bold]  (Ctrl-C stops everything)")
-        uvicorn.run(Gateway(routes), host=host, port=port, log_level=log_level.lower())
+            board.add(f"{spec.name} service", where, "in process", _service(app))
+        config = uvicorn.Config(Gateway(routes), host=host, port=port, log_level=log_level.lower())
+        # uvicorn re-raises the Ctrl-C it handled once shut down; by then all is stopped cleanly.
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(uvicorn.Server(config), board, console, public_url))
+
+
+async def _serve(
+    server: uvicorn.Server, board: StatusBoard, console: Console, public_url: str
+) -> None:
+    """Serve until Ctrl-C; on a terminal the status table stays live above the logs."""
+    serving = asyncio.create_task(server.serve())
+    # uvicorn reports start-up only through this flag.
+    while not server.started and not serving.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    message = f"The platform is at [bold]{public_url}[/bold]  (Ctrl-C stops everything)"
+    if not console.is_terminal:
+        console.print(board.render())
+        console.print(message)
+        await serving
+        return
+    with Live(board.render(), console=console, refresh_per_second=1) as live:
+        console.print(message)
+        while not serving.done():
+            await asyncio.wait({serving}, timeout=1)
+            live.update(board.render())
+    await serving
