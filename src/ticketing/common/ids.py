@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic_core import PydanticCustomError
 
 from ticketing.common.errors import NotFound
 
@@ -24,3 +28,16 @@ def path_id(value: str, *, what: str = "Resource") -> str:
     if not is_id(value):
         raise NotFound(f"{what} not found")
     return str(uuid.UUID(value))
+
+
+def id_field_validator(label: str) -> Callable[[Any], str]:
+    """A Pydantic before-validator for an id in a body, e.g. label "TicketId" for ticketId."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise PydanticCustomError(label, f"{label} must be provided")
+        if not is_id(value.strip()):
+            raise PydanticCustomError(label, f"{label} must be a valid id")
+        return value.strip().lower()
+
+    return check

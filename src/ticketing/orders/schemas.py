@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, Field
-from pydantic_core import PydanticCustomError
 
 from ticketing.common.events import CamelModel, Money
-from ticketing.common.ids import is_id
+from ticketing.common.ids import id_field_validator
 
-
-def _ticket_id(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise PydanticCustomError("ticketId", "TicketId must be provided")
-    if not is_id(value.strip()):
-        raise PydanticCustomError("ticketId", "TicketId must be a valid id")
-    return value.strip().lower()
-
-
-TicketId = Annotated[str, BeforeValidator(_ticket_id)]
+TicketId = Annotated[str, BeforeValidator(id_field_validator("TicketId"))]
 
 
 class OrderBody(BaseModel):

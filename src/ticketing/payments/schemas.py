@@ -8,18 +8,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
-from ticketing.common.ids import is_id
+from ticketing.common.ids import id_field_validator
 
 # Stripe's tokens and payment method ids: tok_..., pm_..., letters, digits and underscores.
 TOKEN = re.compile(r"[A-Za-z0-9_]{1,255}")
-
-
-def _order_id(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise PydanticCustomError("orderId", "OrderId must be provided")
-    if not is_id(value.strip()):
-        raise PydanticCustomError("orderId", "OrderId must be a valid id")
-    return value.strip().lower()
 
 
 def _token(value: Any) -> str:
@@ -30,9 +22,14 @@ def _token(value: Any) -> str:
     return value.strip()
 
 
+OrderId = Annotated[str, BeforeValidator(id_field_validator("OrderId"))]
+
+
 class PaymentBody(BaseModel):
     # Named as the client sends them: a missing field's error location uses the field name.
-    orderId: Annotated[str, BeforeValidator(_order_id)] = Field(default="", validate_default=True)
+    orderId: Annotated[str, BeforeValidator(id_field_validator("OrderId"))] = Field(
+        default="", validate_default=True
+    )
     token: Annotated[str, BeforeValidator(_token)] = Field(default="", validate_default=True)
 
 
