@@ -51,5 +51,35 @@ def serve(
     uvicorn.run(spec.factory()(settings), host=host, port=port, proxy_headers=True, log_config=None)
 
 
+@app.command()
+def migrate(
+    service: Annotated[str, typer.Argument(help="The service whose database to migrate.")],
+    new: Annotated[
+        str | None, typer.Option(help="Instead, write a new revision with this message.")
+    ] = None,
+) -> None:
+    """Bring a service's database to the newest schema (TICKETING_DATABASE_URL must be set)."""
+    from ticketing.common.migrate import new_revision, upgrade
+    from ticketing.platform.services import SERVICES
+
+    spec = SERVICES.get(service)
+    if spec is None or not spec.has_database:
+        with_db = [name for name, s in SERVICES.items() if s.has_database]
+        typer.secho(f"error: no database for {service!r}; one of {', '.join(with_db)}", err=True)
+        raise typer.Exit(2)
+    try:
+        settings = spec.settings()
+        settings.require_urls("database_url")
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    config = spec.alembic_config(settings.service_database_url(service))
+    if new:
+        new_revision(config, new)
+    else:
+        upgrade(config)
+        typer.echo(f"{service}: database at the newest schema")
+
+
 def main() -> None:
     app()

@@ -274,3 +274,17 @@ async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(
 
 async def _contains(listing: Any, item: str) -> bool:
     return item in await listing()
+
+
+def test_migrate_brings_a_service_database_to_head(settings_kwargs: dict[str, Any]) -> None:
+    env = clean_env(TICKETING_DATABASE_URL=settings_kwargs["database_url"])
+    result = subprocess.run(
+        [*TICKETING, "migrate", "orders"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "orders: database at the newest schema" in result.stdout
+    refused = subprocess.run(
+        [*TICKETING, "migrate", "web"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2
+    assert "no database for 'web'" in refused.stderr

@@ -49,7 +49,10 @@ class Runtime:
         )
 
     async def start(self) -> None:
-        await self.db.create_all()
+        # On a laptop the tables are made on start; production runs `ticketing migrate`
+        # (the Kubernetes Job) so that schema changes are reviewed, versioned steps.
+        if self.settings.is_dev:
+            await self.db.create_all()
         await self.bus.connect()
         self.relay.start()
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from alembic.config import Config
 from fastapi import FastAPI
+from sqlalchemy import MetaData
+
+from ticketing.common.migrate import alembic_config
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,28 @@ class ServiceSpec:
     factory_path: str  # "module:function", imported only when the service is started
     settings_path: str
     needs: tuple[str, ...] = ("database_url", "nats_url")
+    # "module:DeclarativeBase" of the service's own tables; "" when it has only the common
+    # ones (outbox, inbox, dead letters); None when it has no database at all.
+    models_path: str | None = ""
+
+    @property
+    def has_database(self) -> bool:
+        return self.models_path is not None
+
+    def metadata(self) -> list[MetaData]:
+        if not self.models_path:
+            return []
+        module, _, attr = self.models_path.partition(":")
+        return [getattr(importlib.import_module(module), attr).metadata]
+
+    def migrations_dir(self) -> Path:
+        package = importlib.import_module(f"ticketing.{self.name}")
+        return Path(package.__file__ or "").parent / "migrations"
+
+    def alembic_config(self, database_url: str) -> Config:
+        return alembic_config(
+            self.name, url=database_url, metadata=self.metadata(), versions=self.migrations_dir()
+        )
 
     def factory(self) -> Callable[[Any], FastAPI]:
         module, _, attr = self.factory_path.partition(":")
@@ -40,18 +67,21 @@ SERVICES: dict[str, ServiceSpec] = {
             "ticketing.auth.app:create_app",
             "ticketing.auth.settings:AuthSettings",
             needs=("database_url", "nats_url", "smtp_url"),
+            models_path="ticketing.auth.models:AuthBase",
         ),
         ServiceSpec(
             "tickets",
             "/api/tickets",
             "ticketing.tickets.app:create_app",
             "ticketing.tickets.settings:TicketsSettings",
+            models_path="ticketing.tickets.models:TicketsBase",
         ),
         ServiceSpec(
             "orders",
             "/api/orders",
             "ticketing.orders.app:create_app",
             "ticketing.orders.settings:OrdersSettings",
+            models_path="ticketing.orders.models:OrdersBase",
         ),
         ServiceSpec(
             "expiration",
@@ -66,6 +96,7 @@ SERVICES: dict[str, ServiceSpec] = {
             "ticketing.payments.app:create_app",
             "ticketing.payments.settings:PaymentsSettings",
             needs=("database_url", "nats_url", "stripe_secret_key"),
+            models_path="ticketing.payments.models:PaymentsBase",
         ),
         ServiceSpec(
             "web",
@@ -73,6 +104,7 @@ SERVICES: dict[str, ServiceSpec] = {
             "ticketing.web.app:create_app",
             "ticketing.web.settings:WebSettings",
             needs=(),
+            models_path=None,
         ),
     )
 }

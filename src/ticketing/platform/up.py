@@ -150,6 +150,8 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
     configure_logging(json_lines=False, level=log_level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP line
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs to a file: keep each row on one line
     if not port_is_free(host, port):
         raise PortBusyError(
             f"port {port} on {host} is already in use: is another `ticketing up` running?"
