@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import httpx
@@ -9,6 +10,8 @@ import pytest
 
 from ticketing.auth.app import create_app
 from ticketing.auth.settings import AuthSettings
+from ticketing.common.migrate import upgrade
+from ticketing.platform.services import SERVICES
 
 CREDS = {"email": "test@test.com", "password": "password"}
 
@@ -161,6 +164,9 @@ async def test_cookie_is_secure_in_production(auth_settings: AuthSettings) -> No
     settings = auth_settings.model_copy(
         update={"env": "production", "jwt_key": "a-real-production-secret-of-40-characters"}
     )
+    # Production does not create tables on start: the schema comes from the migrations.
+    config = SERVICES["auth"].alembic_config(settings.service_database_url("auth"))
+    await asyncio.to_thread(upgrade, config)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+
+# The id that ties together an HTTP request, the events it causes, and the work of every
+# listener downstream; set per request and per handled event.
+correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+CORRELATION_HEADER = "X-Correlation-ID"
+NATS_CORRELATION_HEADER = "Ticketing-Correlation-Id"
+
+
+class CorrelationFilter(logging.Filter):
+    """Stamp every record with the current correlation id (None outside any request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "correlation_id"):
+            record.correlation_id = correlation_id.get()
+        return True
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -27,6 +44,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(*, json_lines: bool, level: str = "INFO") -> None:
     """Install one handler on the root logger; safe to call more than once."""
     handler = logging.StreamHandler()
+    handler.addFilter(CorrelationFilter())
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

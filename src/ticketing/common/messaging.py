@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import nats
@@ -21,6 +22,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from ticketing.common.db import Database
 from ticketing.common.events import Envelope, Event, subject_for
+from ticketing.common.logs import NATS_CORRELATION_HEADER, correlation_id
 from ticketing.common.metrics import ServiceMetrics
 from ticketing.common.outbox import DeadLetter, InboxEntry, mark_handled
 from ticketing.common.settings import Settings
@@ -108,12 +110,14 @@ class Publisher:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
 
-    async def publish_raw(self, event_type: str, event_id: str, body: bytes) -> None:
+    async def publish_raw(
+        self, event_type: str, event_id: str, body: bytes, *, correlation: str | None = None
+    ) -> None:
+        headers = {"Nats-Msg-Id": event_id}
+        if correlation:
+            headers[NATS_CORRELATION_HEADER] = correlation
         await self.bus.js.publish(
-            subject_for(event_type, self.bus.prefix),
-            body,
-            stream=self.bus.stream,
-            headers={"Nats-Msg-Id": event_id},
+            subject_for(event_type, self.bus.prefix), body, stream=self.bus.stream, headers=headers
         )
 
     async def publish(self, envelope: Envelope) -> None:
@@ -240,7 +244,13 @@ class Listener:
         except (ValidationError, ValueError) as exc:
             await self._dead(msg, envelope, f"invalid payload: {exc}", attempt)
             return
-        await self._dispatch(msg, envelope, event, handler, attempt)
+        # The handler runs under the correlation id of the request that caused the event, so
+        # its logs and the events it adds carry it on.
+        token = correlation_id.set((msg.headers or {}).get(NATS_CORRELATION_HEADER))
+        try:
+            await self._dispatch(msg, envelope, event, handler, attempt)
+        finally:
+            correlation_id.reset(token)
 
     async def _dispatch(
         self, msg: Msg, envelope: Envelope, event: Event, handler: Handler, attempt: int
@@ -269,6 +279,13 @@ class Listener:
             return
         await msg.ack()
         self._count(envelope.type, "handled" if first else "duplicate")
+        lag = (datetime.now(UTC) - envelope.time).total_seconds()
+        if self.metrics:
+            self.metrics.listener_lag.labels(type=envelope.type).set(lag)
+        log.info(
+            "%s handled %s %s", self.service, envelope.type, envelope.id,
+            extra={"event_type": envelope.type, "event_id": envelope.id, "lag_seconds": lag},
+        )  # fmt: skip
 
     async def _already_handled(self, event_id: str) -> bool:
         """Read-only: did a concurrent delivery of this event commit its effect?"""

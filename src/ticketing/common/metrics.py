@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
@@ -10,10 +11,13 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
 from starlette.routing import Match
+
+from ticketing.common.logs import CORRELATION_HEADER, correlation_id
 
 
 class ServiceMetrics:
@@ -38,6 +42,20 @@ class ServiceMetrics:
         self.events_handled = self._counter(
             "events_handled_total", "Events consumed, by outcome", ["type", "outcome"]
         )
+        self.outbox_backlog = self._gauge("outbox_backlog", "Outbox rows not yet published")
+        self.outbox_oldest_age = self._gauge(
+            "outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row"
+        )
+        self.listener_lag = Gauge(
+            "listener_lag_seconds",
+            "From an event's time to its handling, last seen per type",
+            ["type"],
+            namespace="ticketing",
+            registry=self.registry,
+        )
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, namespace="ticketing", registry=self.registry)
 
     def _counter(self, name: str, doc: str, labels: list[str]) -> Counter:
         return Counter(name, doc, labels, namespace="ticketing", registry=self.registry)
@@ -62,11 +80,15 @@ def install_http_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
     ) -> Response:
         start = time.perf_counter()
         status = 500
+        cid = request.headers.get(CORRELATION_HEADER) or uuid.uuid4().hex
+        token = correlation_id.set(cid[:64])
         try:
             response = await call_next(request)
             status = response.status_code
+            response.headers[CORRELATION_HEADER] = cid[:64]
             return response
         finally:
+            correlation_id.reset(token)
             route = _route_template(request)
             metrics.latency.labels(request.method, route).observe(time.perf_counter() - start)
             metrics.requests.labels(request.method, route, str(status)).inc()

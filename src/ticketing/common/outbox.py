@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import BigInteger, Index, Integer, String, Text, func, select, update
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from ticketing.common.db import Base, Database, UtcDateTime, utcnow
 from ticketing.common.events import Envelope, Event
+from ticketing.common.logs import correlation_id
 
 if TYPE_CHECKING:
     from ticketing.common.messaging import Publisher
@@ -40,6 +41,7 @@ class OutboxEvent(Base):
     body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+    correlation_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
     __table_args__ = (
         Index(
@@ -78,11 +80,23 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
+def _aware(moment: datetime | str) -> datetime:
+    # An aggregate skips the column type on SQLite and comes back as text.
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def add_event(session: AsyncSession, event: Event, *, event_id: str | None = None) -> Envelope:
     """Store an event in the outbox, in the caller's transaction."""
     envelope = Envelope.wrap(event, event_id=event_id)
     session.add(
-        OutboxEvent(event_id=envelope.id, type=envelope.type, body=envelope.model_dump_json())
+        OutboxEvent(
+            event_id=envelope.id,
+            type=envelope.type,
+            body=envelope.model_dump_json(),
+            correlation_id=correlation_id.get(),
+        )
     )
     session.info["outbox_dirty"] = True
     return envelope
@@ -147,8 +161,25 @@ class OutboxRelay:
                 raise
             except Exception:
                 log.exception("outbox relay failed; retrying on the next sweep")
+            with contextlib.suppress(Exception):
+                await self._observe_backlog()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.sweep_seconds)
+
+    async def _observe_backlog(self) -> None:
+        if self.metrics is None:
+            return
+        async with self.db.sessionmaker() as session:
+            count, oldest = (
+                await session.execute(
+                    select(func.count(), func.min(OutboxEvent.created_at)).where(
+                        OutboxEvent.published_at.is_(None)
+                    )
+                )
+            ).one()
+        self.metrics.outbox_backlog.set(count or 0)
+        age = (utcnow() - _aware(oldest)).total_seconds() if oldest else 0.0
+        self.metrics.outbox_oldest_age.set(max(age, 0.0))
 
     async def publish_pending(self) -> int:
         """Publish one batch of pending rows; returns how many went out."""
@@ -184,7 +215,9 @@ class OutboxRelay:
 
     async def _publish(self, rows: list[OutboxEvent]) -> None:
         for row in rows:
-            await self.publisher.publish_raw(row.type, row.event_id, row.body.encode())
+            await self.publisher.publish_raw(
+                row.type, row.event_id, row.body.encode(), correlation=row.correlation_id
+            )
             if self.metrics:
                 self.metrics.events_published.labels(type=row.type).inc()
 
