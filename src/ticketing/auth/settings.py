@@ -10,7 +10,7 @@ class AuthSettings(Settings):
     mail_from: str = "Ticketing <no-reply@ticketing.local>"
     magic_link_ttl_seconds: int = 60
     rate_limit_window_seconds: int = 60
-    signin_limit_per_client: int = 60
+    signin_limit_per_client: int = 300
     signin_limit_per_email: int = 10
-    magic_link_limit_per_client: int = 20
+    magic_link_limit_per_client: int = 60
     magic_link_limit_per_email: int = 5
