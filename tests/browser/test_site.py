@@ -102,13 +102,25 @@ async def purchase(page: Page, shot: Shot, ticket_url: str) -> None:
     await page.goto(ticket_url)
     await shot(page, "ticket-buyer-view")
     for _ in range(20):
-        await page.get_by_role("button", name="Purchase").click()
-        await page.wait_for_load_state()
+        # A form post always navigates: wait for it, whatever page it lands on.
+        async with page.expect_navigation():
+            await page.get_by_role("button", name="Purchase").click()
         if "/orders/" in page.url:
             break
         await expect(page.get_by_text("listed a moment ago")).to_be_visible()
     await expect(page.get_by_text(re.compile(r"\d+ seconds left"))).to_be_visible()
     await shot(page, "order")
+
+
+async def pay_with(page: Page, card: str) -> None:
+    """Pay with a test card; right after ordering, payments may need a moment to know it."""
+    for _ in range(20):
+        await page.get_by_label("Card").select_option(card)
+        async with page.expect_navigation():
+            await page.get_by_role("button", name="Pay").click()
+        if not await page.get_by_text("still being set up").is_visible():
+            return
+    raise AssertionError("the order never became payable")
 
 
 async def test_sell_sign_out_buy_and_pay(browser: Browser, site: str, shot: Shot) -> None:
@@ -125,8 +137,7 @@ async def test_sell_sign_out_buy_and_pay(browser: Browser, site: str, shot: Shot
     await expect(page.get_by_role("link", name=re.compile("Arctic Monkeys"))).to_be_visible()
     await shot(page, "home-with-ticket")
     await purchase(page, shot, ticket_url)
-    await page.get_by_label("Card").select_option("tok_visa")
-    await page.get_by_role("button", name="Pay").click()
+    await pay_with(page, "tok_visa")
     await expect(page.get_by_text("Status: complete")).to_be_visible(timeout=15_000)
     await expect(page.get_by_role("button", name="Pay")).to_have_count(0)
     await shot(page, "order-complete")
@@ -143,12 +154,7 @@ async def test_a_declined_card_shows_the_decline(browser: Browser, site: str, sh
     await page.goto("/auth/signout")
     await sign_up(page, shot, email())
     await purchase(page, shot, ticket_url)
-    await page.get_by_label("Card").select_option("tok_chargeDeclined")
-    for _ in range(20):
-        await page.get_by_role("button", name="Pay").click()
-        await page.wait_for_load_state()
-        if not await page.get_by_text("still being set up").is_visible():
-            break
+    await pay_with(page, "tok_chargeDeclined")
     await expect(page.get_by_text("Your card was declined.")).to_be_visible()
     await shot(page, "declined")
 
