@@ -70,7 +70,12 @@ class Bus:
             self.settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5
         )
         self._js = self.nc.jetstream()
-        await ensure_stream(self.js, name=self.stream, prefix=self.prefix)
+        await ensure_stream(
+            self.js,
+            name=self.stream,
+            prefix=self.prefix,
+            replicas=self.settings.nats_stream_replicas,
+        )
 
     @property
     def is_connected(self) -> bool:
@@ -85,13 +90,14 @@ class Bus:
             self.nc = None
 
 
-async def ensure_stream(js: JetStreamContext, *, name: str, prefix: str) -> None:
+async def ensure_stream(js: JetStreamContext, *, name: str, prefix: str, replicas: int = 1) -> None:
     """Create the stream, or bring an existing one to this configuration; safe to race."""
     config = StreamConfig(
         name=name,
         subjects=[f"{prefix}.>"],
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        num_replicas=replicas,
     )
     try:
         await js.stream_info(name)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.web.client import ApiUnavailable
 from ticketing.web.routes import router
 from ticketing.web.settings import WebSettings
@@ -34,10 +35,23 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(router)
+    metrics = ServiceMetrics("web")
+    install_http_metrics(app, metrics)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        # The web client owns nothing: it is ready once its client for the APIs exists.
+        ready = hasattr(app.state, "http")
+        body = {"status": "ok" if ready else "unavailable"}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return metrics.render()
 
     @app.exception_handler(ApiUnavailable)
     async def _unavailable(request: Request, _exc: Exception) -> HTMLResponse:
