@@ -268,7 +268,7 @@ async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(
         await eventually(lambda: _contains(on_sale, idle_ticket["id"]))
         assert paid_ticket["id"] not in await on_sale()
     out = proc.output()
-    assert "Stripe sandbox" in out and "Valkey" in out
+    assert "Stripe sandbox" in out and "embedded valkey" in out
     assert proc.interrupt() == 0
 
 

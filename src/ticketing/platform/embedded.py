@@ -89,6 +89,10 @@ class ChildServer:
         self.port = port or free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
     def command(self) -> list[str]:
         raise NotImplementedError
 

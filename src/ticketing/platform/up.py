@@ -37,6 +37,7 @@ class PortBusyError(RuntimeError):
 
 
 Probe = Callable[[], str]
+EmbeddedServer = ChildServer | SmtpSink
 
 
 def _always(state: str) -> Probe:
@@ -84,35 +85,25 @@ def _start_infrastructure(
     """Start what no URL names; returns the settings every service gets on top of the env."""
     overrides: dict[str, Any] = {}
     data_dir = settings.data_dir.resolve()
-    if settings.nats_url:
-        board.add("NATS JetStream", settings.nats_url, "external")
-    else:
-        nats = EmbeddedNats(data_dir / "nats")
-        nats.start()
-        stack.callback(nats.stop)
-        overrides["nats_url"] = nats.url
-        board.add("NATS JetStream", nats.url, f"embedded, store {data_dir / 'nats'}", _child(nats))
-    smtp_url = os.environ.get("TICKETING_SMTP_URL")
-    if smtp_url:
-        board.add("SMTP", smtp_url, "external")
-    else:
-        sink = SmtpSink(mailbox_dir(data_dir))
-        sink.start()
-        stack.callback(sink.stop)
-        overrides["smtp_url"] = sink.url
-        board.add("SMTP sink", sink.url, "embedded, mail at /dev/mailbox", _always("running"))
+
+    def use(setting: str, part: str, url: str | None, server: EmbeddedServer, how: str) -> None:
+        if url:
+            board.add(part, url, "external")
+            return
+        server.start()
+        stack.callback(server.stop)
+        overrides[setting] = server.url
+        probe = _child(server) if isinstance(server, ChildServer) else _always("running")
+        board.add(part, server.url, how, probe)
+
+    use("nats_url", "NATS JetStream", settings.nats_url, EmbeddedNats(data_dir / "nats"),
+        f"embedded, store {data_dir / 'nats'}")  # fmt: skip
+    use("smtp_url", "SMTP", os.environ.get("TICKETING_SMTP_URL"),
+        SmtpSink(mailbox_dir(data_dir)), "embedded sink, mail at /dev/mailbox")  # fmt: skip
+    use("redis_url", "Redis", settings.redis_url, EmbeddedRedis(data_dir / "valkey"),
+        f"embedded valkey, jobs kept in {data_dir / 'valkey'}")  # fmt: skip
     database = settings.database_url or f"sqlite+aiosqlite:///{data_dir}/{{service}}.db"
-    kind = "external" if settings.database_url else "embedded SQLite"
-    board.add("Databases", database, kind)
-    if settings.redis_url:
-        board.add("Redis", settings.redis_url, "external")
-    else:
-        redis = EmbeddedRedis(data_dir / "valkey")
-        redis.start()
-        stack.callback(redis.stop)
-        overrides["redis_url"] = redis.url
-        how = f"embedded, jobs kept in {data_dir / 'valkey'}"
-        board.add("Valkey (Redis)", redis.url, how, _child(redis))
+    board.add("Databases", database, "external" if settings.database_url else "embedded SQLite")
     return overrides
 
 
