@@ -70,9 +70,10 @@ async def test_validation_and_access(shop: Platform) -> None:
             {"message": "OrderId must be provided", "field": "orderId"},
             {"message": "Token must be provided", "field": "token"},
         ]
-        unknown = await pay(buyer, str(uuid.uuid4()))
-        assert unknown.status_code == 404
-        assert error(unknown) == "Order not found"
+        for unknown_id in (str(uuid.uuid4()), "not-an-id"):
+            unknown = await pay(buyer, unknown_id)
+            assert unknown.status_code == 404
+            assert error(unknown) == "Order not found"
     async with shop.client(new_user()) as stranger:
         assert (await pay(stranger, order.id)).status_code == 401
 

@@ -30,13 +30,16 @@ def path_id(value: str, *, what: str = "Resource") -> str:
     return str(uuid.UUID(value))
 
 
-def id_field_validator(label: str) -> Callable[[Any], str]:
-    """A Pydantic before-validator for an id in a body, e.g. label "TicketId" for ticketId."""
+def id_field_validator(label: str, *, check_format: bool = True) -> Callable[[Any], str]:
+    """A Pydantic before-validator for an id in a body, e.g. label "TicketId" for ticketId.
+
+    Without `check_format` a malformed id passes, to be reported as unknown (404) later.
+    """
 
     def check(value: Any) -> str:
         if not isinstance(value, str) or not value.strip():
             raise PydanticCustomError(label, f"{label} must be provided")
-        if not is_id(value.strip()):
+        if check_format and not is_id(value.strip()):
             raise PydanticCustomError(label, f"{label} must be a valid id")
         return value.strip().lower()
 

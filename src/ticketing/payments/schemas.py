@@ -22,14 +22,13 @@ def _token(value: Any) -> str:
     return value.strip()
 
 
-OrderId = Annotated[str, BeforeValidator(id_field_validator("OrderId"))]
+# The contract has no 400 for a malformed order id: an id that cannot exist is unknown (404).
+OrderId = Annotated[str, BeforeValidator(id_field_validator("OrderId", check_format=False))]
 
 
 class PaymentBody(BaseModel):
     # Named as the client sends them: a missing field's error location uses the field name.
-    orderId: Annotated[str, BeforeValidator(id_field_validator("OrderId"))] = Field(
-        default="", validate_default=True
-    )
+    orderId: OrderId = Field(default="", validate_default=True)
     token: Annotated[str, BeforeValidator(_token)] = Field(default="", validate_default=True)
 
 

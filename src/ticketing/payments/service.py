@@ -20,6 +20,7 @@ from ticketing.common.errors import (
     ServiceUnavailable,
 )
 from ticketing.common.events import OrderCancelled, OrderCompleted, OrderCreated, PaymentCreated
+from ticketing.common.ids import is_id
 from ticketing.common.messaging import RetryLater
 from ticketing.common.outbox import add_event
 from ticketing.payments.charges import CardDeclined, Charges
@@ -35,7 +36,7 @@ def cents(price: Decimal) -> int:
 
 
 async def _payable(session: AsyncSession, *, order_id: str, user_id: str) -> OrderReplica:
-    order = await session.get(OrderReplica, order_id)
+    order = await session.get(OrderReplica, order_id) if is_id(order_id) else None
     if order is None:
         raise NotFound("Order not found")
     if order.user_id != user_id:
