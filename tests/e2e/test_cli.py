@@ -288,3 +288,25 @@ def test_migrate_brings_a_service_database_to_head(settings_kwargs: dict[str, An
     )
     assert refused.returncode == 2
     assert "no database for 'web'" in refused.stderr
+
+
+async def test_up_behind_a_public_address_and_stopped_by_sigterm(
+    launch: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = clean_env(
+        TICKETING_DATA_DIR=str(tmp_path / "data"),
+        TICKETING_PUBLIC_URL="https://tickets.example.invalid",
+    )
+    proc = launch("up", "--port", str(port), env=env)
+    await wait_healthy(base, proc)
+    async with httpx.AsyncClient(base_url=base) as browser:
+        # The pages reach the APIs through this process, not through the public address.
+        assert (await browser.get("/")).status_code == 200
+        assert (await browser.get("/tickets/%2E%2E")).status_code == 404
+        assert (await browser.get("/tickets/not-an-id")).status_code == 404
+    nats_port = _embedded_nats_port(proc.output())
+    proc.process.terminate()
+    assert proc.process.wait(timeout=30) == 0
+    assert not port_answers("127.0.0.1", nats_port)  # SIGTERM stops the children too

@@ -66,9 +66,16 @@ class Bus:
     async def connect(self) -> None:
         if not self.settings.nats_url:
             raise ValueError("TICKETING_NATS_URL is not set")
-        self.nc = await nats.connect(
-            self.settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5
-        )
+        try:
+            # Reconnect forever once connected, but do not hang a start on an unreachable URL.
+            self.nc = await asyncio.wait_for(
+                nats.connect(
+                    self.settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+                ),
+                timeout=self.settings.nats_connect_timeout_seconds,
+            )
+        except TimeoutError:
+            raise ConnectionError(f"NATS at {self.settings.nats_url} did not answer") from None
         self._js = self.nc.jetstream()
         await ensure_stream(
             self.js,

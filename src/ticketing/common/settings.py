@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     nats_subject_prefix: str = SUBJECT_PREFIX
     # 3 on a 3-node JetStream cluster, so the stream survives the loss of a node.
     nats_stream_replicas: int = 1
+    nats_connect_timeout_seconds: float = 30.0
     listener_max_deliver: int = 5
     listener_ack_wait_seconds: float = 30.0
     outbox_sweep_seconds: float = 2.0

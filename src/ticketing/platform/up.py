@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -156,6 +157,9 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
             shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
             overrides["public_url"] = f"http://{shown}:{port}"
         public_url = overrides.get("public_url", settings.public_url)
+        # The web client reaches the APIs through this process, whatever the public address.
+        local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        overrides.setdefault("api_url", os.environ.get("TICKETING_API_URL") or local)
         routes = _stripe_sandbox(host, port, overrides, board)
         for spec in SERVICES.values():
             app = spec.create_app(**overrides)
@@ -163,7 +167,9 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
             where = f"{public_url}{spec.prefix}" if spec.prefix else "(no routes)"
             board.add(f"{spec.name} service", where, "in process", _service(app))
         config = uvicorn.Config(Gateway(routes), host=host, port=port, log_level=log_level.lower())
-        # uvicorn re-raises the Ctrl-C it handled once shut down; by then all is stopped cleanly.
+        # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
+        # included) it unwinds this block, so the embedded servers stop with us.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(uvicorn.Server(config), board, console, public_url))
 

@@ -37,24 +37,32 @@ class ApiUnavailable(Exception):
 class Api:
     """One visitor's view of the APIs: every call carries their session cookie."""
 
-    def __init__(self, http: httpx.AsyncClient, session_cookie: str | None) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, session_cookie: str | None, client_ip: str | None = None
+    ) -> None:
         self.http = http
         self.cookies = {COOKIE_NAME: session_cookie} if session_cookie else {}
+        self.client_ip = client_ip
 
     async def call(self, method: str, path: str, json: Any = None) -> ApiResult:
         try:
-            response = await self.http.request(
-                method, path, json=json, headers=self._cookie_header()
-            )
+            response = await self.http.request(method, path, json=json, headers=self._headers())
         except httpx.HTTPError as exc:
             raise ApiUnavailable(str(exc)) from exc
-        body = response.json() if response.content else None
+        try:
+            body = response.json() if response.content else None
+        except ValueError as exc:  # not the API answering (a proxy's error page, say)
+            raise ApiUnavailable(f"{method} {path}: {response.status_code}, not JSON") from exc
         return ApiResult(response.status_code, body, response.headers.get_list("set-cookie"))
 
-    def _cookie_header(self) -> dict[str, str]:
-        if not self.cookies:
-            return {}
-        return {"cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
+    def _headers(self) -> dict[str, str]:
+        headers = {}
+        if self.cookies:
+            headers["cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        if self.client_ip:
+            # The visitor's address, so that per-client rate limits count visitors, not us.
+            headers["x-forwarded-for"] = self.client_ip
+        return headers
 
     async def current_user(self) -> dict[str, Any] | None:
         if not self.cookies:

@@ -29,7 +29,8 @@ class Visitor:
 
 
 async def _visitor(request: Request) -> Visitor:
-    api = Api(request.app.state.http, request.cookies.get(COOKIE_NAME))
+    client_ip = request.client.host if request.client else None
+    api = Api(request.app.state.http, request.cookies.get(COOKIE_NAME), client_ip)
     user = await api.current_user()
     state = request.app.state
     return Visitor(api=api, user=user, settings=state.settings, templates=state.templates)
@@ -122,6 +123,8 @@ async def create_ticket(request: Request, visitor: VisitorDep) -> Response:
 async def _ticket_page(
     request: Request, visitor: Visitor, ticket_id: str, status: int = 200, **context: Any
 ) -> Response:
+    if not is_id(ticket_id):
+        return not_found(request, visitor, "Ticket")
     result = await visitor.api.call("GET", f"/api/tickets/{ticket_id}")
     if not result.ok:
         return not_found(request, visitor, "Ticket")
@@ -139,6 +142,8 @@ async def show_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> 
 
 @router.post("/tickets/{ticket_id}")
 async def edit_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
+    if not is_id(ticket_id):
+        return not_found(request, visitor, "Ticket")
     form = await _form(request)
     body = {"title": form.get("title", ""), "price": form.get("price", "")}
     result = await visitor.api.call("PUT", f"/api/tickets/{ticket_id}", body)
@@ -151,6 +156,8 @@ async def edit_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> 
 async def purchase(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
     if visitor.user is None:
         return redirect("/auth/signin")
+    if not is_id(ticket_id):
+        return not_found(request, visitor, "Ticket")
     result = await visitor.api.call("POST", "/api/orders", {"ticketId": ticket_id})
     if result.ok:
         return redirect(f"/orders/{result.body['id']}")
@@ -198,8 +205,8 @@ async def order_status(request: Request, visitor: VisitorDep, order_id: str) -> 
     """The live part of the order page, polled by htmx until the order is settled."""
     order = await _order(visitor, order_id)
     if order is None:
-        return not_found(request, visitor, "Order")
-    return render(request, visitor, "order_status.html", order=order)
+        return Response(status_code=286)  # htmx: stop polling
+    return render(request, visitor, "order_status.html", order=order, live=True)
 
 
 @router.post("/orders/{order_id}/pay")
