@@ -52,3 +52,24 @@ async def test_upgrading_twice_is_harmless(settings: Settings) -> None:
     config = SERVICES["orders"].alembic_config(settings.service_database_url("orders"))
     await asyncio.to_thread(upgrade, config)
     await asyncio.to_thread(upgrade, config)
+
+
+async def test_a_database_made_by_ticketing_up_is_adopted_not_recreated(
+    settings: Settings,
+) -> None:
+    from ticketing.common.db import Database
+
+    spec = SERVICES["tickets"]
+    url = settings.service_database_url("tickets")
+    db = Database(url, metadata=spec.metadata())
+    await db.create_all()  # what a dev start does
+    await db.dispose()
+    config = spec.alembic_config(url)
+    await asyncio.to_thread(upgrade, config)
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+    assert "alembic_version_tickets" in tables
