@@ -132,3 +132,37 @@ async def test_two_relays_publish_each_event_once(
     await eventually(lambda: _none_pending(db))
     assert sorted(e.id for e in published) == sorted(ids)
     assert len(await stream_envelopes(bus)) == 30
+
+
+async def test_prune_forgets_only_old_published_events_and_old_inbox_entries(
+    db: Database, publisher: Publisher
+) -> None:
+    from datetime import timedelta
+
+    from ticketing.common.db import utcnow
+    from ticketing.common.outbox import InboxEntry
+
+    old = utcnow() - timedelta(days=8)
+    async with db.transaction() as session:
+        for n, published in enumerate((old, None, utcnow())):
+            session.add(
+                OutboxEvent(
+                    event_id=f"00000000-0000-0000-0000-00000000000{n}",
+                    type="ticket:created",
+                    body="{}",
+                    created_at=old,
+                    published_at=published,
+                )
+            )
+        session.add(InboxEntry(consumer="probe", event_id="old", handled_at=old))
+        session.add(InboxEntry(consumer="probe", event_id="new"))
+    await OutboxRelay(db, publisher).prune()
+    async with db.transaction() as session:
+        kept = sorted(e for e in await session.scalars(select(OutboxEvent.event_id)))
+        handled = list(await session.scalars(select(InboxEntry.event_id)))
+    # The old published row goes; an old row never published stays: it still has to go out.
+    assert kept == [
+        "00000000-0000-0000-0000-000000000001",
+        "00000000-0000-0000-0000-000000000002",
+    ]
+    assert handled == ["new"]

@@ -38,6 +38,7 @@ class Runtime:
             self.publisher,
             metrics=self.metrics,
             sweep_seconds=settings.outbox_sweep_seconds,
+            retention_seconds=settings.outbox_retention_hours * 3600,
         )
         self.listener = Listener(
             service=name,

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import BigInteger, Index, Integer, String, Text, func, select, update
+from sqlalchemy import BigInteger, Index, Integer, String, Text, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from ticketing.common.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_SECONDS = 3600.0
 
 # Any constant works: each service has a database of its own, so relays of different
 # services never contend for it; replicas of one service take turns.
@@ -123,11 +126,17 @@ class OutboxRelay:
         metrics: ServiceMetrics | None = None,
         sweep_seconds: float = 2.0,
         batch_size: int = 200,
+        retention_seconds: float = 7 * 24 * 3600,
     ) -> None:
         self.db = db
         self.publisher = publisher
         self.metrics = metrics
         self.sweep_seconds = sweep_seconds
+        # An inbox entry only matters while its event can still be redelivered: a week is far
+        # beyond any ack wait or retry schedule.
+        self.retention_seconds = retention_seconds
+        self._next_observe = 0.0
+        self._next_prune = 0.0
         self.batch_size = batch_size
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -161,10 +170,33 @@ class OutboxRelay:
                 raise
             except Exception:
                 log.exception("outbox relay failed; retrying on the next sweep")
-            with contextlib.suppress(Exception):
-                await self._observe_backlog()
+            await self._housekeeping()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.sweep_seconds)
+
+    async def _housekeeping(self) -> None:
+        """Backlog metrics once a sweep, pruning once an hour; never on every commit."""
+        now = time.monotonic()
+        try:
+            if now >= self._next_observe:
+                self._next_observe = now + self.sweep_seconds
+                await self._observe_backlog()
+            if now >= self._next_prune:
+                self._next_prune = now + PRUNE_EVERY_SECONDS
+                await self.prune()
+        except Exception:
+            log.warning("outbox housekeeping failed; trying again later", exc_info=True)
+
+    async def prune(self) -> None:
+        """Forget published events and handled ids older than the retention."""
+        cutoff = utcnow() - timedelta(seconds=self.retention_seconds)
+        async with self.db.transaction() as session:
+            await session.execute(
+                delete(OutboxEvent).where(
+                    OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < cutoff
+                )
+            )
+            await session.execute(delete(InboxEntry).where(InboxEntry.handled_at < cutoff))
 
     async def _observe_backlog(self) -> None:
         if self.metrics is None:

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     listener_max_deliver: int = 5
     listener_ack_wait_seconds: float = 30.0
     outbox_sweep_seconds: float = 2.0
+    outbox_retention_hours: float = 24 * 7
 
     @model_validator(mode="after")
     def _refuse_default_secrets_in_production(self) -> Settings:
