@@ -238,3 +238,18 @@ async def test_a_handler_integrity_error_is_retried_not_marked_handled(
     await eventually(lambda: consumer_settled(bus, "probe"))
     assert calls == 2
     assert len(await effects(db)) == 1
+
+
+def test_the_replica_version_rule() -> None:
+    from ticketing.common.messaging import is_next_version
+
+    assert is_next_version(3, 4, what="ticket t")
+    assert not is_next_version(3, 3, what="ticket t")  # a duplicate: dropped
+    assert not is_next_version(3, 1, what="ticket t")  # stale: dropped
+    for local, incoming in ((3, 5), (None, 0)):
+        try:
+            is_next_version(local, incoming, what="ticket t")
+        except RetryLater as early:
+            assert "ticket t" in str(early)
+        else:
+            raise AssertionError(f"{incoming} after {local} should wait")

@@ -42,6 +42,16 @@ class RetryLater(Exception):
         self.delay = delay
 
 
+def is_next_version(local: int | None, incoming: int, *, what: str) -> bool:
+    """The replica rule: apply only local + 1; drop what is stale; retry what came early.
+
+    `local` is None when the replica has not seen the entity's creation yet.
+    """
+    if local is None or incoming > local + 1:
+        raise RetryLater(f"{what} v{incoming} arrived before its predecessors")
+    return incoming == local + 1
+
+
 class Bus:
     """One NATS connection with JetStream, and the stream every service shares."""
 

@@ -22,7 +22,7 @@ from ticketing.common.events import (
     TicketRef,
     TicketUpdated,
 )
-from ticketing.common.messaging import RetryLater
+from ticketing.common.messaging import RetryLater, is_next_version
 from ticketing.common.outbox import add_event
 from ticketing.orders.models import Order, OrderStatus, TicketReplica
 
@@ -134,12 +134,10 @@ async def ticket_created(session: AsyncSession, event: TicketCreated) -> None:
 async def ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
     """Apply an update only in version order: early ones wait, stale ones are dropped."""
     replica = await session.get(TicketReplica, event.id)
-    if replica is None:
-        raise RetryLater(f"ticket {event.id} not created here yet")
-    if event.version <= replica.version:
+    local = replica.version if replica else None
+    if not is_next_version(local, event.version, what=f"ticket {event.id}"):
         return
-    if event.version > replica.version + 1:
-        raise RetryLater(f"ticket {event.id} v{event.version} came before v{replica.version + 1}")
+    assert replica is not None
     replica.title = event.title
     replica.price = event.price
     replica.version = event.version

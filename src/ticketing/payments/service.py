@@ -21,7 +21,7 @@ from ticketing.common.errors import (
 )
 from ticketing.common.events import OrderCancelled, OrderCompleted, OrderCreated, PaymentCreated
 from ticketing.common.ids import is_id
-from ticketing.common.messaging import RetryLater
+from ticketing.common.messaging import RetryLater, is_next_version
 from ticketing.common.outbox import add_event
 from ticketing.payments.charges import CardDeclined, Charges
 from ticketing.payments.models import DeclinedAttempt, OrderReplica, Payment
@@ -157,9 +157,8 @@ async def order_created(session: AsyncSession, event: OrderCreated) -> None:
 async def _next_version(session: AsyncSession, order_id: str, version: int) -> OrderReplica | None:
     """The replica if `version` is the next one; None if stale; RetryLater if early."""
     order = await session.get(OrderReplica, order_id, with_for_update=True)
-    if order is None or version > order.version + 1:
-        raise RetryLater(f"order {order_id} v{version} arrived before its predecessors")
-    return order if version == order.version + 1 else None
+    local = order.version if order else None
+    return order if is_next_version(local, version, what=f"order {order_id}") else None
 
 
 async def order_cancelled(session: AsyncSession, charges: Charges, event: OrderCancelled) -> None:
