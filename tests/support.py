@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -21,12 +22,16 @@ T = TypeVar("T")
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, within: float = 10.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[T]] | Callable[[], T],
+    *,
+    within: float = 10.0,
+    interval: float = 0.05,
 ) -> T:
-    """Poll `probe` until it returns a truthy value; fail with the last value at the deadline."""
+    """Poll `probe` (plain or async) until it returns a truthy value; fail at the deadline."""
     deadline = time.monotonic() + within
     while True:
-        value = await probe()
+        outcome = probe()
+        value: T = await outcome if inspect.isawaitable(outcome) else outcome
         if value:
             return value
         if time.monotonic() > deadline:

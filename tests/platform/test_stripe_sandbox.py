@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import httpx
@@ -13,6 +13,7 @@ import pytest
 import stripe
 from fastapi import FastAPI, Request, Response
 
+from tests.support import eventually
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.stripe_sandbox import (
     AppServer,
@@ -43,15 +44,6 @@ def card(token: str, **extra: Any) -> dict[str, Any]:
         "metadata": {"orderId": "abc"},
         **extra,
     }
-
-
-async def eventually(check: Callable[[], T | None], *, within: float = 5.0) -> T:
-    """Poll `check` until it returns something truthy, failing at the deadline."""
-    deadline = time.monotonic() + within
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"nothing within {within}s"
-        await asyncio.sleep(0.02)
-    return result
 
 
 @pytest.fixture
