@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +24,6 @@ from ticketing.platform.stripe_sandbox import (
 
 API_KEY = "sk_test_sandbox"
 SECRET = "whsec_test_sandbox"
-T = TypeVar("T")
 # stripe's HTTPXClient posts bytes as `data=`; the SDK's warning, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
