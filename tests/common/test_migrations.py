@@ -54,6 +54,30 @@ async def test_upgrading_twice_is_harmless(settings: Settings) -> None:
     await asyncio.to_thread(upgrade, config)
 
 
+@pytest.mark.parametrize("service", WITH_DATABASE)
+async def test_every_history_goes_down_to_empty_and_up_again(
+    settings: Settings, service: str
+) -> None:
+    from alembic import command
+
+    url = settings.service_database_url(service)
+    config = SERVICES[service].alembic_config(url)
+    await asyncio.to_thread(upgrade, config)
+    await asyncio.to_thread(command.downgrade, config, "base")
+    assert await _tables(url) <= {f"alembic_version_{service}"}
+    await asyncio.to_thread(upgrade, config)
+    assert "outbox" in await _tables(url)
+
+
+async def _tables(url: str) -> set[str]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
 async def test_a_database_made_by_ticketing_up_is_adopted_not_recreated(
     settings: Settings,
 ) -> None:
