@@ -63,10 +63,3 @@ class Api:
             # The visitor's address, so that per-client rate limits count visitors, not us.
             headers["x-forwarded-for"] = self.client_ip
         return headers
-
-    async def current_user(self) -> dict[str, Any] | None:
-        if not self.cookies:
-            return None
-        result = await self.call("GET", "/api/users/currentuser")
-        user = result.body.get("currentUser") if result.ok and result.body else None
-        return dict(user) if user else None
