@@ -8,9 +8,8 @@ from typing import Annotated, Any
 
 import stripe
 from fastapi import APIRouter, Depends, Header, Request
-from sqlalchemy.exc import IntegrityError
 
-from ticketing.common.app import RuntimeDep
+from ticketing.common.app import Runtime, RuntimeDep
 from ticketing.common.auth import RequireUser
 from ticketing.common.errors import BadRequest, ServiceUnavailable
 from ticketing.common.messaging import RetryLater
@@ -65,14 +64,11 @@ async def stripe_webhook(
 
 
 async def _record(
-    runtime: Any, charges: Charges, order_id: str, stripe_id: str, amount: int
+    runtime: Runtime, charges: Charges, order_id: str, stripe_id: str, amount: int
 ) -> None:
     try:
-        await runtime.db.retrying(
-            lambda s: service.record_success(
-                s, charges, order_id=order_id, stripe_id=stripe_id, amount=amount
-            ),
-            retry_on=(IntegrityError,),
+        await service.record_charge(
+            runtime.db, charges, order_id=order_id, stripe_id=stripe_id, amount=amount
         )
     except RetryLater as early:
         # Stripe retries a webhook that is not acknowledged: let it come back later.

@@ -76,12 +76,7 @@ async def pay(
     except CardDeclined as declined_card:
         await _record_decline(db, order_id=order_id, attempt=attempt, reason=declined_card.message)
         raise PaymentRequired(declined_card.message) from None
-    # A concurrent request with the same key got the same charge: its insert wins, ours
-    # fails on the unique stripe id, and the retry finds the recorded payment.
-    payment = await db.retrying(
-        lambda s: record_success(s, charges, order_id=order_id, stripe_id=intent, amount=amount),
-        retry_on=(IntegrityError,),
-    )
+    payment = await record_charge(db, charges, order_id=order_id, stripe_id=intent, amount=amount)
     if payment.status == "refunded":
         # The order was cancelled while the card was being charged; the payment record
         # keeps the refund and says why.
@@ -100,6 +95,18 @@ async def _record_decline(db: Database, *, order_id: str, attempt: int, reason: 
             )
             if exists is None:
                 session.add(DeclinedAttempt(order_id=order_id, attempt=attempt, reason=reason))
+
+
+async def record_charge(
+    db: Database, charges: Charges, *, order_id: str, stripe_id: str, amount: int
+) -> Payment:
+    """Record a succeeded charge in its own transaction, from the request or a webhook."""
+    # The same charge seen twice at once (a retried request, or its webhook): one insert wins,
+    # the other fails on the unique stripe id, and its retry finds the recorded payment.
+    return await db.retrying(
+        lambda s: record_success(s, charges, order_id=order_id, stripe_id=stripe_id, amount=amount),
+        retry_on=(IntegrityError,),
+    )
 
 
 async def record_success(
