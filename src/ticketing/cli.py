@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,12 +15,15 @@ def up(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the gateway.")] = 8000,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=1, help="Processes serving the platform, sharing the port.")
+    ] = 1,
 ) -> None:
-    """Run the whole platform in one process, starting embedded parts for unset URLs."""
+    """Run the whole platform, starting embedded parts for unset URLs."""
     from ticketing.platform.up import PortBusyError, run_up
 
     try:
-        run_up(host=host, port=port, log_level=log_level)
+        run_up(host=host, port=port, log_level=log_level, workers=workers)
     except PortBusyError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc
@@ -79,6 +83,72 @@ def migrate(
     else:
         upgrade(config)
         typer.echo(f"{service}: database at the newest schema")
+
+
+bench_app = typer.Typer(help="Benchmarks; their code lives in bench/ of a checkout.",
+                        no_args_is_help=True)  # fmt: skip
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("flash-sale")
+def flash_sale(
+    quick: Annotated[bool, typer.Option(help="Every phase, small: a smoke test.")] = False,
+    sellers: Annotated[int | None, typer.Option(min=1)] = None,
+    tickets: Annotated[int | None, typer.Option(min=1)] = None,
+    buyers: Annotated[int | None, typer.Option(min=1, help="Concurrent buyers.")] = None,
+    hot: Annotated[
+        int | None, typer.Option(min=1, help="Buyers pick among the first HOT tickets listed.")
+    ] = None,
+    expiring: Annotated[int | None, typer.Option(min=1, help="Orders left to expire.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Platform (and ceiling) processes.")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="A running platform instead of a new one.")
+    ] = None,
+    database_template: Annotated[
+        str | None, typer.Option(help="With --url: its TICKETING_DATABASE_URL, for the checks.")
+    ] = None,
+    subject_prefix: Annotated[
+        str | None, typer.Option(help="With --url: its TICKETING_NATS_SUBJECT_PREFIX.")
+    ] = None,
+    postgres_url: Annotated[str, typer.Option()] = "postgresql://postgres@127.0.0.1:5432",
+    nats_url: Annotated[str, typer.Option()] = "nats://127.0.0.1:4222",
+    redis_url: Annotated[str, typer.Option()] = "redis://127.0.0.1:6379/0",
+    no_ceiling: Annotated[bool, typer.Option(help="Skip the ceiling's rush.")] = False,
+    out_dir: Annotated[Path, typer.Option(help="Logs and the chart go here.")] = Path(
+        "artifacts/bench"
+    ),
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the numbers here.")
+    ] = None,
+    chart: Annotated[
+        Path | None, typer.Option(help="The PNG chart (default in --out-dir).")
+    ] = None,
+) -> None:
+    """Thousands of attempts on a few tickets: sell fast, never oversell, compare to a ceiling."""
+    try:
+        from bench.flash_sale.config import Config
+        from bench.flash_sale.run import main as run_bench
+    except ImportError as exc:
+        typer.secho(
+            f"error: the benchmark needs the dev extra: pip install -e '.[dev]' ({exc})", err=True
+        )
+        raise typer.Exit(2) from exc
+    if url and not database_template:
+        typer.secho("error: --url needs --database-template for the checks", err=True)
+        raise typer.Exit(2)
+    sizes = {"sellers": sellers, "tickets": tickets, "buyers": buyers, "hot": hot,
+             "expiring": expiring, "workers": workers}  # fmt: skip
+    given = {key: value for key, value in sizes.items() if value is not None}
+    common = dict(
+        url=url, database_template=database_template, postgres_url=postgres_url,
+        nats_url=nats_url, redis_url=redis_url, ceiling=not no_ceiling, out_dir=out_dir,
+        json_path=json_path, chart_path=chart,
+        subject_prefix=subject_prefix or ("ticketing" if url else "benchflash"),
+    )  # fmt: skip
+    config = Config.quick(**given, **common) if quick else Config(**given, **common)  # type: ignore[arg-type]
+    raise typer.Exit(run_bench(config))
 
 
 def main() -> None:

@@ -14,7 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tests.common.conftest import Effect, count_effects, effects
 from tests.support import consumer_settled, eventually
 from ticketing.common.db import Database
-from ticketing.common.events import Envelope, OrderCreated, TicketCreated, subject_for
+from ticketing.common.events import (
+    Envelope,
+    OrderCreated,
+    TicketCreated,
+    TicketUpdated,
+    subject_for,
+)
 from ticketing.common.messaging import Bus, Listener, Publisher, RetryLater
 from ticketing.common.outbox import DeadLetter
 
@@ -42,9 +48,67 @@ async def test_published_events_are_consumed_as_typed_models(
     for n in range(3):
         await publisher.publish(Envelope.wrap(ticket(n)))
     await eventually(lambda: _at_least(db, 3))
-    assert [e.key for e in await effects(db)] == ["ticket-0", "ticket-1", "ticket-2"]
-    assert received[0] == ticket(0)
-    assert received[0].price == Decimal("20.5")
+    # Events about different tickets may be handled side by side, in any order.
+    assert sorted(e.key for e in await effects(db)) == ["ticket-0", "ticket-1", "ticket-2"]
+    first = next(e for e in received if e.id == "ticket-0")
+    assert first == ticket(0)
+    assert first.price == Decimal("20.5")
+
+
+async def test_events_about_one_ticket_are_handled_in_their_order(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """A batch is split into lanes by the ticket (or order) an event is about: one lane runs in
+    stream order, whatever the other lanes do."""
+    handled: list[tuple[str, int]] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketUpdated)
+        async def handle(session: AsyncSession, event: TicketUpdated) -> None:
+            handled.append((event.id, event.version))
+            session.add(Effect(key=f"{event.id}-{event.version}"))
+
+    await _publish_interleaved(publisher)
+    await make_listener(setup)
+    await eventually(lambda: _at_least(db, 10))
+    for ticket_id in ("slow", "fast"):
+        assert [v for t, v in handled if t == ticket_id] == [1, 2, 3, 4, 5]
+
+
+async def test_one_slow_lane_does_not_hold_up_the_others(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """The first "slow" event waits inside its transaction until the "fast" lane has handled all
+    five of its events: that only finishes if the lanes run at once."""
+    if db.is_sqlite:
+        pytest.skip("SQLite takes its one write lock per transaction: lanes serialize by design")
+    fast_done = asyncio.Event()
+    fast_seen: list[int] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketUpdated)
+        async def handle(session: AsyncSession, event: TicketUpdated) -> None:
+            if event.id == "slow" and event.version == 1:
+                await asyncio.wait_for(fast_done.wait(), timeout=20)
+            elif event.id == "fast":
+                fast_seen.append(event.version)
+                if len(fast_seen) == 5:
+                    fast_done.set()
+            session.add(Effect(key=f"{event.id}-{event.version}"))
+
+    await _publish_interleaved(publisher)
+    await make_listener(setup)  # started after publishing: the ten arrive in one batch
+    await eventually(lambda: _at_least(db, 10))
+    assert fast_seen == [1, 2, 3, 4, 5]
+    assert fast_done.is_set()
+
+
+async def _publish_interleaved(publisher: Publisher) -> None:
+    for version in range(1, 6):
+        for ticket_id in ("slow", "fast"):
+            await publisher.publish(Envelope.wrap(TicketUpdated(
+                id=ticket_id, version=version, title="Gig", price=Decimal(10), user_id="u1"
+            )))  # fmt: skip
 
 
 async def _at_least(db: Database, n: int) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import Infra
@@ -186,15 +187,18 @@ async def test_serve_runs_tickets_and_orders(
     assert proc.interrupt() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_up_runs_the_reservation_flow_by_hand(
-    launch: Any, tmp_path: Path, smtp_sink: SmtpSink
+    launch: Any, tmp_path: Path, smtp_sink: SmtpSink, workers: int
 ) -> None:
-    """The README's curl walk-through, as HTTP calls against a real `ticketing up`."""
+    """The README's curl walk-through, as HTTP calls against a real `ticketing up`, served by
+    one process or by several sharing the port."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_SMTP_URL=smtp_sink.url)
-    proc = launch("up", "--port", str(port), env=env)
+    proc = launch("up", "--port", str(port), "--workers", str(workers), env=env)
     await wait_healthy(base, proc)
+    children = psutil.Process(proc.process.pid).children(recursive=True)
     async with (
         httpx.AsyncClient(base_url=base) as seller,
         httpx.AsyncClient(base_url=base) as buyer,
@@ -220,6 +224,8 @@ async def test_up_runs_the_reservation_flow_by_hand(
         listed = (await buyer.get("/api/tickets")).json()
         assert [t["id"] for t in listed] == [ticket["id"]]
     assert proc.interrupt() == 0
+    # Every worker and embedded server stopped with the supervisor.
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
 async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(

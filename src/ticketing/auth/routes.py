@@ -24,12 +24,12 @@ from ticketing.common.errors import BadRequest, TooManyRequests
 router = APIRouter(prefix="/api/users", tags=["auth"])
 
 
-def _settings(request: Request) -> AuthSettings:
+async def _settings(request: Request) -> AuthSettings:
     settings: AuthSettings = request.app.state.settings
     return settings
 
 
-def _mailer(request: Request) -> Mailer:
+async def _mailer(request: Request) -> Mailer:
     mailer: Mailer = request.app.state.mailer
     return mailer
 

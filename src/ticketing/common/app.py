@@ -30,7 +30,9 @@ class Runtime:
         self.name = name
         self.settings = settings
         self.metrics = ServiceMetrics(name)
-        self.db = Database(settings.service_database_url(name), metadata=metadata)
+        self.db = Database(
+            settings.service_database_url(name), metadata=metadata, pool_size=settings.db_pool_size
+        )
         self.bus = Bus(settings)
         self.publisher = Publisher(self.bus)
         self.relay = OutboxRelay(
@@ -47,6 +49,7 @@ class Runtime:
             metrics=self.metrics,
             max_deliver=settings.listener_max_deliver,
             ack_wait=settings.listener_ack_wait_seconds,
+            lanes=settings.listener_lanes,
         )
 
     async def start(self) -> None:
@@ -151,4 +154,11 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
-RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+
+
+async def _runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain-def dependency in a worker thread, a costly hop per request.
+    return runtime_of(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]

@@ -64,7 +64,7 @@ def sign_in(response: Response, settings: Settings, *, user_id: str, email: str)
     set_session_cookie(response, settings, issue_token(settings, user_id=user_id, email=email))
 
 
-def current_user(request: Request) -> UserClaims | None:
+async def current_user(request: Request) -> UserClaims | None:
     """The signed-in user, or None; never an error."""
     token = request.cookies.get(COOKIE_NAME)
     if not token:
@@ -73,7 +73,7 @@ def current_user(request: Request) -> UserClaims | None:
     return verify_token(settings, token)
 
 
-def require_user(user: Annotated[UserClaims | None, Depends(current_user)]) -> UserClaims:
+async def require_user(user: Annotated[UserClaims | None, Depends(current_user)]) -> UserClaims:
     """The signed-in user, or 401."""
     if user is None:
         raise NotAuthorized()

@@ -57,14 +57,19 @@ class Base(DeclarativeBase):
     """Tables that every service keeps in its own database (outbox, inbox, dead letters)."""
 
 
+POOL_SIZE = 10
+
+
 class Database:
     """A service's engine and session factory, plus hooks run after a commit."""
 
-    def __init__(self, url: str, *, metadata: Sequence[MetaData] = ()) -> None:
+    def __init__(
+        self, url: str, *, metadata: Sequence[MetaData] = (), pool_size: int = POOL_SIZE
+    ) -> None:
         self.url = url
         self.metadata = [Base.metadata, *metadata]
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        self.engine: AsyncEngine = _make_engine(url, is_sqlite=self.is_sqlite)
+        self.engine: AsyncEngine = _make_engine(url, is_sqlite=self.is_sqlite, pool_size=pool_size)
         # A session class of its own, so the commit hook sees only this database's sessions.
         sync_class = type("ServiceSession", (Session,), {})
         self.sessionmaker = async_sessionmaker(
@@ -120,9 +125,13 @@ class Database:
         await self.engine.dispose()
 
 
-def _make_engine(url: str, *, is_sqlite: bool) -> AsyncEngine:
+def _make_engine(url: str, *, is_sqlite: bool, pool_size: int) -> AsyncEngine:
     if not is_sqlite:
-        return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        # No pre-ping: it costs a round trip on every checkout. A connection the server dropped
+        # fails its one transaction and is replaced (the caller sees an error, then recovery).
+        # Few overflow connections: each is opened and closed per use, which under load costs
+        # more than waiting for a pooled one.
+        return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size // 2)
     engine = create_async_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine.sync_engine, "connect")

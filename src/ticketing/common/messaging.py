@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -147,6 +148,16 @@ class Publisher:
         await self.publish_raw(envelope.type, envelope.id, envelope.model_dump_json().encode())
 
 
+def _lane(msg: Msg) -> str:
+    """What an event is about: its ticket when it names one, else its order or its own id."""
+    try:
+        data = json.loads(msg.data).get("data", {})
+        ticket = data.get("ticket")
+        return str((ticket or {}).get("id") or data.get("id") or data.get("orderId") or "")
+    except (ValueError, AttributeError):
+        return ""  # undecodable: handle() dead-letters it
+
+
 class Listener:
     """A service's durable consumer: decode, handle in a transaction, ack after the commit.
 
@@ -166,6 +177,7 @@ class Listener:
         max_retry_later: int = 200,
         ack_wait: float = 30.0,
         batch: int = 32,
+        lanes: int = 8,
     ) -> None:
         self.service = service
         self.db = db
@@ -176,6 +188,8 @@ class Listener:
         self.ack_wait = ack_wait
         self.batch = batch
         self.handlers: dict[str, Handler] = {}
+        # Lanes in flight at once: each holds a database connection while it handles.
+        self._lanes = asyncio.Semaphore(lanes)
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stopping = False
@@ -239,6 +253,21 @@ class Listener:
                 log.warning("fetch failed for %s; retrying", self.service, exc_info=True)
                 await asyncio.sleep(0.5)
                 continue
+            await self._settle_batch(msgs)
+
+    async def _settle_batch(self, msgs: list[Msg]) -> None:
+        """Events about one ticket or order in their order; different ones side by side, so
+        one slow transaction does not hold up the rest (handlers already accept any order)."""
+        lanes: dict[str, list[Msg]] = {}
+        for msg in msgs:
+            if self._type_of(msg) not in self.handlers:
+                await msg.ack()  # not ours: no need even to decode it
+                continue
+            lanes.setdefault(_lane(msg), []).append(msg)
+        await asyncio.gather(*(self._settle_lane(lane) for lane in lanes.values()))
+
+    async def _settle_lane(self, msgs: list[Msg]) -> None:
+        async with self._lanes:
             for msg in msgs:
                 try:
                     await self.handle(msg)
@@ -249,6 +278,10 @@ class Listener:
                     log.exception(
                         "%s could not settle a message; it will be redelivered", self.service
                     )
+
+    def _type_of(self, msg: Msg) -> str:
+        """ticketing.ticket.created carries ticket:created."""
+        return msg.subject.removeprefix(f"{self.bus.prefix}.").replace(".", ":")
 
     async def handle(self, msg: Msg) -> None:
         """Handle one delivery and settle it: ack, nak with a delay, or dead-letter."""

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/payments", tags=["payments"])
 
 
-def _charges(request: Request) -> Charges:
+async def _charges(request: Request) -> Charges:
     charges: Charges = request.app.state.charges
     return charges
 

@@ -117,13 +117,16 @@ async def record_success(
     A charge for an order that was cancelled meanwhile, or that another charge already paid,
     is refunded and kept with a note saying why.
     """
-    known = await session.scalar(select(Payment).where(Payment.stripe_id == stripe_id))
-    if known is not None:
-        return known
-    # Locked, so a cancellation handled concurrently sees this payment or waits for it.
+    # Locked, so a cancellation handled concurrently sees this payment or waits for it, and
+    # so does the same charge recorded at once by the request and its webhook.
     order = await session.get(OrderReplica, order_id, with_for_update=True)
     if order is None:
         raise RetryLater(f"order {order_id} not known here yet")
+    # Only under the lock: read before it, the other path's commit could be missed, and this
+    # charge "already paid" by itself would be refunded.
+    known = await session.scalar(select(Payment).where(Payment.stripe_id == stripe_id))
+    if known is not None:
+        return known
     paid_before = await _succeeded_payment(session, order_id)
     payment = Payment(order_id=order_id, stripe_id=stripe_id, amount_cents=amount)
     session.add(payment)

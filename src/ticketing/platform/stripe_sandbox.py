@@ -95,6 +95,8 @@ class Sandbox:
         self.methods: dict[str, str] = {}  # pm_ id -> the test card it stands for
         self._deliveries: list[Delivery] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # One client for every delivery: a new one per webhook costs a TLS context each time.
+        self._client: httpx.AsyncClient | None = None
 
     def deliveries(self) -> list[Delivery]:
         """Every webhook delivery attempt so far, oldest first."""
@@ -120,13 +122,14 @@ class Sandbox:
 
     async def _deliver(self, event: Params) -> None:
         payload = json.dumps(event).encode()
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            for attempt, delay in enumerate((0.0, *self.retry_delays), start=1):
-                await asyncio.sleep(delay)
-                status = await self._post_event(client, payload)
-                self._deliveries.append(Delivery(event["id"], event["type"], attempt, status))
-                if status is not None and 200 <= status < 300:
-                    return
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=10.0)
+        for attempt, delay in enumerate((0.0, *self.retry_delays), start=1):
+            await asyncio.sleep(delay)
+            status = await self._post_event(self._client, payload)
+            self._deliveries.append(Delivery(event["id"], event["type"], attempt, status))
+            if status is not None and 200 <= status < 300:
+                return
 
     async def _post_event(self, client: httpx.AsyncClient, payload: bytes) -> int | None:
         assert self.webhook_url and self.webhook_secret
@@ -146,6 +149,9 @@ class Sandbox:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
 
 def sign_payload(payload: bytes, secret: str, *, timestamp: int | None = None) -> str:

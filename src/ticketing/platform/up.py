@@ -137,8 +137,8 @@ def _stripe_sandbox(
     return [(SANDBOX_PREFIX, app)]
 
 
-def run_up(*, host: str, port: int, log_level: str = "info") -> None:
-    """Start the platform and serve it until Ctrl-C."""
+def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -> None:
+    """Start the platform and serve it until Ctrl-C; `workers` > 1 runs that many processes."""
     configure_logging(json_lines=False, level=log_level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP line
     console = Console()
@@ -160,6 +160,15 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
         # The web client reaches the APIs through this process, whatever the public address.
         local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         overrides.setdefault("api_url", os.environ.get("TICKETING_API_URL") or local)
+        if workers > 1:
+            # Each worker is a whole platform process on the shared socket; what keeps state
+            # in memory (the Stripe sandbox) runs once, here.
+            from ticketing.platform.workers import WorkerPlan, run_workers
+
+            plan = WorkerPlan(host, port, workers, log_level, overrides, board, console, public_url)
+            with contextlib.suppress(KeyboardInterrupt):
+                run_workers(plan)
+            return
         routes = _stripe_sandbox(host, port, overrides, board)
         for spec in SERVICES.values():
             app = spec.create_app(**overrides)
@@ -170,8 +179,12 @@ def run_up(*, host: str, port: int, log_level: str = "info") -> None:
         # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
         # included) it unwinds this block, so the embedded servers stop with us.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(uvicorn.Server(config), board, console, public_url))
+        # uvicorn's own loop choice (uvloop when installed), as `uvicorn.run` would make it.
+        with (
+            contextlib.suppress(KeyboardInterrupt),
+            asyncio.Runner(loop_factory=config.get_loop_factory()) as runner,
+        ):
+            runner.run(_serve(uvicorn.Server(config), board, console, public_url))
 
 
 async def _serve(

@@ -33,7 +33,7 @@ async def _visitor(request: Request) -> Visitor:
     api = Api(request.app.state.http, request.cookies.get(COOKIE_NAME), client_ip)
     # The session is a JWT every service verifies with the shared key; so does the web, which
     # spares an API call on every page (and every second of a polled order status).
-    claims = current_user(request)
+    claims = await current_user(request)
     user = claims.model_dump() if claims else None
     state = request.app.state
     return Visitor(api=api, user=user, settings=state.settings, templates=state.templates)

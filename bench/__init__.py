@@ -1,0 +1,1 @@
+"""Benchmarks of the ticketing platform (not part of the test suite)."""

@@ -1,0 +1,1 @@
+"""`ticketing bench flash-sale`: the on-sale minute, measured against a ceiling."""

@@ -1,0 +1,43 @@
+"""What a run does: sizes of each phase and where the parts it measures are."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Config:
+    sellers: int = 10
+    tickets: int = 2000
+    buyers: int = 16
+    # Buyers go for the best seats: each picks among the first `hot` tickets still listed, so
+    # several buyers race for each ticket and most attempts lose.
+    hot: int = 4
+    expiring: int = 200
+    expiry_ttl_seconds: int = 3
+    workers: int = 2
+    # A running platform to measure instead of starting one (its TTL decides the expiry phase).
+    url: str | None = None
+    # The PostgreSQL server; the run makes and drops databases bench_flash_* on it.
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432"
+    # With --url: the platform's own database template, for the checks ({service} filled in).
+    database_template: str | None = None
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    subject_prefix: str = "benchflash"
+    ceiling: bool = True
+    out_dir: Path = Path("artifacts/bench")
+    json_path: Path | None = None
+    chart_path: Path | None = None
+
+    @classmethod
+    def quick(cls, **changes: object) -> Config:
+        """Every phase, small: a smoke test well under a minute."""
+        sizes = {"sellers": 2, "tickets": 120, "buyers": 8, "expiring": 20, "expiry_ttl_seconds": 2}
+        return dataclasses.replace(cls(), **{**sizes, **changes})  # type: ignore[arg-type]
+
+    @property
+    def chart(self) -> Path:
+        return self.chart_path or self.out_dir / "flash-sale.png"
