@@ -12,6 +12,7 @@ from functools import partial
 import asyncpg
 
 from bench.flash_sale.api import Api, ApiError, bounded
+from bench.flash_sale.convergence import EventClock
 from bench.flash_sale.rush import Win
 
 SETUP_CONCURRENCY = 16
@@ -148,30 +149,37 @@ class ExpiryResult:
 
 
 async def expire(
-    api: Api, people: People, count: int, within: float, orders_dsn: str
+    api: Api, people: People, count: int, within: float, orders_dsn: str, cancelled: EventClock
 ) -> ExpiryResult | None:
-    """Orders left unpaid: each must read cancelled soon after its expiresAt, and its ticket must
-    be back for sale."""
+    """Orders left unpaid: each must be cancelled soon after its expiresAt, and its ticket must
+    be back for sale.
+
+    The time of cancellation is when order:cancelled is seen on NATS (`cancelled` listens):
+    the orders service publishes it after the cancellation commits, so it is an upper bound of
+    when the order first reads cancelled, without buyers hammering the API to find out. Every
+    order is then read once through the API to check that it is cancelled."""
     ticket_ids = await list_tickets(api, people.sellers, count, "Encore")
     await replicated(orders_dsn, ticket_ids)
     buyers = people.buyers
-    orders = [
-        partial(api.call, "POST", "/api/orders", buyers[i % len(buyers)], {"ticketId": t})
-        for i, t in enumerate(ticket_ids)
-    ]
+    owner = {t: buyers[i % len(buyers)] for i, t in enumerate(ticket_ids)}
+    orders = [partial(api.call, "POST", "/api/orders", owner[t], {"ticketId": t}) for t in owner]
     created = await bounded(SETUP_CONCURRENCY, orders)
     for status, body in created:
         if status != 201:
             raise ApiError(f"an order for the expiry phase: {status} {body}")
-    expires = {body["id"]: _epoch(body["expiresAt"]) for _, body in created}
-    ttl = max(expires.values()) - time.time()
+    # expiresAt on the perf_counter clock the event clock uses
+    offset = time.perf_counter() - time.time()
+    expires = {body["id"]: _epoch(body["expiresAt"]) + offset for _, body in created}
+    ttl = max(expires.values()) - time.perf_counter()
     if ttl > MAX_EXPIRY_WAIT_SECONDS:  # a platform with a long window: give the tickets back
-        owner = {body["id"]: buyers[i % len(buyers)] for i, (_, body) in enumerate(created)}
-        cancels = [partial(api.call, "DELETE", f"/api/orders/{o}", owner[o]) for o in expires]
-        await bounded(SETUP_CONCURRENCY, cancels)
+        buyer_of = {body["id"]: owner[body["ticket"]["id"]] for _, body in created}
+        await bounded(SETUP_CONCURRENCY, [
+            partial(api.call, "DELETE", f"/api/orders/{o}", buyer_of[o]) for o in expires
+        ])  # fmt: skip
         return None
-    seen_at: dict[str, float] = {}
-    late = await _await_status(api, buyers, set(expires), "cancelled", ttl + within, seen_at)
+    await cancelled.wait_for(set(expires), ttl + within)
+    seen_at = {o: cancelled.seen[o] for o in expires if o in cancelled.seen}
+    not_cancelled = await _await_status(api, buyers, set(expires), "cancelled", within, {})
 
     async def relisted() -> bool:
         listed = {t["id"] for t in await api.listing()}
@@ -184,8 +192,8 @@ async def expire(
         listed = {t["id"] for t in await api.listing()}
         not_relisted = sum(1 for t in ticket_ids if t not in listed)
     return ExpiryResult(
-        lateness=[seen_at[o] - expires[o] for o in seen_at],
-        not_cancelled=len(late),
+        lateness=[max(seen_at[o] - expires[o], 0.0) for o in seen_at],
+        not_cancelled=len(not_cancelled | (set(expires) - seen_at.keys())),
         not_relisted=not_relisted,
         ttl_seconds=ttl,
     )

@@ -20,7 +20,7 @@ from bench.ceiling.app import SCHEMA
 from bench.flash_sale.api import Api, bounded, client
 from bench.flash_sale.checks import check
 from bench.flash_sale.config import Config
-from bench.flash_sale.convergence import ConvergenceWatcher
+from bench.flash_sale.convergence import ConvergenceWatcher, EventClock
 from bench.flash_sale.phases import (
     ExpiryResult,
     People,
@@ -152,11 +152,15 @@ async def _expiry(
         with phase(console, f"restart with a {config.expiry_ttl_seconds}s reservation window"):
             platform.stop()
             await platform.start(config.expiry_ttl_seconds)
-    async with client(config.buyers) as http:
+    cancelled = EventClock(
+        config.nats_url, f"{config.subject_prefix}.order.cancelled", lambda data: data["id"]
+    )
+    async with client(config.buyers) as http, cancelled:
         api = Api(http, platform.url)
         with phase(console, f"expiry: {config.expiring} orders left unpaid"):
+            orders_dsn = service_dsn(config, "orders")
             expiry = await expire(
-                api, people, config.expiring, EXPIRY_TIMEOUT, service_dsn(config, "orders")
+                api, people, config.expiring, EXPIRY_TIMEOUT, orders_dsn, cancelled
             )
     if expiry is None:
         notes.append(

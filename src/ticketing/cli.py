@@ -16,7 +16,12 @@ def up(
     port: Annotated[int, typer.Option(help="Port of the gateway.")] = 8000,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     workers: Annotated[
-        int, typer.Option(min=1, help="Processes serving the platform, sharing the port.")
+        int,
+        typer.Option(
+            min=1,
+            help="Processes serving requests, sharing the port; above 1, events are handled "
+            "in two more processes of their own.",
+        ),
     ] = 1,
 ) -> None:
     """Run the whole platform, starting embedded parts for unset URLs."""

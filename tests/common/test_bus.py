@@ -75,20 +75,68 @@ async def test_events_about_one_ticket_are_handled_in_their_order(
         assert [v for t, v in handled if t == ticket_id] == [1, 2, 3, 4, 5]
 
 
+async def test_a_batch_is_handled_in_one_transaction(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    sessions: list[AsyncSession] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            sessions.append(session)
+            session.add(Effect(key=event.id))
+
+    for n in range(5):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    await make_listener(setup)  # started after publishing: the five arrive in one batch
+    await eventually(lambda: _at_least(db, 5))
+    assert len(sessions) == 5
+    assert len(set(map(id, sessions))) == 1
+
+
+async def test_one_failing_event_does_not_hold_back_its_batch(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """The batch's transaction fails and is rolled back; each event then goes on its own, so
+    the four good ones commit and only the bad one is retried."""
+    calls: list[str] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            calls.append(event.id)
+            session.add(Effect(key=event.id))
+            if event.id == "ticket-2":
+                raise RuntimeError("this one always fails")
+
+    for n in range(5):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    await make_listener(setup)
+    await eventually(lambda: _at_least(db, 4))
+    assert sorted(e.key for e in await effects(db)) == [f"ticket-{n}" for n in (0, 1, 3, 4)]
+    assert calls[:3] == ["ticket-0", "ticket-1", "ticket-2"]  # the batch, given up at the third
+
+
 async def test_one_slow_lane_does_not_hold_up_the_others(
     db: Database, publisher: Publisher, make_listener: MakeListener
 ) -> None:
-    """The first "slow" event waits inside its transaction until the "fast" lane has handled all
-    five of its events: that only finishes if the lanes run at once."""
+    """After a batch failed together, its events go in lanes. The first "slow" event then waits
+    inside its transaction until the "fast" lane has handled all five of its events: that only
+    finishes if the lanes run at once."""
     if db.is_sqlite:
         pytest.skip("SQLite takes its one write lock per transaction: lanes serialize by design")
     fast_done = asyncio.Event()
     fast_seen: list[int] = []
+    tried_together = False
 
     def setup(listener: Listener) -> None:
         @listener.on(TicketUpdated)
         async def handle(session: AsyncSession, event: TicketUpdated) -> None:
+            nonlocal tried_together
             if event.id == "slow" and event.version == 1:
+                if not tried_together:
+                    tried_together = True
+                    raise RuntimeError("fail the batch, so that it goes in lanes")
                 await asyncio.wait_for(fast_done.wait(), timeout=20)
             elif event.id == "fast":
                 fast_seen.append(event.version)

@@ -60,9 +60,13 @@ class Runtime:
         await self.bus.connect()
         self.relay.start()
 
+    @property
+    def listens(self) -> bool:
+        return bool(self.listener.handlers) and self.settings.run_listeners
+
     async def listen(self) -> None:
         """Start consuming; last, once everything the handlers use is up."""
-        if self.listener.handlers:
+        if self.listens:
             await self.listener.start()
         log.info("%s started", self.name)
 
@@ -84,7 +88,8 @@ def create_service_app(
 ) -> FastAPI:
     """A service's FastAPI app; nothing connects until its lifespan starts.
 
-    `extra_lifespan` runs service-specific parts (e.g. a job worker) inside the common ones.
+    `extra_lifespan` runs service-specific parts the listeners use (e.g. a job worker) inside
+    the common ones, in the processes that listen.
     """
     runtime = Runtime(name, settings, metadata)
     if register_listeners is not None:
@@ -95,7 +100,7 @@ def create_service_app(
         await runtime.start()
         try:
             async with AsyncExitStack() as stack:
-                if extra_lifespan is not None:
+                if extra_lifespan is not None and settings.run_listeners:
                     await stack.enter_async_context(extra_lifespan(runtime))
                 await runtime.listen()
                 yield
@@ -124,7 +129,7 @@ def _ops_router(runtime: Runtime) -> APIRouter:
     @router.get("/readyz")
     async def readyz() -> JSONResponse:
         checks = {"database": "ok", "nats": "ok" if runtime.bus.is_connected else "down"}
-        if runtime.listener.handlers:
+        if runtime.listens:
             checks["listener"] = "ok" if runtime.listener.is_running else "down"
         try:
             await runtime.db.ping()

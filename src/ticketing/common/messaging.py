@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -25,7 +25,7 @@ from ticketing.common.db import Database
 from ticketing.common.events import Envelope, Event, subject_for
 from ticketing.common.logs import NATS_CORRELATION_HEADER, correlation_id
 from ticketing.common.metrics import ServiceMetrics
-from ticketing.common.outbox import DeadLetter, InboxEntry, mark_handled
+from ticketing.common.outbox import DeadLetter, InboxEntry, mark_all_handled, mark_handled
 from ticketing.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,17 @@ class Publisher:
         await self.publish_raw(envelope.type, envelope.id, envelope.model_dump_json().encode())
 
 
+@contextlib.contextmanager
+def _correlated(msg: Msg) -> Iterator[None]:
+    """Work for an event runs under the correlation id of the request that caused it, so its
+    logs and the events it adds carry it on."""
+    token = correlation_id.set((msg.headers or {}).get(NATS_CORRELATION_HEADER))
+    try:
+        yield
+    finally:
+        correlation_id.reset(token)
+
+
 def _lane(msg: Msg) -> str:
     """What an event is about: its ticket when it names one, else its order or its own id."""
     try:
@@ -256,15 +267,59 @@ class Listener:
             await self._settle_batch(msgs)
 
     async def _settle_batch(self, msgs: list[Msg]) -> None:
-        """Events about one ticket or order in their order; different ones side by side, so
-        one slow transaction does not hold up the rest (handlers already accept any order)."""
-        lanes: dict[str, list[Msg]] = {}
+        """A batch in one transaction when all of it goes well (the common case: one commit
+        instead of one per event). Otherwise each event on its own, in lanes: events about
+        one ticket or order in their order, different ones side by side, so one slow
+        transaction does not hold up the rest (handlers already accept any order)."""
+        ours: list[Msg] = []
         for msg in msgs:
-            if self._type_of(msg) not in self.handlers:
+            if self._type_of(msg) in self.handlers:
+                ours.append(msg)
+            else:
                 await msg.ack()  # not ours: no need even to decode it
-                continue
+        if len(ours) > 1 and await self._settle_together(ours):
+            return
+        lanes: dict[str, list[Msg]] = {}
+        for msg in ours:
             lanes.setdefault(_lane(msg), []).append(msg)
         await asyncio.gather(*(self._settle_lane(lane) for lane in lanes.values()))
+
+    async def _settle_together(self, msgs: list[Msg]) -> bool:
+        """Handle every message in stream order in one transaction, then ack them all. False,
+        with nothing committed or acked, if any of them is bad, early or fails: then each is
+        handled on its own, and only that one is retried or dead-lettered."""
+        deliveries: list[tuple[Msg, Envelope, Event, Handler]] = []
+        for msg in msgs:
+            try:
+                envelope = Envelope.model_validate_json(msg.data)
+                handler = self.handlers[envelope.type]
+                deliveries.append((msg, envelope, envelope.payload(), handler))
+            except (ValidationError, ValueError, KeyError):
+                return False
+        firsts: list[bool] = []
+        try:
+            async with self.db.transaction() as session:
+                ids = [envelope.id for _, envelope, _, _ in deliveries]
+                fresh = await mark_all_handled(session, consumer=self.service, event_ids=ids)
+                for msg, envelope, event, handler in deliveries:
+                    first = envelope.id in fresh
+                    fresh.discard(envelope.id)  # the same event twice in a batch: once
+                    if first:
+                        await self._run_handler(handler, session, msg, event)
+                    firsts.append(first)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("%s handles a batch of %d one by one after %r", self.service, len(msgs), exc)
+            return False
+        for (msg, envelope, _, _), first in zip(deliveries, firsts, strict=True):
+            await self._acked(msg, envelope, first=first)
+        return True
+
+    @staticmethod
+    async def _run_handler(handler: Handler, session: AsyncSession, msg: Msg, event: Event) -> None:
+        with _correlated(msg):
+            await handler(session, event)
 
     async def _settle_lane(self, msgs: list[Msg]) -> None:
         async with self._lanes:
@@ -300,13 +355,7 @@ class Listener:
         except (ValidationError, ValueError) as exc:
             await self._dead(msg, envelope, f"invalid payload: {exc}", attempt)
             return
-        # The handler runs under the correlation id of the request that caused the event, so
-        # its logs and the events it adds carry it on.
-        token = correlation_id.set((msg.headers or {}).get(NATS_CORRELATION_HEADER))
-        try:
-            await self._dispatch(msg, envelope, event, handler, attempt)
-        finally:
-            correlation_id.reset(token)
+        await self._dispatch(msg, envelope, event, handler, attempt)
 
     async def _dispatch(
         self, msg: Msg, envelope: Envelope, event: Event, handler: Handler, attempt: int
@@ -315,7 +364,7 @@ class Listener:
             async with self.db.transaction() as session:
                 first = await mark_handled(session, consumer=self.service, event_id=envelope.id)
                 if first:
-                    await handler(session, event)
+                    await self._run_handler(handler, session, msg, event)
         except (RetryLater, StaleDataError) as retry:
             # Not a failure: the event is early, or a concurrent write won; try again soon.
             if attempt >= self.max_retry_later:
@@ -333,15 +382,19 @@ class Listener:
         except Exception as exc:
             await self._failed(msg, envelope, exc, attempt)
             return
+        await self._acked(msg, envelope, first=first)
+
+    async def _acked(self, msg: Msg, envelope: Envelope, *, first: bool) -> None:
         await msg.ack()
         self._count(envelope.type, "handled" if first else "duplicate")
         lag = (datetime.now(UTC) - envelope.time).total_seconds()
         if self.metrics:
             self.metrics.listener_lag.labels(type=envelope.type).set(lag)
-        log.info(
-            "%s handled %s %s", self.service, envelope.type, envelope.id,
-            extra={"event_type": envelope.type, "event_id": envelope.id, "lag_seconds": lag},
-        )  # fmt: skip
+        with _correlated(msg):
+            log.info(
+                "%s handled %s %s", self.service, envelope.type, envelope.id,
+                extra={"event_type": envelope.type, "event_id": envelope.id, "lag_seconds": lag},
+            )  # fmt: skip
 
     async def _already_handled(self, event_id: str) -> bool:
         """Read-only: did a concurrent delivery of this event commit its effect?"""

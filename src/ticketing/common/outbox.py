@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import BigInteger, Index, Integer, String, Text, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -107,12 +108,27 @@ def add_event(session: AsyncSession, event: Event, *, event_id: str | None = Non
 
 async def mark_handled(session: AsyncSession, *, consumer: str, event_id: str) -> bool:
     """Record that `consumer` handled `event_id`; False when it already had."""
-    seen = await session.get(InboxEntry, (consumer, event_id))
-    if seen is not None:
-        return False
-    session.add(InboxEntry(consumer=consumer, event_id=event_id))
-    await session.flush()  # a concurrent duplicate fails here, before any effect
-    return True
+    return bool(await mark_all_handled(session, consumer=consumer, event_ids=[event_id]))
+
+
+async def mark_all_handled(
+    session: AsyncSession, *, consumer: str, event_ids: list[str]
+) -> set[str]:
+    """Record that `consumer` handled these events; returns those it had not handled before.
+
+    One statement for a whole batch, first in its transaction. A concurrent duplicate waits on
+    the key until the first commits, then finds it taken (or takes it, if the first rolled
+    back)."""
+    connection = await session.connection()  # plain SQL: no ORM bookkeeping on a hot path
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    now = utcnow()
+    statement = (
+        insert(InboxEntry)
+        .values([{"consumer": consumer, "event_id": e, "handled_at": now} for e in event_ids])
+        .on_conflict_do_nothing()
+        .returning(InboxEntry.event_id)
+    )
+    return set((await connection.execute(statement)).scalars())
 
 
 class OutboxRelay:
@@ -218,9 +234,9 @@ class OutboxRelay:
         if self.db.is_sqlite:
             return await self._publish_in_short_transactions()
         async with self.db.transaction() as session:
-            locked = await session.scalar(select(func.pg_try_advisory_xact_lock(_RELAY_LOCK_KEY)))
-            if not locked:
-                return 0  # another replica is publishing; it keeps the order
+            # One relay at a time keeps the order. Wait for the lock rather than skip: a skipped
+            # relay would leave this process's fresh rows to the next sweep, seconds later.
+            await session.execute(select(func.pg_advisory_xact_lock(_RELAY_LOCK_KEY)))
             rows = await self._pending(session)
             await self._publish(rows)
             await self._mark(session, rows)

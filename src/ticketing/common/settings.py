@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     db_pool_size: int = 10
     # Transactions a listener runs at once; events about one ticket or order stay in order.
     listener_lanes: int = 4
+    # False in a process that only serves requests (`ticketing up --workers N` runs the
+    # listeners and job workers in a process of their own); its outbox relay still publishes.
+    run_listeners: bool = True
     outbox_retention_hours: float = 24 * 7
 
     @model_validator(mode="after")

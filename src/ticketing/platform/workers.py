@@ -1,9 +1,14 @@
-"""`ticketing up --workers N`: N whole-platform processes on one socket, under a supervisor.
+"""`ticketing up --workers N`: N request workers and two events workers, under a supervisor.
 
-Each worker runs every service, exactly as a single `ticketing up` does; the kernel spreads
-connections over them. What stays correct with N > 1 is the services' own business: JetStream
-gives each durable consumer's messages to one worker at a time, the outbox relay publishes under
-a PostgreSQL advisory lock (on SQLite a row published twice keeps its Nats-Msg-Id, so JetStream
+Each request worker serves every service behind the gateway on one shared socket (the kernel
+spreads connections over them) and publishes its own outbox rows; the events workers run every
+listener and the expiration job worker, so that events are handled at once instead of queueing
+behind requests. The request workers run at a lower CPU priority (nice): under overload the
+platform first keeps what it already sold consistent, then takes new orders.
+
+What stays correct with several processes is the services' own business: JetStream gives each
+durable consumer's messages to one process at a time, the outbox relay publishes under a
+PostgreSQL advisory lock (on SQLite a row published twice keeps its Nats-Msg-Id, so JetStream
 drops the copy), and arq lets one worker run a job. The Stripe sandbox keeps its state in memory,
 so it runs once, in the supervisor.
 """
@@ -35,6 +40,8 @@ from ticketing.platform.stripe_sandbox import SandboxServer
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 15.0
+# How much lower the request workers' CPU priority is than the events workers'.
+REQUEST_WORKER_NICENESS = 5
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,9 @@ async def _supervise(plan: WorkerPlan, overrides: dict[str, Any]) -> None:
         sock = _bind(host, port)
         pool = WorkerPool(sock, plan.log_level, overrides)
         pool.start(plan.workers)
-        for index in range(plan.workers):
-            board.add(f"worker {index + 1}", "every service", "process", pool.probe(index))
+        for index, role in enumerate(pool.roles):
+            what = "every listener and job" if role.listens else "every service's requests"
+            board.add(f"{role.name} worker", what, "process", pool.probe(index))
         try:
             await _watch(pool, stop, board, plan.console, plan.public_url)
         finally:
@@ -123,34 +131,63 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class Role:
+    """What a worker process does: serve requests on the shared socket, or handle events."""
+
+    name: str
+    listens: bool
+    # Connections per service in one such process (half as many again at a peak), unless
+    # TICKETING_DB_POOL_SIZE says: every process has a pool per service, and all of them must
+    # fit PostgreSQL's max_connections (100 by default): 4 processes x 5 services x 4 = 80.
+    # Three keep a core busy; more would only queue inside PostgreSQL.
+    db_pool_size: int
+
+
+REQUESTS = Role("requests", listens=False, db_pool_size=3)
+EVENTS = Role("events", listens=True, db_pool_size=3)
+# Two, so that a burst of events (a rush, or a rush's orders expiring together) has a core
+# when the request workers leave one, and one events worker can die without events waiting.
+EVENT_WORKERS = 2
+
+
 class WorkerPool:
-    """The worker processes; one that dies is replaced."""
+    """The worker processes; one that dies is replaced by one of the same role."""
 
     def __init__(self, sock: socket.socket, log_level: str, overrides: dict[str, Any]) -> None:
         self.sock = sock
         self.log_level = log_level
         self.overrides = overrides
+        self.roles: list[Role] = []
         self.processes: list[BaseProcess] = []
         self._context = multiprocessing.get_context("spawn")
 
-    def _spawn(self) -> BaseProcess:
+    def _spawn(self, role: Role) -> BaseProcess:
+        # An events worker serves nothing anyone calls: its own socket only runs the lifespans.
+        sock = self.sock if role is REQUESTS else _bind("127.0.0.1", 0)
+        overrides = {**self.overrides, "run_listeners": role.listens}
+        if "TICKETING_DB_POOL_SIZE" not in os.environ:
+            overrides["db_pool_size"] = role.db_pool_size
         process = self._context.Process(
             target=serve_worker,
-            args=(self.sock, self.log_level, self.overrides),
-            name="ticketing-worker",
+            args=(sock, self.log_level, overrides, role),
+            name=f"ticketing-{role.name}",
         )
         process.start()
+        if sock is not self.sock:
+            sock.close()  # the child has its own copy
         return process
 
-    def start(self, count: int) -> None:
-        self.processes = [self._spawn() for _ in range(count)]
+    def start(self, request_workers: int) -> None:
+        self.roles = [EVENTS] * EVENT_WORKERS + [REQUESTS] * request_workers
+        self.processes = [self._spawn(role) for role in self.roles]
 
     def replace_dead(self) -> None:
         for index, process in enumerate(self.processes):
             if not process.is_alive():
-                log.warning("worker %d exited with %s; starting another", index + 1,
-                            process.exitcode)  # fmt: skip
-                self.processes[index] = self._spawn()
+                log.warning("%s worker exited with %s; starting another",
+                            self.roles[index].name, process.exitcode)  # fmt: skip
+                self.processes[index] = self._spawn(self.roles[index])
 
     def probe(self, index: int) -> Any:
         def state() -> str:
@@ -190,10 +227,14 @@ async def _watch(
                 live.update(board.render())
 
 
-def serve_worker(sock: socket.socket, log_level: str, overrides: dict[str, Any]) -> None:
-    """One worker process: every service behind the gateway, on the supervisor's socket."""
+def serve_worker(
+    sock: socket.socket, log_level: str, overrides: dict[str, Any], role: Role = REQUESTS
+) -> None:
+    """One worker process: every service behind the gateway, on the socket it was given."""
     configure_logging(json_lines=False, level=log_level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    if not role.listens:
+        os.nice(REQUEST_WORKER_NICENESS)
     routes = [(spec.prefix, spec.create_app(**overrides)) for spec in SERVICES.values()]
     config = uvicorn.Config(Gateway(routes), log_level=log_level.lower())
     uvicorn.Server(config).run(sockets=[sock])
