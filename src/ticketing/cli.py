@@ -43,6 +43,7 @@ def serve(
     """Run one service the way a container does; every URL it needs must be set."""
     import uvicorn
 
+    from ticketing.common.gc_tuning import tune_for_serving
     from ticketing.common.logs import configure_logging
     from ticketing.platform.services import SERVICES
 
@@ -57,7 +58,9 @@ def serve(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
-    uvicorn.run(spec.factory()(settings), host=host, port=port, proxy_headers=True, log_config=None)
+    app = spec.factory()(settings)
+    tune_for_serving()
+    uvicorn.run(app, host=host, port=port, proxy_headers=True, log_config=None)
 
 
 @app.command()

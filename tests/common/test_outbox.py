@@ -13,6 +13,7 @@ from ticketing.common.db import Database
 from ticketing.common.events import Envelope, TicketCreated
 from ticketing.common.messaging import Bus, Publisher
 from ticketing.common.outbox import OutboxEvent, OutboxRelay, add_event
+from ticketing.common.settings import Settings
 
 
 def ticket(n: int) -> TicketCreated:
@@ -166,3 +167,33 @@ async def test_prune_forgets_only_old_published_events_and_old_inbox_entries(
         "00000000-0000-0000-0000-000000000002",
     ]
     assert handled == ["new"]
+
+
+async def test_a_commit_in_a_process_that_only_serves_requests_wakes_a_relay_elsewhere(
+    db: Database, bus: Bus, settings: Settings, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    """`ticketing up --workers N`: request workers run no relay; their commits wake one in an
+    events worker over NATS. The relay's sweep is a minute here: only the wake-up can be quick."""
+    relay = start_relay(db, Publisher(bus), relays, sweep=60)
+    await bus.on_relay_wake("probe", relay.notify)
+    requests_db = Database(settings.service_database_url("probe"))  # the other process's pool
+    requests_bus = Bus(settings)
+    await requests_bus.connect()
+    try:
+        requests_db.on_commit(lambda: requests_bus.wake_relay("probe"))
+        sent = []
+        # Twice: the first commit may race the relay's first pass at start; by the second, the
+        # relay is surely asleep until woken.
+        for n in (7, 8):
+            async with requests_db.transaction() as session:
+                sent.append(add_event(session, ticket(n)).id)
+            published = await eventually(lambda: _published(bus, len(sent)))
+        assert [e.id for e in published] == sent
+    finally:
+        await requests_bus.close()
+        await requests_db.dispose()
+
+
+async def _published(bus: Bus, count: int) -> list[Envelope] | None:
+    envelopes = await stream_envelopes(bus)
+    return envelopes if len(envelopes) >= count else None

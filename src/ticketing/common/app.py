@@ -58,7 +58,13 @@ class Runtime:
         if self.settings.is_dev:
             await self.db.create_all()
         await self.bus.connect()
-        self.relay.start()
+        if self.settings.run_listeners:
+            self.relay.start()
+            await self.bus.on_relay_wake(self.name, self.relay.notify)
+        else:
+            # A process that only serves requests leaves publishing to those that listen; it
+            # wakes their relay after each commit that wrote outbox rows.
+            self.db.on_commit(lambda: self.bus.wake_relay(self.name))
 
     @property
     def listens(self) -> bool:

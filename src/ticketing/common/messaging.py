@@ -31,6 +31,10 @@ from ticketing.common.settings import Settings
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_SECONDS = 120.0
+# How long a listener waits for a batch to fill when nothing was ready: the events that come
+# meanwhile share one transaction (under load, most of a listener's cost), at the price of
+# that much lag. After a quiet window it waits for the next message alone, without a window.
+FETCH_WINDOW_SECONDS = 0.2
 E = TypeVar("E", bound=Event)
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
 
@@ -60,6 +64,7 @@ class Bus:
         self.settings = settings
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self._wakes: set[asyncio.Task[None]] = set()  # held, so they are not collected mid-way
 
     @property
     def js(self) -> JetStreamContext:
@@ -98,6 +103,29 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    def relay_subject(self, service: str) -> str:
+        """Where a service's relays are woken; outside the stream's subjects, so not stored."""
+        return f"relay.{self.prefix}.{service}"
+
+    async def on_relay_wake(self, service: str, wake: Callable[[], None]) -> None:
+        """Call `wake` when another process has committed outbox rows of `service`. A queue
+        group: one relay of the service wakes, not all of them to race for the same rows."""
+        assert self.nc is not None, "Bus.connect() first"
+
+        async def woken(_msg: Msg) -> None:
+            wake()
+
+        await self.nc.subscribe(self.relay_subject(service), queue="relay", cb=woken)
+
+    def wake_relay(self, service: str) -> None:
+        """Fire and forget (a lost wake-up only waits for the relay's sweep); called from a
+        commit hook, so it cannot await."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        task = asyncio.get_running_loop().create_task(self.nc.publish(self.relay_subject(service)))
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
 
     async def close(self) -> None:
         # Listeners settle their own messages and publishes are awaited, so there is nothing
@@ -255,7 +283,7 @@ class Listener:
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping:
             try:
-                msgs = await sub.fetch(self.batch, timeout=1.0)
+                msgs = await self._fetch(sub)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except asyncio.CancelledError:
@@ -265,6 +293,19 @@ class Listener:
                 await asyncio.sleep(0.5)
                 continue
             await self._settle_batch(msgs)
+
+    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """What is ready, at once; else what comes within a short window; after a quiet window,
+        the next message as soon as it comes.
+
+        A fetch of a batch that finds nothing ready waits for the batch to fill until its
+        timeout: with a long timeout, a lone event on a quiet platform would wait that long.
+        """
+        try:
+            msgs: list[Msg] = await sub.fetch(self.batch, timeout=FETCH_WINDOW_SECONDS)
+        except (TimeoutError, nats.errors.TimeoutError):
+            msgs = await sub.fetch(1, timeout=1.0)
+        return msgs
 
     async def _settle_batch(self, msgs: list[Msg]) -> None:
         """A batch in one transaction when all of it goes well (the common case: one commit

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # Transactions a listener runs at once; events about one ticket or order stay in order.
     listener_lanes: int = 4
     # False in a process that only serves requests (`ticketing up --workers N` runs the
-    # listeners and job workers in a process of their own); its outbox relay still publishes.
+    # listeners, job workers and relays in processes of their own); its commits wake them.
     run_listeners: bool = True
     outbox_retention_hours: float = 24 * 7
 

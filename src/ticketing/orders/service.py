@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Select, and_, select
 from sqlalchemy.exc import IntegrityError
@@ -39,11 +39,14 @@ async def create_order(
     row = (await session.execute(_ticket_and_holder(ticket_id))).first()
     if row is None:
         raise NotFound("Ticket not found")
-    ticket, holder = row
+    ticket, holder_id, holder_status, holder_expires_at = row
     if ticket.user_id == user_id:
         raise BadRequest("You cannot buy your own ticket", field="ticketId")
-    if holder is not None:
-        await _free_expired_hold(session, holder)
+    if holder_id is not None:
+        # Most attempts of a rush end here: decided on plain columns, no order loaded.
+        if _still_holds(holder_status, holder_expires_at):
+            raise BadRequest(ALREADY_RESERVED)
+        await _free_expired_hold(session, holder_id)
     now = utcnow()
     order = Order(
         user_id=user_id,
@@ -72,14 +75,24 @@ async def create_order(
     return order
 
 
-def _ticket_and_holder(ticket_id: str) -> Select[TicketReplica, Order]:
+def _ticket_and_holder(ticket_id: str) -> Select[TicketReplica, str, OrderStatus, datetime]:
     holds = and_(Order.ticket_id == TicketReplica.id, Order.status != OrderStatus.CANCELLED)
-    return select(TicketReplica, Order).outerjoin(Order, holds).where(TicketReplica.id == ticket_id)
+    return (
+        select(TicketReplica, Order.id, Order.status, Order.expires_at)
+        .outerjoin(Order, holds)
+        .where(TicketReplica.id == ticket_id)
+    )
 
 
-async def _free_expired_hold(session: AsyncSession, holder: Order) -> None:
-    """Cancel the ticket's holder if its window has passed; refuse if it still holds."""
-    if holder.status is not OrderStatus.CREATED or holder.expires_at > utcnow():
+def _still_holds(status: OrderStatus, expires_at: datetime) -> bool:
+    """An order holds its ticket while paid, or unpaid within its window."""
+    return status is not OrderStatus.CREATED or expires_at > utcnow()
+
+
+async def _free_expired_hold(session: AsyncSession, holder_id: str) -> None:
+    """Cancel the ticket's holder, whose window has passed; refuse if it still holds."""
+    holder = await session.get(Order, holder_id)  # read again: it may have been paid since
+    if holder is None or _still_holds(holder.status, holder.expires_at):
         raise BadRequest(ALREADY_RESERVED)
     try:
         await _cancel(session, holder)

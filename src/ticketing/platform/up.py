@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.common.mailbox import mailbox_dir
 from ticketing.common.settings import Settings
@@ -176,6 +177,7 @@ def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -
             where = f"{public_url}{spec.prefix}" if spec.prefix else "(no routes)"
             board.add(f"{spec.name} service", where, "in process", _service(app))
         config = uvicorn.Config(Gateway(routes), host=host, port=port, log_level=log_level.lower())
+        tune_for_serving()
         # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
         # included) it unwinds this block, so the embedded servers stop with us.
         signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -1,10 +1,11 @@
 """`ticketing up --workers N`: N request workers and two events workers, under a supervisor.
 
 Each request worker serves every service behind the gateway on one shared socket (the kernel
-spreads connections over them) and publishes its own outbox rows; the events workers run every
-listener and the expiration job worker, so that events are handled at once instead of queueing
-behind requests. The request workers run at a lower CPU priority (nice): under overload the
-platform first keeps what it already sold consistent, then takes new orders.
+spreads connections over them); the events workers run every listener, the expiration job
+worker and the outbox relays (woken over NATS by the request workers' commits), so that events
+are handled and published at once instead of queueing behind requests. The request workers run
+at a lower CPU priority (nice): under overload the platform first keeps what it already sold
+consistent, then takes new orders.
 
 What stays correct with several processes is the services' own business: JetStream gives each
 durable consumer's messages to one process at a time, the outbox relay publishes under a
@@ -31,6 +32,7 @@ from rich.console import Console
 from rich.live import Live
 
 from ticketing.common.db import Database
+from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET
 from ticketing.platform.gateway import Gateway
@@ -236,5 +238,6 @@ def serve_worker(
     if not role.listens:
         os.nice(REQUEST_WORKER_NICENESS)
     routes = [(spec.prefix, spec.create_app(**overrides)) for spec in SERVICES.values()]
+    tune_for_serving()
     config = uvicorn.Config(Gateway(routes), log_level=log_level.lower())
     uvicorn.Server(config).run(sockets=[sock])
