@@ -125,6 +125,18 @@ async def test_buying_your_own_ticket_is_refused(orders: Platform) -> None:
     assert response.json()["errors"][0]["message"] == "You cannot buy your own ticket"
 
 
+async def test_the_seller_hears_it_is_their_own_ticket_even_when_it_is_held(
+    orders: Platform,
+) -> None:
+    seller = new_user()
+    ticket_id = await seed_ticket(orders, seller=seller)
+    async with orders.client(new_user()) as buyer, orders.client(seller) as c:
+        assert (await order(buyer, ticket_id)).status_code == 201
+        response = await order(c, ticket_id)
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["message"] == "You cannot buy your own ticket"
+
+
 async def test_an_expired_order_no_longer_blocks_a_new_buyer(platform: Platform) -> None:
     await platform.start("orders", order_ttl_seconds=0)
     ticket_id = await seed_ticket(platform)
