@@ -129,9 +129,9 @@ def _make_engine(url: str, *, is_sqlite: bool, pool_size: int) -> AsyncEngine:
     if not is_sqlite:
         # No pre-ping: it costs a round trip on every checkout. A connection the server dropped
         # fails its one transaction and is replaced (the caller sees an error, then recovery).
-        # Few overflow connections: each is opened and closed per use, which under load costs
-        # more than waiting for a pooled one.
-        return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size // 2)
+        # No overflow: an overflow connection is opened and closed per use (a PostgreSQL backend
+        # started and stopped), which under load costs far more than waiting for a pooled one.
+        return create_async_engine(url, pool_size=pool_size, max_overflow=0)
     engine = create_async_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine.sync_engine, "connect")

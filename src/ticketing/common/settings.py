@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     listener_max_deliver: int = 5
     listener_ack_wait_seconds: float = 30.0
     outbox_sweep_seconds: float = 2.0
-    # Connections each service keeps per process (PostgreSQL); half as many again at a peak.
+    # Connections each service keeps per process (PostgreSQL); a request waits for a free one.
     db_pool_size: int = 10
     # Transactions a listener runs at once; events about one ticket or order stay in order.
     listener_lanes: int = 4

@@ -139,15 +139,15 @@ class Role:
 
     name: str
     listens: bool
-    # Connections per service in one such process (half as many again at a peak), unless
-    # TICKETING_DB_POOL_SIZE says: every process has a pool per service, and all of them must
-    # fit PostgreSQL's max_connections (100 by default): 4 processes x 5 services x 4 = 80.
-    # Three keep a core busy; more would only queue inside PostgreSQL.
+    # Connections per service in one such process, unless TICKETING_DB_POOL_SIZE says: every
+    # process has a pool per service, and all of them must fit PostgreSQL's max_connections
+    # (100 by default): 2 x 5 x 5 + 2 x 5 x 4 = 90 with two request workers, at the very worst
+    # (pools only open what is used at once). More would only queue inside PostgreSQL.
     db_pool_size: int
 
 
-REQUESTS = Role("requests", listens=False, db_pool_size=3)
-EVENTS = Role("events", listens=True, db_pool_size=3)
+REQUESTS = Role("requests", listens=False, db_pool_size=5)
+EVENTS = Role("events", listens=True, db_pool_size=4)
 # Two, so that a burst of events (a rush, or a rush's orders expiring together) has a core
 # when the request workers leave one, and one events worker can die without events waiting.
 EVENT_WORKERS = 2
