@@ -123,9 +123,15 @@ class Bus:
         commit hook, so it cannot await."""
         if self.nc is None or not self.nc.is_connected:
             return
-        task = asyncio.get_running_loop().create_task(self.nc.publish(self.relay_subject(service)))
+        task = asyncio.get_running_loop().create_task(self._wake(self.nc, service))
         self._wakes.add(task)
         task.add_done_callback(self._wakes.discard)
+
+    async def _wake(self, nc: NATS, service: str) -> None:
+        try:
+            await nc.publish(self.relay_subject(service))
+        except Exception:  # a connection lost meanwhile: the sweep publishes the rows
+            log.debug("could not wake the %s relay", service, exc_info=True)
 
     async def close(self) -> None:
         # Listeners settle their own messages and publishes are awaited, so there is nothing
