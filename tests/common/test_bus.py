@@ -91,7 +91,41 @@ async def test_a_batch_is_handled_in_one_transaction(
     await make_listener(setup)  # started after publishing: the five arrive in one batch
     await eventually(lambda: _at_least(db, 5))
     assert len(sessions) == 5
-    assert len(set(map(id, sessions))) == 1
+    # SQLite has one writer, so each event gets a short transaction of its own there.
+    assert len(set(map(id, sessions))) == (5 if db.is_sqlite else 1)
+
+
+async def test_in_a_batch_each_handler_reads_what_others_committed_meanwhile(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """As if each event had a transaction of its own: no row cached from an earlier handler."""
+    if db.is_sqlite:
+        pytest.skip("SQLite handles each event in a transaction of its own (one writer)")
+    async with db.transaction() as session:
+        shared = Effect(key="before", replica="shared")
+        session.add(shared)
+    seen: list[str] = []
+    held: list[Effect] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            row = await session.get(Effect, shared.id)
+            assert row is not None
+            seen.append(row.key)
+            held.append(row)  # still referenced (as through a relationship): the session keeps it
+            if event.id == "ticket-0":  # another process changes the row, and commits
+                async with db.transaction() as elsewhere:
+                    changed = await elsewhere.get(Effect, shared.id)
+                    assert changed is not None
+                    changed.key = "after"
+            session.add(Effect(key=event.id))
+
+    for n in range(2):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    await make_listener(setup)
+    await eventually(lambda: _at_least(db, 3))
+    assert seen == ["before", "after"]
 
 
 async def test_one_failing_event_does_not_hold_back_its_batch(
@@ -114,7 +148,8 @@ async def test_one_failing_event_does_not_hold_back_its_batch(
     await make_listener(setup)
     await eventually(lambda: _at_least(db, 4))
     assert sorted(e.key for e in await effects(db)) == [f"ticket-{n}" for n in (0, 1, 3, 4)]
-    assert calls[:3] == ["ticket-0", "ticket-1", "ticket-2"]  # the batch, given up at the third
+    if not db.is_sqlite:  # where a batch is first tried in one transaction
+        assert calls[:3] == ["ticket-0", "ticket-1", "ticket-2"]  # given up at the third
 
 
 async def test_one_slow_lane_does_not_hold_up_the_others(

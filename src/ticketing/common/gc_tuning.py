@@ -6,8 +6,9 @@ import gc
 
 # Allocations (less deallocations) between collections of the young generation; 700 by default.
 YOUNG_THRESHOLD = 20_000
-# Young collections per middle one, and middle ones per full one; 10 and 10 by default.
-OLDER_THRESHOLDS = (50, 100)
+# Young collections per middle one (10 by default), and middle ones per full one (kept at 10, so
+# garbage in reference cycles that reaches the oldest generation is still collected).
+OLDER_THRESHOLDS = (20, 10)
 
 
 def tune_for_serving() -> None:

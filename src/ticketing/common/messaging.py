@@ -298,7 +298,14 @@ class Listener:
                 log.warning("fetch failed for %s; retrying", self.service, exc_info=True)
                 await asyncio.sleep(0.5)
                 continue
-            await self._settle_batch(msgs)
+            try:
+                await self._settle_batch(msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # An ack that failed (NATS went away): unacked, the messages come back and the
+                # inbox drops what was already done. The loop must live on.
+                log.exception("%s could not settle a batch; it will be redelivered", self.service)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
         """What is ready, at once; else what comes within a short window; after a quiet window,
@@ -324,7 +331,8 @@ class Listener:
                 ours.append(msg)
             else:
                 await msg.ack()  # not ours: no need even to decode it
-        if len(ours) > 1 and await self._settle_together(ours):
+        # SQLite has one writer: keep its transactions short, one event each.
+        if len(ours) > 1 and not self.db.is_sqlite and await self._settle_together(ours):
             return
         lanes: dict[str, list[Msg]] = {}
         for msg in ours:
@@ -353,6 +361,10 @@ class Listener:
                     fresh.discard(envelope.id)  # the same event twice in a batch: once
                     if first:
                         await self._run_handler(handler, session, msg, event)
+                        # Each handler reads fresh rows, as in a transaction of its own: what
+                        # another process committed meanwhile, not what the batch read before.
+                        await session.flush()
+                        session.expire_all()
                     firsts.append(first)
         except asyncio.CancelledError:
             raise

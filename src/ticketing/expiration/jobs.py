@@ -40,9 +40,6 @@ class JobQueue:
             redis_pool=self.pool,
             handle_signals=False,
             poll_delay=self.poll_seconds,
-            # Orders made in one rush expire together: run their jobs side by side (each is a
-            # few Redis and database round trips) rather than ten at a time.
-            max_jobs=100,
             ctx={"runtime": runtime},
             keep_result=3600,
             max_tries=10_000,  # a job retries until it can announce the expiry

@@ -139,18 +139,32 @@ class Role:
 
     name: str
     listens: bool
-    # Connections per service in one such process, unless TICKETING_DB_POOL_SIZE says: every
-    # process has a pool per service, and all of them must fit PostgreSQL's max_connections
-    # (100 by default): 2 x 5 x 5 + 2 x 5 x 4 = 90 with two request workers, at the very worst
-    # (pools only open what is used at once). More would only queue inside PostgreSQL.
-    db_pool_size: int
 
 
-REQUESTS = Role("requests", listens=False, db_pool_size=5)
-EVENTS = Role("events", listens=True, db_pool_size=4)
+REQUESTS = Role("requests", listens=False)
+EVENTS = Role("events", listens=True)
+# Every process has a pool per service: all of them together, at their fullest, stay within
+# this, under PostgreSQL's default max_connections (100) with room for migrations and psql.
+# Pools only open what is used at once; beyond a few per core, more would only queue inside
+# PostgreSQL.
+CONNECTION_BUDGET = 90
+MIN_POOL_SIZE = 2
 # Two, so that a burst of events (a rush, or a rush's orders expiring together) has a core
 # when the request workers leave one, and one events worker can die without events waiting.
 EVENT_WORKERS = 2
+
+
+def pool_size_per_service(processes: int) -> int:
+    """Connections each service's pool keeps in each process, within CONNECTION_BUDGET."""
+    services = sum(1 for spec in SERVICES.values() if spec.has_database)
+    size = CONNECTION_BUDGET // (processes * services)
+    if size < MIN_POOL_SIZE:
+        log.warning(
+            "%d processes x %d services x %d connections may exceed PostgreSQL's max_connections;"
+            " set TICKETING_DB_POOL_SIZE, or raise max_connections",
+            processes, services, MIN_POOL_SIZE,
+        )  # fmt: skip
+    return max(size, MIN_POOL_SIZE)
 
 
 class WorkerPool:
@@ -161,6 +175,7 @@ class WorkerPool:
         self.log_level = log_level
         self.overrides = overrides
         self.roles: list[Role] = []
+        self.pool_size = MIN_POOL_SIZE
         self.processes: list[BaseProcess] = []
         self._context = multiprocessing.get_context("spawn")
 
@@ -169,7 +184,7 @@ class WorkerPool:
         sock = self.sock if role is REQUESTS else _bind("127.0.0.1", 0)
         overrides = {**self.overrides, "run_listeners": role.listens}
         if "TICKETING_DB_POOL_SIZE" not in os.environ:
-            overrides["db_pool_size"] = role.db_pool_size
+            overrides["db_pool_size"] = self.pool_size
         process = self._context.Process(
             target=serve_worker,
             args=(sock, self.log_level, overrides, role),
@@ -182,6 +197,7 @@ class WorkerPool:
 
     def start(self, request_workers: int) -> None:
         self.roles = [EVENTS] * EVENT_WORKERS + [REQUESTS] * request_workers
+        self.pool_size = pool_size_per_service(len(self.roles))
         self.processes = [self._spawn(role) for role in self.roles]
 
     def replace_dead(self) -> None:

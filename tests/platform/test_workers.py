@@ -1,0 +1,33 @@
+"""`ticketing up --workers N`: every process's pools together fit PostgreSQL's connections."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ticketing.platform.services import SERVICES
+from ticketing.platform.workers import (
+    CONNECTION_BUDGET,
+    EVENT_WORKERS,
+    MIN_POOL_SIZE,
+    pool_size_per_service,
+)
+
+SERVICES_WITH_DB = sum(1 for spec in SERVICES.values() if spec.has_database)
+
+
+@pytest.mark.parametrize("request_workers", [1, 2, 3, 4])
+def test_all_pools_at_their_fullest_stay_within_the_budget(request_workers: int) -> None:
+    processes = request_workers + EVENT_WORKERS
+    size = pool_size_per_service(processes)
+    assert size >= MIN_POOL_SIZE
+    assert processes * SERVICES_WITH_DB * size <= CONNECTION_BUDGET
+
+
+def test_too_many_processes_for_the_budget_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="ticketing.platform.workers"):
+        assert pool_size_per_service(30) == MIN_POOL_SIZE
+    assert "TICKETING_DB_POOL_SIZE" in caplog.text
