@@ -37,6 +37,7 @@ DUPLICATE_WINDOW_SECONDS = 120.0
 FETCH_WINDOW_SECONDS = 0.2
 E = TypeVar("E", bound=Event)
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
+_Delivery = tuple[Msg, Envelope, Event, Handler]
 
 
 class RetryLater(Exception):
@@ -343,29 +344,11 @@ class Listener:
         """Handle every message in stream order in one transaction, then ack them all. False,
         with nothing committed or acked, if any of them is bad, early or fails: then each is
         handled on its own, and only that one is retried or dead-lettered."""
-        deliveries: list[tuple[Msg, Envelope, Event, Handler]] = []
-        for msg in msgs:
-            try:
-                envelope = Envelope.model_validate_json(msg.data)
-                handler = self.handlers[envelope.type]
-                deliveries.append((msg, envelope, envelope.payload(), handler))
-            except (ValidationError, ValueError, KeyError):
-                return False
-        firsts: list[bool] = []
+        deliveries = self._decode_all(msgs)
+        if deliveries is None:
+            return False
         try:
-            async with self.db.transaction() as session:
-                ids = [envelope.id for _, envelope, _, _ in deliveries]
-                fresh = await mark_all_handled(session, consumer=self.service, event_ids=ids)
-                for msg, envelope, event, handler in deliveries:
-                    first = envelope.id in fresh
-                    fresh.discard(envelope.id)  # the same event twice in a batch: once
-                    if first:
-                        await self._run_handler(handler, session, msg, event)
-                        # Each handler reads fresh rows, as in a transaction of its own: what
-                        # another process committed meanwhile, not what the batch read before.
-                        await session.flush()
-                        session.expire_all()
-                    firsts.append(first)
+            firsts = await self._handle_in_one_transaction(deliveries)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -374,6 +357,36 @@ class Listener:
         for (msg, envelope, _, _), first in zip(deliveries, firsts, strict=True):
             await self._acked(msg, envelope, first=first)
         return True
+
+    def _decode_all(self, msgs: list[Msg]) -> list[_Delivery] | None:
+        """Every message decoded with its handler; None if any cannot be (handle() settles it)."""
+        deliveries: list[_Delivery] = []
+        for msg in msgs:
+            try:
+                envelope = Envelope.model_validate_json(msg.data)
+                handler = self.handlers[envelope.type]
+                deliveries.append((msg, envelope, envelope.payload(), handler))
+            except (ValidationError, ValueError, KeyError):
+                return None
+        return deliveries
+
+    async def _handle_in_one_transaction(self, deliveries: list[_Delivery]) -> list[bool]:
+        """Run each handler this consumer has not run yet; says, per delivery, which ran."""
+        firsts: list[bool] = []
+        async with self.db.transaction() as session:
+            ids = [envelope.id for _, envelope, _, _ in deliveries]
+            fresh = await mark_all_handled(session, consumer=self.service, event_ids=ids)
+            for msg, envelope, event, handler in deliveries:
+                first = envelope.id in fresh
+                fresh.discard(envelope.id)  # the same event twice in a batch: once
+                if first:
+                    await self._run_handler(handler, session, msg, event)
+                    # Each handler reads fresh rows, as in a transaction of its own: what
+                    # another process committed meanwhile, not what the batch read before.
+                    await session.flush()
+                    session.expire_all()
+                firsts.append(first)
+        return firsts
 
     @staticmethod
     async def _run_handler(handler: Handler, session: AsyncSession, msg: Msg, event: Event) -> None:
