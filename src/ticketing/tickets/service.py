@@ -85,7 +85,9 @@ async def update_ticket(
 
 async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> None:
     """order:created: the ticket is held by this order."""
-    ticket = await session.get(Ticket, ticket_id)
+    # Locked first, as release() does: an order's creation and cancellation handled at once (by
+    # two processes) take turns, and whichever goes second sees what the first committed.
+    ticket = await session.get(Ticket, ticket_id, with_for_update=True)
     if ticket is None:
         raise RetryLater(f"ticket {ticket_id} is unknown here")
     if ticket.order_id == order_id:
@@ -102,9 +104,9 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
 
 async def release(session: AsyncSession, *, ticket_id: str, order_id: str) -> None:
     """order:cancelled: free the ticket, but only if this order is the one holding it."""
+    ticket = await session.get(Ticket, ticket_id, with_for_update=True)
     if await session.get(ReleasedOrder, order_id) is None:
         session.add(ReleasedOrder(order_id=order_id))
-    ticket = await session.get(Ticket, ticket_id)
     if ticket is None or ticket.order_id != order_id or ticket.sold:
         log.info("order %s released nothing: ticket %s is not held by it", order_id, ticket_id)
         await session.flush()
@@ -115,7 +117,7 @@ async def release(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
 
 async def mark_sold(session: AsyncSession, *, ticket_id: str, order_id: str) -> None:
     """order:completed: the holder paid; the ticket is sold for good."""
-    ticket = await session.get(Ticket, ticket_id)
+    ticket = await session.get(Ticket, ticket_id, with_for_update=True)
     if ticket is None:
         raise RetryLater(f"ticket {ticket_id} is unknown here")
     if ticket.sold and ticket.order_id == order_id:
