@@ -16,7 +16,7 @@ from bench.flash_sale.convergence import EventClock
 from bench.flash_sale.rush import Win
 
 SETUP_CONCURRENCY = 16
-POLL_SECONDS = 0.05  # how often buyers re-read their orders: the resolution of the lateness
+POLL_SECONDS = 0.05  # how often buyers re-read their orders: when the pay phase is seen to end
 PASSWORD = "flash-sale"
 MAX_EXPIRY_WAIT_SECONDS = 120.0
 
@@ -107,7 +107,7 @@ async def pay(api: Api, buyers: list[str], wins: list[Win], within: float) -> Pa
 
     answers = await bounded(len(buyers), [partial(one, w) for w in wins])
     wanted = {w.order_id for w in wins}
-    incomplete = await _await_status(api, buyers, wanted, "complete", within, {})
+    incomplete = await _await_status(api, buyers, wanted, "complete", within)
     return PayResult(
         statuses=[s for s, _ in answers],
         latencies=[t for _, t in answers],
@@ -122,19 +122,16 @@ async def _await_status(
     order_ids: set[str],
     status: str,
     within: float,
-    seen_at: dict[str, float],
 ) -> set[str]:
-    """Buyers re-read their orders until every one of `order_ids` has `status`; records the
-    wall-clock time each was first seen so. Returns those that never got there."""
+    """Buyers re-read their orders until every one of `order_ids` has `status`; returns those
+    that never got there."""
     pending = set(order_ids)
     deadline = time.monotonic() + within
     while pending and time.monotonic() < deadline:
         pages = await asyncio.gather(*(api.my_orders(token) for token in buyers))
-        now = time.time()
         for order in (o for page in pages for o in page):
             if order["id"] in pending and order["status"] == status:
                 pending.discard(order["id"])
-                seen_at[order["id"]] = now
         if pending:
             await asyncio.sleep(POLL_SECONDS)
     return pending
@@ -179,7 +176,7 @@ async def expire(
         return None
     await cancelled.wait_for(set(expires), ttl + within)
     seen_at = {o: cancelled.seen[o] for o in expires if o in cancelled.seen}
-    not_cancelled = await _await_status(api, buyers, set(expires), "cancelled", within, {})
+    not_cancelled = await _await_status(api, buyers, set(expires), "cancelled", within)
 
     async def relisted() -> bool:
         listed = {t["id"] for t in await api.listing()}

@@ -55,7 +55,7 @@ def _service(app: FastAPI) -> Probe:
         runtime = getattr(app.state, "runtime", None)
         if runtime is None:  # the web client: ready once its API client exists
             return "ready" if hasattr(app.state, "http") else "starting"
-        listening = runtime.listener.is_running or not runtime.listener.handlers
+        listening = runtime.listener.is_running or not runtime.listens
         return "ready" if runtime.bus.is_connected and listening else "starting"
 
     return probe
