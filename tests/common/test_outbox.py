@@ -103,6 +103,19 @@ async def test_events_are_published_in_commit_order(
     assert [e.id for e in published] == ids
 
 
+async def test_events_of_one_transaction_keep_the_order_they_were_added_in(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    # The rows are written as the transaction commits, around whatever else it flushed.
+    async with db.transaction() as session:
+        ids = [add_event(session, ticket(n)).id for n in range(5)]
+        await session.flush()
+        ids += [add_event(session, ticket(n)).id for n in range(5, 8)]
+    start_relay(db, publisher, relays)
+    published = await eventually(lambda: _all_published(bus, 8))
+    assert [e.id for e in published] == ids
+
+
 async def _all_published(bus: Bus, n: int) -> list[Envelope]:
     found = await stream_envelopes(bus)
     return found if len(found) >= n else []

@@ -6,11 +6,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from itertools import groupby
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import DateTime, MetaData, TypeDecorator, event, text
+from sqlalchemy import DateTime, MetaData, TypeDecorator, event, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -76,6 +77,8 @@ class Database:
             self.engine, expire_on_commit=False, sync_session_class=sync_class
         )
         self._after_commit: list[Callable[[], None]] = []
+        event.listen(sync_class, "before_commit", _insert_queued)
+        event.listen(sync_class, "after_rollback", _forget_queued)
         event.listen(sync_class, "after_commit", self._committed)
 
     def on_commit(self, hook: Callable[[], None]) -> None:
@@ -123,6 +126,28 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+_QUEUED = "queued_inserts"
+
+
+def queue_insert(session: AsyncSession, entity: type[DeclarativeBase], row: dict[str, Any]) -> None:
+    """Insert `row` into `entity`'s table as the session commits, after rows queued before it.
+
+    For append-only rows written on hot paths (the outbox): one plain statement at commit
+    instead of an ORM object for the unit of work to track and flush."""
+    session.info.setdefault(_QUEUED, []).append((entity, row))
+
+
+def _insert_queued(session: Session) -> None:
+    queued: list[tuple[type[DeclarativeBase], dict[str, Any]]] = session.info.pop(_QUEUED, [])
+    # Consecutive rows of one table go in one statement, in the order they were queued.
+    for entity, group in groupby(queued, key=lambda item: item[0]):
+        session.connection().execute(insert(entity), [row for _entity, row in group])
+
+
+def _forget_queued(session: Session) -> None:
+    session.info.pop(_QUEUED, None)
 
 
 def _make_engine(url: str, *, is_sqlite: bool, pool_size: int) -> AsyncEngine:

@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ticketing.common.db import Base, Database, UtcDateTime, utcnow
+from ticketing.common.db import Base, Database, UtcDateTime, queue_insert, utcnow
 from ticketing.common.events import Envelope, Event
 from ticketing.common.logs import correlation_id
 
@@ -92,16 +92,17 @@ def _aware(moment: datetime | str) -> datetime:
 
 
 def add_event(session: AsyncSession, event: Event, *, event_id: str | None = None) -> Envelope:
-    """Store an event in the outbox, in the caller's transaction."""
+    """Store an event in the outbox, in the caller's transaction (written as it commits)."""
     envelope = Envelope.wrap(event, event_id=event_id)
-    session.add(
-        OutboxEvent(
-            event_id=envelope.id,
-            type=envelope.type,
-            body=envelope.model_dump_json(),
-            correlation_id=correlation_id.get(),
-        )
-    )
+    row = {
+        "event_id": envelope.id,
+        "type": envelope.type,
+        "body": envelope.model_dump_json(),
+        "created_at": utcnow(),
+        "published_at": None,
+        "correlation_id": correlation_id.get(),
+    }
+    queue_insert(session, OutboxEvent, row)
     session.info["outbox_dirty"] = True
     return envelope
 

@@ -14,7 +14,7 @@ from ticketing.orders.schemas import OrderBody, OrderOut
 router = APIRouter(prefix="/api/orders", tags=["orders"])
 
 
-def _out(order: Order) -> OrderOut:
+def _out(order: Order | service.PlacedOrder) -> OrderOut:
     return OrderOut.model_validate(order, from_attributes=True)
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
 
-from sqlalchemy import Select, and_, select
+from sqlalchemy import Insert, Row, Select, and_, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
-from ticketing.common.db import utcnow
+from ticketing.common.db import next_version, utcnow
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import (
     OrderCancelled,
@@ -22,6 +25,7 @@ from ticketing.common.events import (
     TicketRef,
     TicketUpdated,
 )
+from ticketing.common.ids import new_id
 from ticketing.common.messaging import RetryLater, is_next_version
 from ticketing.common.outbox import add_event
 from ticketing.orders.models import Order, OrderStatus, TicketReplica
@@ -31,34 +35,49 @@ log = logging.getLogger(__name__)
 ALREADY_RESERVED = "Ticket is already reserved"
 
 
+@dataclass(frozen=True)
+class PlacedOrder:
+    """A new order as the buyer sees it, with the ticket it holds."""
+
+    id: str
+    user_id: str
+    status: str
+    expires_at: datetime
+    version: int
+    ticket: Row[Any]  # id, title, price, version
+
+
 async def create_order(
     session: AsyncSession, *, user_id: str, ticket_id: str, ttl_seconds: int
-) -> Order:
-    """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins."""
-    # The ticket and whoever holds it, in one round trip: this runs for every attempt of a rush.
-    row = (await session.execute(_ticket_and_holder(ticket_id))).first()
+) -> PlacedOrder:
+    """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins.
+
+    Every attempt of a rush runs this, most of them to lose: plain statements, built once,
+    on the session's connection, with no ORM unit of work to keep."""
+    connection = await session.connection()
+    row = (await connection.execute(_ticket_and_holder(), {"ticket_id": ticket_id})).first()
     if row is None:
         raise NotFound("Ticket not found")
-    ticket, holder_id, holder_status, holder_expires_at = row
-    if ticket.user_id == user_id:
+    if row.user_id == user_id:
         raise BadRequest("You cannot buy your own ticket", field="ticketId")
-    if holder_id is not None:
-        # Most attempts of a rush end here: decided on plain columns, no order loaded.
-        if _still_holds(holder_status, holder_expires_at):
+    if row.holder_id is not None:
+        # Most attempts of a rush end here, decided on the holder's plain columns.
+        if _still_holds(OrderStatus(row.holder_status), row.holder_expires_at):
             raise BadRequest(ALREADY_RESERVED)
-        await _free_expired_hold(session, holder_id)
+        await _free_expired_hold(session, row.holder_id)
     now = utcnow()
-    order = Order(
+    order = PlacedOrder(
+        id=new_id(),
         user_id=user_id,
-        ticket_id=ticket_id,
-        status=OrderStatus.CREATED,
+        status=OrderStatus.CREATED.value,
         expires_at=now + timedelta(seconds=ttl_seconds),
-        created_at=now,
+        version=next_version(None),
+        ticket=row,
     )
-    order.ticket = ticket
-    session.add(order)
+    values = {"ticket_id": ticket_id, "created_at": now}
     try:
-        await session.flush()  # the partial unique index decides the race here
+        # The partial unique index decides the race here.
+        await connection.execute(_insert_order(), {**_order_columns(order), **values})
     except IntegrityError:
         raise BadRequest(ALREADY_RESERVED) from None
     add_event(
@@ -66,22 +85,48 @@ async def create_order(
         OrderCreated(
             id=order.id,
             version=order.version,
-            status=order.status.value,
+            status=order.status,
             user_id=user_id,
             expires_at=order.expires_at,
-            ticket=OrderTicket(id=ticket.id, price=ticket.price),
+            ticket=OrderTicket(id=ticket_id, price=row.price),
         ),
     )
     return order
 
 
-def _ticket_and_holder(ticket_id: str) -> Select[TicketReplica, str, OrderStatus, datetime]:
-    holds = and_(Order.ticket_id == TicketReplica.id, Order.status != OrderStatus.CANCELLED)
+def _order_columns(order: PlacedOrder) -> dict[str, Any]:
+    return {
+        "id": order.id,
+        "user_id": order.user_id,
+        "status": order.status,
+        "expires_at": order.expires_at,
+        "version": order.version,
+    }
+
+
+@cache
+def _ticket_and_holder() -> Select[Any]:
+    tickets, orders = TicketReplica.__table__.c, Order.__table__.c
+    holds = and_(orders.ticket_id == tickets.id, orders.status != OrderStatus.CANCELLED.value)
     return (
-        select(TicketReplica, Order.id, Order.status, Order.expires_at)
-        .outerjoin(Order, holds)
-        .where(TicketReplica.id == ticket_id)
+        select(
+            tickets.id,
+            tickets.title,
+            tickets.price,
+            tickets.version,
+            tickets.user_id,
+            orders.id.label("holder_id"),
+            orders.status.label("holder_status"),
+            orders.expires_at.label("holder_expires_at"),
+        )
+        .outerjoin_from(TicketReplica.__table__, Order.__table__, holds)
+        .where(tickets.id == bindparam("ticket_id"))
     )
+
+
+@cache
+def _insert_order() -> Insert:
+    return insert(Order)
 
 
 def _still_holds(status: OrderStatus, expires_at: datetime) -> bool:
