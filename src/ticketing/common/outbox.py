@@ -8,9 +8,25 @@ import contextlib
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, Index, Integer, String, Text, delete, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    Index,
+    Insert,
+    Integer,
+    Row,
+    Select,
+    String,
+    Text,
+    Update,
+    bindparam,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
@@ -121,15 +137,18 @@ async def mark_all_handled(
     the key until the first commits, then finds it taken (or takes it, if the first rolled
     back)."""
     connection = await session.connection()  # plain SQL: no ORM bookkeeping on a hot path
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
     now = utcnow()
-    statement = (
-        insert(InboxEntry)
-        .values([{"consumer": consumer, "event_id": e, "handled_at": now} for e in event_ids])
-        .on_conflict_do_nothing()
-        .returning(InboxEntry.event_id)
-    )
-    return set((await connection.execute(statement)).scalars())
+    rows = [{"consumer": consumer, "event_id": e, "handled_at": now} for e in event_ids]
+    result = await connection.execute(_inbox_insert(connection.dialect.name), rows)
+    return set(result.scalars())
+
+
+@cache
+def _inbox_insert(dialect: str) -> Insert:
+    # Built once and given its rows as parameters: a statement with its values inline would
+    # differ by batch size and be compiled again for almost every batch.
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(InboxEntry).on_conflict_do_nothing().returning(InboxEntry.event_id)
 
 
 class OutboxRelay:
@@ -253,16 +272,12 @@ class OutboxRelay:
             await self._mark(session, rows)
         return len(rows)
 
-    async def _pending(self, session: AsyncSession) -> list[OutboxEvent]:
-        query = (
-            select(OutboxEvent)
-            .where(OutboxEvent.published_at.is_(None))
-            .order_by(OutboxEvent.seq)
-            .limit(self.batch_size)
-        )
-        return list((await session.scalars(query)).all())
+    async def _pending(self, session: AsyncSession) -> list[Row[Any]]:
+        connection = await session.connection()  # plain rows: the relay runs after every commit
+        result = await connection.execute(_pending_rows(), {"limit": self.batch_size})
+        return list(result.all())
 
-    async def _publish(self, rows: list[OutboxEvent]) -> None:
+    async def _publish(self, rows: list[Row[Any]]) -> None:
         # All of a batch on the wire at once, acks awaited together: one round trip, not one per
         # row. Tasks start in row order, so the stream keeps the outbox's order; if any publish
         # fails, none is marked and the whole batch goes again (Nats-Msg-Id drops the copies).
@@ -276,10 +291,29 @@ class OutboxRelay:
             for row in rows:
                 self.metrics.events_published.labels(type=row.type).inc()
 
-    async def _mark(self, session: AsyncSession, rows: list[OutboxEvent]) -> None:
+    async def _mark(self, session: AsyncSession, rows: list[Row[Any]]) -> None:
         if rows:
-            await session.execute(
-                update(OutboxEvent)
-                .where(OutboxEvent.seq.in_([r.seq for r in rows]))
-                .values(published_at=utcnow())
-            )
+            connection = await session.connection()
+            seqs = [row.seq for row in rows]
+            await connection.execute(_mark_published(), {"seqs": seqs, "now": utcnow()})
+
+
+@cache
+def _pending_rows() -> Select[Any]:
+    table = OutboxEvent.__table__.c
+    return (
+        select(table.seq, table.type, table.event_id, table.body, table.correlation_id)
+        .where(table.published_at.is_(None))
+        .order_by(table.seq)
+        .limit(bindparam("limit"))
+    )
+
+
+@cache
+def _mark_published() -> Update:
+    table = OutboxEvent.__table__.c
+    return (
+        update(OutboxEvent)
+        .where(table.seq.in_(bindparam("seqs", expanding=True)))
+        .values(published_at=bindparam("now"))
+    )
