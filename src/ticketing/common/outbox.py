@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from ticketing.common.db import Base, Database, UtcDateTime, queue_insert, utcnow
 from ticketing.common.events import Envelope, Event
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_SECONDS = 3600.0
+
+# What the relay reads of a row: seq, type, event_id, body, correlation_id.
+_OutboxRow = tuple[int, str, str, str, str | None]
 
 # Any constant works: each service has a database of its own, so relays of different
 # services never contend for it; replicas of one service take turns.
@@ -254,12 +258,16 @@ class OutboxRelay:
         if self.db.is_sqlite:
             return await self._publish_in_short_transactions()
         async with self.db.transaction() as session:
+            connection = await session.connection()
             # One relay at a time keeps the order. Wait for the lock rather than skip: a skipped
             # relay would leave this process's fresh rows to the next sweep, seconds later.
-            await session.execute(select(func.pg_advisory_xact_lock(_RELAY_LOCK_KEY)))
-            rows = await self._pending(session)
+            await connection.execute(_relay_lock())
+            # Marked and read in one statement; if a publish fails, the rollback unmarks them.
+            claimed = await connection.execute(
+                _claim_pending(), {"limit": self.batch_size, "now": utcnow()}
+            )
+            rows = sorted(claimed.all(), key=lambda row: row.seq)
             await self._publish(rows)
-            await self._mark(session, rows)
         return len(rows)
 
     async def _publish_in_short_transactions(self) -> int:
@@ -272,12 +280,12 @@ class OutboxRelay:
             await self._mark(session, rows)
         return len(rows)
 
-    async def _pending(self, session: AsyncSession) -> list[Row[Any]]:
+    async def _pending(self, session: AsyncSession) -> list[Row[_OutboxRow]]:
         connection = await session.connection()  # plain rows: the relay runs after every commit
         result = await connection.execute(_pending_rows(), {"limit": self.batch_size})
         return list(result.all())
 
-    async def _publish(self, rows: list[Row[Any]]) -> None:
+    async def _publish(self, rows: list[Row[_OutboxRow]]) -> None:
         # All of a batch on the wire at once, acks awaited together: one round trip, not one per
         # row. Tasks start in row order, so the stream keeps the outbox's order; if any publish
         # fails, none is marked and the whole batch goes again (Nats-Msg-Id drops the copies).
@@ -291,7 +299,7 @@ class OutboxRelay:
             for row in rows:
                 self.metrics.events_published.labels(type=row.type).inc()
 
-    async def _mark(self, session: AsyncSession, rows: list[Row[Any]]) -> None:
+    async def _mark(self, session: AsyncSession, rows: list[Row[_OutboxRow]]) -> None:
         if rows:
             connection = await session.connection()
             seqs = [row.seq for row in rows]
@@ -299,13 +307,35 @@ class OutboxRelay:
 
 
 @cache
-def _pending_rows() -> Select[Any]:
+def _pending_rows() -> Select[_OutboxRow]:
     table = OutboxEvent.__table__.c
     return (
         select(table.seq, table.type, table.event_id, table.body, table.correlation_id)
         .where(table.published_at.is_(None))
         .order_by(table.seq)
         .limit(bindparam("limit"))
+    )
+
+
+@cache
+def _relay_lock() -> Select[Any]:
+    return select(func.pg_advisory_xact_lock(_RELAY_LOCK_KEY))
+
+
+@cache
+def _claim_pending() -> ReturningUpdate[_OutboxRow]:
+    table = OutboxEvent.__table__.c
+    pending = (
+        select(table.seq)
+        .where(table.published_at.is_(None))
+        .order_by(table.seq)
+        .limit(bindparam("limit"))
+    )
+    return (
+        update(OutboxEvent)
+        .where(table.seq.in_(pending))
+        .values(published_at=bindparam("now"))
+        .returning(table.seq, table.type, table.event_id, table.body, table.correlation_id)
     )
 
 
