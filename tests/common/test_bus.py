@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import pytest
+from nats.js.api import ConsumerConfig
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,7 +22,7 @@ from ticketing.common.events import (
     TicketUpdated,
     subject_for,
 )
-from ticketing.common.messaging import Bus, Listener, Publisher, RetryLater
+from ticketing.common.messaging import Bus, Listener, Publisher, RetryLater, consumer_filter
 from ticketing.common.outbox import DeadLetter
 
 MakeListener = Callable[..., Awaitable[Listener]]
@@ -352,16 +353,55 @@ async def test_events_without_a_handler_are_acked_and_ignored(
     db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
 ) -> None:
     def setup(listener: Listener) -> None:
+        # Two families: the consumer is sent every event, and ignores ticket:updated.
         listener.on(TicketCreated)(_never_called)
+        listener.on(OrderCreated)(_never_called)
 
     await make_listener(setup)
-    order = OrderCreated.model_validate(
-        {"id": "o1", "version": 0, "status": "created", "userId": "u1",
+    update = TicketUpdated(
+        id="t1", version=1, title="Concert", price=Decimal(10), user_id="u1", order_id=None
+    )
+    await publisher.publish(Envelope.wrap(update))
+    await eventually(lambda: consumer_settled(bus, "probe"))
+    info = await bus.js.consumer_info(bus.stream, "probe")
+    assert info.delivered.consumer_seq == 1
+    assert await effects(db) == []
+
+
+def _order_created(order_id: str) -> OrderCreated:
+    return OrderCreated.model_validate(
+        {"id": order_id, "version": 0, "status": "created", "userId": "u1",
          "expiresAt": "2030-01-01T00:00:00Z", "ticket": {"id": "t1", "price": 10}}
     )  # fmt: skip
-    await publisher.publish(Envelope.wrap(order))
+
+
+async def test_a_consumer_is_sent_only_the_events_it_may_handle(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    def setup(listener: Listener) -> None:
+        @listener.on(OrderCreated)
+        async def handle(session: AsyncSession, event: OrderCreated) -> None:
+            session.add(Effect(key=event.id))
+
+    # A consumer left by an earlier version, sent everything: it is narrowed in place.
+    await bus.js.add_consumer(
+        bus.stream, ConsumerConfig(durable_name="probe", filter_subject=f"{bus.prefix}.>")
+    )
+    await make_listener(setup)
+    await publisher.publish(Envelope.wrap(ticket(1)))
+    await publisher.publish(Envelope.wrap(_order_created("o1")))
+    await eventually(lambda: _at_least(db, 1))
     await eventually(lambda: consumer_settled(bus, "probe"))
-    assert await effects(db) == []
+    info = await bus.js.consumer_info(bus.stream, "probe")
+    assert info.config.filter_subject == subject_for("order:created", bus.prefix)
+    assert info.delivered.consumer_seq == 1  # ticket:created never reached it
+    assert [e.key for e in await effects(db)] == ["o1"]
+
+
+def test_a_consumer_filter_is_the_narrowest_that_covers_its_events() -> None:
+    assert consumer_filter("p", ["order:created"]) == "p.order.created"
+    assert consumer_filter("p", ["order:created", "order:cancelled"]) == "p.order.>"
+    assert consumer_filter("p", ["order:created", "ticket:created"]) == "p.>"
 
 
 async def test_a_handler_integrity_error_is_retried_not_marked_handled(
