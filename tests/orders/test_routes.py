@@ -156,6 +156,27 @@ async def test_an_expired_order_no_longer_blocks_a_new_buyer(platform: Platform)
     ]
 
 
+async def test_buyers_racing_for_an_expired_hold_cancel_it_once_and_one_wins(
+    platform: Platform,
+) -> None:
+    await platform.start("orders", order_ttl_seconds=0)
+    ticket_id = await seed_ticket(platform)
+    async with platform.client(new_user()) as late:
+        stale = (await order(late, ticket_id)).json()
+    platform.runtime("orders").settings.order_ttl_seconds = 900  # the winner's order holds
+    clients = [platform.client(new_user()) for _ in range(10)]
+    try:
+        responses = await asyncio.gather(*(order(c, ticket_id) for c in clients))
+    finally:
+        for c in clients:
+            await c.aclose()
+    assert sorted(r.status_code for r in responses) == [201] + [400] * 9
+    bus = platform.runtime("orders").bus
+    published = await eventually(lambda: _types(bus, 3))
+    cancellations = [e for e in published if e.type == "order:cancelled"]
+    assert [(e.data["id"], e.data["version"]) for e in cancellations] == [(stale["id"], 1)]
+
+
 async def _types(bus: Any, n: int) -> list[Any]:
     found = await stream_envelopes(bus)
     return found if len(found) >= n else []

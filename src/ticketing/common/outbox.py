@@ -24,15 +24,23 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    insert,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.dml import ReturningUpdate
 
-from ticketing.common.db import Base, Database, UtcDateTime, queue_insert, utcnow
+from ticketing.common.db import (
+    WROTE_OUTBOX,
+    Base,
+    Database,
+    UtcDateTime,
+    queue_insert,
+    utcnow,
+)
 from ticketing.common.events import Envelope, Event
 from ticketing.common.logs import correlation_id
 
@@ -114,7 +122,22 @@ def _aware(moment: datetime | str) -> datetime:
 def add_event(session: AsyncSession, event: Event, *, event_id: str | None = None) -> Envelope:
     """Store an event in the outbox, in the caller's transaction (written as it commits)."""
     envelope = Envelope.wrap(event, event_id=event_id)
-    row = {
+    queue_insert(session, OutboxEvent, _outbox_row(envelope))
+    session.info[WROTE_OUTBOX] = True
+    return envelope
+
+
+async def insert_event(connection: AsyncConnection, event: Event) -> Envelope:
+    """Store an event in the outbox now, in the transaction of a plain connection
+    (`Database.plain_transaction`)."""
+    envelope = Envelope.wrap(event)
+    await connection.execute(insert(OutboxEvent), _outbox_row(envelope))
+    connection.info[WROTE_OUTBOX] = True
+    return envelope
+
+
+def _outbox_row(envelope: Envelope) -> dict[str, Any]:
+    return {
         "event_id": envelope.id,
         "type": envelope.type,
         "body": envelope.model_dump_json(),
@@ -122,9 +145,6 @@ def add_event(session: AsyncSession, event: Event, *, event_id: str | None = Non
         "published_at": None,
         "correlation_id": correlation_id.get(),
     }
-    queue_insert(session, OutboxEvent, row)
-    session.info["outbox_dirty"] = True
-    return envelope
 
 
 async def mark_handled(session: AsyncSession, *, consumer: str, event_id: str) -> bool:
@@ -151,8 +171,8 @@ async def mark_all_handled(
 def _inbox_insert(dialect: str) -> Insert:
     # Built once and given its rows as parameters: a statement with its values inline would
     # differ by batch size and be compiled again for almost every batch.
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(InboxEntry).on_conflict_do_nothing().returning(InboxEntry.event_id)
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return dialect_insert(InboxEntry).on_conflict_do_nothing().returning(InboxEntry.event_id)
 
 
 class OutboxRelay:
@@ -257,8 +277,8 @@ class OutboxRelay:
         """Publish one batch of pending rows; returns how many went out."""
         if self.db.is_sqlite:
             return await self._publish_in_short_transactions()
-        async with self.db.transaction() as session:
-            connection = await session.connection()
+        # A plain connection, no ORM session: the relay runs after every commit.
+        async with self.db.engine.begin() as connection:
             # One relay at a time keeps the order. Wait for the lock rather than skip: a skipped
             # relay would leave this process's fresh rows to the next sweep, seconds later.
             await connection.execute(_relay_lock())
@@ -273,17 +293,15 @@ class OutboxRelay:
     async def _publish_in_short_transactions(self) -> int:
         # SQLite has one writer: never hold its lock while waiting on NATS. Publishing before
         # marking is safe: a row published twice has the same Nats-Msg-Id.
-        async with self.db.transaction() as session:
-            rows = await self._pending(session)
+        async with self.db.engine.begin() as connection:
+            result = await connection.execute(_pending_rows(), {"limit": self.batch_size})
+            rows = list(result.all())
         await self._publish(rows)
-        async with self.db.transaction() as session:
-            await self._mark(session, rows)
+        if rows:
+            async with self.db.engine.begin() as connection:
+                seqs = [row.seq for row in rows]
+                await connection.execute(_mark_published(), {"seqs": seqs, "now": utcnow()})
         return len(rows)
-
-    async def _pending(self, session: AsyncSession) -> list[Row[_OutboxRow]]:
-        connection = await session.connection()  # plain rows: the relay runs after every commit
-        result = await connection.execute(_pending_rows(), {"limit": self.batch_size})
-        return list(result.all())
 
     async def _publish(self, rows: list[Row[_OutboxRow]]) -> None:
         # All of a batch on the wire at once, acks awaited together: one round trip, not one per
@@ -298,12 +316,6 @@ class OutboxRelay:
         if self.metrics:
             for row in rows:
                 self.metrics.events_published.labels(type=row.type).inc()
-
-    async def _mark(self, session: AsyncSession, rows: list[Row[_OutboxRow]]) -> None:
-        if rows:
-            connection = await session.connection()
-            seqs = [row.seq for row in rows]
-            await connection.execute(_mark_published(), {"seqs": seqs, "now": utcnow()})
 
 
 @cache

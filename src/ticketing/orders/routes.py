@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from ticketing.common.app import SessionDep
+from ticketing.common.app import ConnectionDep, SessionDep
 from ticketing.common.auth import RequireUser
 from ticketing.common.ids import path_id
 from ticketing.orders import service
@@ -20,10 +20,10 @@ def _out(order: Order | service.PlacedOrder) -> OrderOut:
 
 @router.post("", status_code=201)
 async def create_order(
-    body: OrderBody, user: RequireUser, session: SessionDep, request: Request
+    body: OrderBody, user: RequireUser, connection: ConnectionDep, request: Request
 ) -> OrderOut:
     order = await service.create_order(
-        session,
+        connection,
         user_id=user.id,
         ticket_id=body.ticketId,
         ttl_seconds=request.app.state.settings.order_ttl_seconds,

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Row, Select, and_, bindparam, insert, select
+from sqlalchemy import Insert, Row, Select, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from ticketing.common.db import next_version, utcnow
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
@@ -27,7 +27,7 @@ from ticketing.common.events import (
 )
 from ticketing.common.ids import new_id
 from ticketing.common.messaging import RetryLater, is_next_version
-from ticketing.common.outbox import add_event
+from ticketing.common.outbox import add_event, insert_event
 from ticketing.orders.models import Order, OrderStatus, TicketReplica
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,12 @@ class PlacedOrder:
 
 
 async def create_order(
-    session: AsyncSession, *, user_id: str, ticket_id: str, ttl_seconds: int
+    connection: AsyncConnection, *, user_id: str, ticket_id: str, ttl_seconds: int
 ) -> PlacedOrder:
     """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins.
 
-    Every attempt of a rush runs this, most of them to lose: plain statements, built once,
-    on the session's connection, with no ORM unit of work to keep."""
-    connection = await session.connection()
+    Every attempt of a rush runs this, most of them to lose: plain statements, built once, on
+    a plain connection (no ORM session to keep)."""
     row = (await connection.execute(_ticket_and_holder(), {"ticket_id": ticket_id})).first()
     if row is None:
         raise NotFound("Ticket not found")
@@ -64,7 +63,7 @@ async def create_order(
         # Most attempts of a rush end here, decided on the holder's plain columns.
         if _still_holds(OrderStatus(row.holder_status), row.holder_expires_at):
             raise BadRequest(ALREADY_RESERVED)
-        await _free_expired_hold(session, row.holder_id)
+        await _free_expired_hold(connection, row.holder_id)
     now = utcnow()
     order = PlacedOrder(
         id=new_id(),
@@ -80,8 +79,8 @@ async def create_order(
         await connection.execute(_insert_order(), {**_order_columns(order), **values})
     except IntegrityError:
         raise BadRequest(ALREADY_RESERVED) from None
-    add_event(
-        session,
+    await insert_event(
+        connection,
         OrderCreated(
             id=order.id,
             version=order.version,
@@ -134,15 +133,34 @@ def _still_holds(status: OrderStatus, expires_at: datetime) -> bool:
     return status is not OrderStatus.CREATED or expires_at > utcnow()
 
 
-async def _free_expired_hold(session: AsyncSession, holder_id: str) -> None:
-    """Cancel the ticket's holder, whose window has passed; refuse if it still holds."""
-    holder = await session.get(Order, holder_id)  # read again: it may have been paid since
-    if holder is None or _still_holds(holder.status, holder.expires_at):
+async def _free_expired_hold(connection: AsyncConnection, holder_id: str) -> None:
+    """Cancel the ticket's holder, whose window has passed; refuse if it still holds: paid
+    since, or cancelled by another buyer first (the update then finds nothing to change)."""
+    params = {"holder_id": holder_id, "now": utcnow()}
+    cancelled = (await connection.execute(_cancel_if_expired(), params)).first()
+    if cancelled is None:
         raise BadRequest(ALREADY_RESERVED)
-    try:
-        await _cancel(session, holder)
-    except StaleDataError:
-        raise BadRequest(ALREADY_RESERVED) from None  # another buyer cancelled it first
+    await insert_event(
+        connection,
+        OrderCancelled(
+            id=holder_id, version=cancelled.version, ticket=TicketRef(id=cancelled.ticket_id)
+        ),
+    )
+
+
+@cache
+def _cancel_if_expired() -> ReturningUpdate[tuple[int, str]]:
+    orders = Order.__table__.c
+    return (
+        update(Order)
+        .where(
+            orders.id == bindparam("holder_id"),
+            orders.status == OrderStatus.CREATED.value,
+            orders.expires_at <= bindparam("now"),
+        )
+        .values(status=OrderStatus.CANCELLED.value, version=orders.version + 1)
+        .returning(orders.version, orders.ticket_id)
+    )
 
 
 async def _cancel(session: AsyncSession, order: Order) -> None:
