@@ -164,12 +164,7 @@ async def test_buyers_racing_for_an_expired_hold_cancel_it_once_and_one_wins(
     async with platform.client(new_user()) as late:
         stale = (await order(late, ticket_id)).json()
     platform.runtime("orders").settings.order_ttl_seconds = 900  # the winner's order holds
-    clients = [platform.client(new_user()) for _ in range(10)]
-    try:
-        responses = await asyncio.gather(*(order(c, ticket_id) for c in clients))
-    finally:
-        for c in clients:
-            await c.aclose()
+    responses = await _buyers_at_once(platform, ticket_id, 10)
     assert sorted(r.status_code for r in responses) == [201] + [400] * 9
     bus = platform.runtime("orders").bus
     published = await eventually(lambda: _types(bus, 3))
@@ -182,14 +177,18 @@ async def _types(bus: Any, n: int) -> list[Any]:
     return found if len(found) >= n else []
 
 
-async def test_fifty_concurrent_buyers_one_winner(orders: Platform) -> None:
-    ticket_id = await seed_ticket(orders)
-    clients = [orders.client(new_user()) for _ in range(50)]
+async def _buyers_at_once(platform: Platform, ticket_id: str, n: int) -> list[httpx.Response]:
+    clients = [platform.client(new_user()) for _ in range(n)]
     try:
-        responses = await asyncio.gather(*(order(c, ticket_id) for c in clients))
+        return list(await asyncio.gather(*(order(c, ticket_id) for c in clients)))
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_fifty_concurrent_buyers_one_winner(orders: Platform) -> None:
+    ticket_id = await seed_ticket(orders)
+    responses = await _buyers_at_once(orders, ticket_id, 50)
     codes = sorted(r.status_code for r in responses)
     assert codes.count(201) == 1
     assert codes.count(400) == 49
