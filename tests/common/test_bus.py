@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 from nats.js.api import ConsumerConfig
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests.common.conftest import Effect, count_effects, effects
@@ -23,7 +23,7 @@ from ticketing.common.events import (
     subject_for,
 )
 from ticketing.common.messaging import Bus, Listener, Publisher, RetryLater, consumer_filter
-from ticketing.common.outbox import DeadLetter
+from ticketing.common.outbox import DeadLetter, InboxEntry
 
 MakeListener = Callable[..., Awaitable[Listener]]
 
@@ -347,6 +347,47 @@ async def test_retry_later_naks_and_the_event_comes_back(
     await eventually(lambda: consumer_settled(bus, "probe"))
     assert calls == 3
     assert await _dead_letters(db) == []
+
+
+async def test_a_handler_outside_the_database_runs_without_a_transaction_or_inbox_entry(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on_outside_db(TicketCreated)
+        async def handle(event: TicketCreated) -> None:
+            seen.append((event.id, len(seen)))
+            if event.id == "ticket-2" and len(seen) < 3:
+                raise RetryLater("the job queue is not connected yet", delay=0.1)
+
+    await make_listener(setup)
+    for n in (1, 2):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    await eventually(lambda: consumer_settled(bus, "probe"))
+    assert sorted({event_id for event_id, _ in seen}) == ["ticket-1", "ticket-2"]
+    assert [event_id for event_id, _ in seen].count("ticket-2") >= 2  # retried, then done
+    assert await _inbox_entries(db) == 0
+    assert await _dead_letters(db) == []
+
+
+async def test_a_failing_handler_outside_the_database_is_dead_lettered_in_the_end(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    def setup(listener: Listener) -> None:
+        @listener.on_outside_db(TicketCreated)
+        async def handle(event: TicketCreated) -> None:
+            raise RuntimeError("the queue refused it")
+
+    await make_listener(setup, max_deliver=2)
+    await publisher.publish(Envelope.wrap(ticket()))
+    dead = await eventually(lambda: _dead_letters(db), within=15)
+    assert [(d.event_id is not None, d.attempts) for d in dead] == [(True, 2)]
+
+
+async def _inbox_entries(db: Database) -> int:
+    async with db.transaction() as session:
+        return int(await session.scalar(select(func.count()).select_from(InboxEntry)) or 0)
 
 
 async def test_events_without_a_handler_are_acked_and_ignored(

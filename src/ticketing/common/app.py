@@ -68,7 +68,7 @@ class Runtime:
 
     @property
     def listens(self) -> bool:
-        return bool(self.listener.handlers) and self.settings.run_listeners
+        return bool(self.listener.event_types) and self.settings.run_listeners
 
     async def listen(self) -> None:
         """Start consuming; last, once everything the handlers use is up."""

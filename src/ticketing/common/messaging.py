@@ -37,6 +37,7 @@ DUPLICATE_WINDOW_SECONDS = 120.0
 FETCH_WINDOW_SECONDS = 0.2
 E = TypeVar("E", bound=Event)
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
+PlainHandler = Callable[[Any], Awaitable[None]]
 _Delivery = tuple[Msg, Envelope, Event, Handler]
 
 
@@ -247,6 +248,8 @@ class Listener:
         self.ack_wait = ack_wait
         self.batch = batch
         self.handlers: dict[str, Handler] = {}
+        # Handlers whose effect is outside this service's database, idempotent on their own.
+        self.handlers_outside_db: dict[str, PlainHandler] = {}
         # Lanes in flight at once: each holds a database connection while it handles.
         self._lanes = asyncio.Semaphore(lanes)
         self._task: asyncio.Task[None] | None = None
@@ -264,6 +267,21 @@ class Listener:
 
         return register
 
+    def on_outside_db(self, event_cls: type[E]) -> Callable[[Callable[[E], Awaitable[None]]], Any]:
+        """Register the handler of one event type whose effect lives elsewhere (a job queue)
+        and is idempotent there: no transaction and no inbox entry here, which could not be
+        atomic with that effect anyway."""
+
+        def register(fn: Callable[[E], Awaitable[None]]) -> Any:
+            self.handlers_outside_db[event_cls.type] = fn
+            return fn
+
+        return register
+
+    @property
+    def event_types(self) -> set[str]:
+        return {*self.handlers, *self.handlers_outside_db}
+
     async def start(self) -> None:
         config = ConsumerConfig(
             durable_name=self.service,
@@ -272,7 +290,7 @@ class Listener:
             ack_wait=self.ack_wait,
             # Our own count decides when a message is dead; the server keeps trying until then.
             max_deliver=-1,
-            filter_subject=consumer_filter(self.bus.prefix, self.handlers),
+            filter_subject=consumer_filter(self.bus.prefix, self.event_types),
             max_ack_pending=1000,
         )
         self._stopping = False
@@ -345,16 +363,20 @@ class Listener:
         one ticket or order in their order, different ones side by side, so one slow
         transaction does not hold up the rest (handlers already accept any order)."""
         ours: list[Msg] = []
+        outside_db: list[Msg] = []
         for msg in msgs:
-            if self._type_of(msg) in self.handlers:
+            event_type = self._type_of(msg)
+            if event_type in self.handlers:
                 ours.append(msg)
+            elif event_type in self.handlers_outside_db:
+                outside_db.append(msg)
             else:
                 await msg.ack()  # not ours: no need even to decode it
         # SQLite has one writer: keep its transactions short, one event each.
         if len(ours) > 1 and not self.db.is_sqlite and await self._settle_together(ours):
-            return
+            ours = []
         lanes: dict[str, list[Msg]] = {}
-        for msg in ours:
+        for msg in ours + outside_db:
             lanes.setdefault(_lane(msg), []).append(msg)
         await asyncio.gather(*(self._settle_lane(lane) for lane in lanes.values()))
 
@@ -437,7 +459,8 @@ class Listener:
             await self._dead(msg, None, f"undecodable message: {exc}", attempt)
             return
         handler = self.handlers.get(envelope.type)
-        if handler is None:
+        outside_db = self.handlers_outside_db.get(envelope.type)
+        if handler is None and outside_db is None:
             await msg.ack()  # an event this service does not listen to
             return
         try:
@@ -445,23 +468,37 @@ class Listener:
         except (ValidationError, ValueError) as exc:
             await self._dead(msg, envelope, f"invalid payload: {exc}", attempt)
             return
-        await self._dispatch(msg, envelope, event, handler, attempt)
+        if handler is not None:
+            run = self._in_transaction(handler, msg, envelope, event)
+        elif outside_db is not None:
+            run = self._outside_db(outside_db, msg, event)
+        await self._dispatch(msg, envelope, run, attempt)
+
+    async def _in_transaction(
+        self, handler: Handler, msg: Msg, envelope: Envelope, event: Event
+    ) -> bool:
+        """Handle with an inbox entry in one transaction; False when it was handled before."""
+        async with self.db.transaction() as session:
+            first = await mark_handled(session, consumer=self.service, event_id=envelope.id)
+            if first:
+                await self._run_handler(handler, session, msg, event)
+        return first
+
+    @staticmethod
+    async def _outside_db(handler: PlainHandler, msg: Msg, event: Event) -> bool:
+        with _correlated(msg):
+            await handler(event)
+        return True
 
     async def _dispatch(
-        self, msg: Msg, envelope: Envelope, event: Event, handler: Handler, attempt: int
+        self, msg: Msg, envelope: Envelope, run: Awaitable[bool], attempt: int
     ) -> None:
+        """Run a delivery's handling and settle the message by how it went."""
         try:
-            async with self.db.transaction() as session:
-                first = await mark_handled(session, consumer=self.service, event_id=envelope.id)
-                if first:
-                    await self._run_handler(handler, session, msg, event)
+            first = await run
         except (RetryLater, StaleDataError) as retry:
             # Not a failure: the event is early, or a concurrent write won; try again soon.
-            if attempt >= self.max_retry_later:
-                await self._dead(msg, envelope, f"gave up waiting: {retry}", attempt)
-                return
-            self._count(envelope.type, "retry")
-            await msg.nak(delay=retry.delay if isinstance(retry, RetryLater) else 0.05)
+            await self._later(msg, envelope, retry, attempt)
             return
         except IntegrityError as exc:
             if await self._already_handled(envelope.id):
@@ -473,6 +510,15 @@ class Listener:
             await self._failed(msg, envelope, exc, attempt)
             return
         await self._acked(msg, envelope, first=first)
+
+    async def _later(
+        self, msg: Msg, envelope: Envelope, retry: RetryLater | StaleDataError, attempt: int
+    ) -> None:
+        if attempt >= self.max_retry_later:
+            await self._dead(msg, envelope, f"gave up waiting: {retry}", attempt)
+            return
+        self._count(envelope.type, "retry")
+        await msg.nak(delay=retry.delay if isinstance(retry, RetryLater) else 0.05)
 
     async def _acked(self, msg: Msg, envelope: Envelope, *, first: bool) -> None:
         await msg.ack()

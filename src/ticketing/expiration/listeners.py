@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from ticketing.common.events import OrderCreated
 from ticketing.common.messaging import Listener
 from ticketing.expiration import service
@@ -11,6 +9,9 @@ from ticketing.expiration.jobs import JobQueue
 
 
 def register(listener: Listener, queue: JobQueue) -> None:
-    @listener.on(OrderCreated)
-    async def on_order_created(session: AsyncSession, event: OrderCreated) -> None:
+    # Idempotent without an inbox entry in this service's database: the queue drops a second
+    # job for an order (one job id per order), and a job that runs twice announces the
+    # expiry once (one event id per order).
+    @listener.on_outside_db(OrderCreated)
+    async def on_order_created(event: OrderCreated) -> None:
         await service.schedule(queue.pool, queue=queue.name, event=event)
