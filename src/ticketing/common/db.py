@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import cache
 from itertools import groupby
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import DateTime, MetaData, TypeDecorator, event, insert, text
+from sqlalchemy import DateTime, Insert, MetaData, TypeDecorator, event, insert, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -145,6 +147,13 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+@cache
+def insert_ignoring_duplicates(entity: type[DeclarativeBase], dialect: str) -> Insert:
+    """INSERT that skips a row whose key is taken (PostgreSQL and SQLite spell it alike)."""
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return dialect_insert(entity).on_conflict_do_nothing()
 
 
 _QUEUED = "queued_inserts"

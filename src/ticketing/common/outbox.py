@@ -28,7 +28,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.dml import ReturningUpdate
@@ -38,6 +37,7 @@ from ticketing.common.db import (
     Base,
     Database,
     UtcDateTime,
+    insert_ignoring_duplicates,
     queue_insert,
     utcnow,
 )
@@ -171,8 +171,7 @@ async def mark_all_handled(
 def _inbox_insert(dialect: str) -> Insert:
     # Built once and given its rows as parameters: a statement with its values inline would
     # differ by batch size and be compiled again for almost every batch.
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return dialect_insert(InboxEntry).on_conflict_do_nothing().returning(InboxEntry.event_id)
+    return insert_ignoring_duplicates(InboxEntry, dialect).returning(InboxEntry.event_id)
 
 
 class OutboxRelay:
