@@ -35,6 +35,8 @@ DUPLICATE_WINDOW_SECONDS = 120.0
 # meanwhile share one transaction (under load, most of a listener's cost), at the price of
 # that much lag. After a quiet window it waits for the next message alone, without a window.
 FETCH_WINDOW_SECONDS = 0.2
+# After a batch that was not full, how long to let the next events gather.
+COALESCE_SECONDS = 0.005
 E = TypeVar("E", bound=Event)
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
 PlainHandler = Callable[[Any], Awaitable[None]]
@@ -343,6 +345,10 @@ class Listener:
                 # An ack that failed (NATS went away): unacked, the messages come back and the
                 # inbox drops what was already done. The loop must live on.
                 log.exception("%s could not settle a batch; it will be redelivered", self.service)
+            if len(msgs) < self.batch:
+                # Under load, what comes in the next moment shares the next transaction
+                # (a transaction per event costs most of a listener's time).
+                await asyncio.sleep(COALESCE_SECONDS)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
         """What is ready, at once; else what comes within a short window; after a quiet window,
