@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -437,6 +438,14 @@ async def test_a_consumer_is_sent_only_the_events_it_may_handle(
     assert info.config.filter_subject == subject_for("order:created", bus.prefix)
     assert info.delivered.consumer_seq == 1  # ticket:created never reached it
     assert [e.key for e in await effects(db)] == ["o1"]
+
+
+async def test_a_listener_does_not_start_without_its_stream(
+    bus: Bus, make_listener: MakeListener
+) -> None:
+    await bus.js.delete_stream(bus.stream)
+    with pytest.raises(NotFoundError):
+        await make_listener(lambda listener: listener.on(TicketCreated)(_never_called))
 
 
 def test_a_consumer_filter_is_the_narrowest_that_covers_its_events() -> None:

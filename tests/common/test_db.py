@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 from sqlalchemy import text
 
 from tests.conftest import PG_URL, Infra
 from ticketing.common.db import Database
+from ticketing.common.events import ExpirationComplete
+from ticketing.common.outbox import insert_event
 from ticketing.common.settings import Settings
 
 
@@ -41,4 +44,30 @@ async def test_create_all_twice_is_harmless(settings: Settings) -> None:
     for _ in range(2):
         db = Database(settings.service_database_url("probe"))
         await db.create_all()
+        await db.dispose()
+
+
+async def test_a_plain_transaction_wakes_the_relay_only_when_it_commits_outbox_rows(
+    settings: Settings,
+) -> None:
+    db = Database(settings.service_database_url("probe"), pool_size=1)  # one pooled connection
+    await db.create_all()
+    commits: list[str] = []
+    db.on_commit(lambda: commits.append("woken"))
+    event = ExpirationComplete(order_id="o-1")
+    try:
+        with pytest.raises(RuntimeError):
+            async with db.plain_transaction() as connection:
+                await insert_event(connection, event)
+                raise RuntimeError("the use case failed")
+        async with db.plain_transaction() as connection:
+            await connection.execute(text("SELECT 1"))  # writes no event
+        assert commits == []
+        async with db.plain_transaction() as connection:
+            await insert_event(connection, event)
+        assert commits == ["woken"]
+        async with db.transaction() as session:
+            stored = await session.scalar(text("SELECT count(*) FROM outbox"))
+        assert stored == 1
+    finally:
         await db.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -118,9 +119,14 @@ class Database:
         async with self.engine.begin() as connection:
             try:
                 yield connection
-            finally:
-                # Read before the commit: the connection goes back to the pool with it.
-                wrote_outbox = connection.info.pop(WROTE_OUTBOX, False)
+            except BaseException:
+                # The flag lives with the pooled connection: clear it, but let nothing from a
+                # broken connection hide the error that is on its way out.
+                with contextlib.suppress(Exception):
+                    connection.info.pop(WROTE_OUTBOX, None)
+                raise
+            # Read here: once the block ends, the connection is committed and back in the pool.
+            wrote_outbox = connection.info.pop(WROTE_OUTBOX, False)
         if wrote_outbox:
             self._run_commit_hooks()
 

@@ -300,7 +300,9 @@ class Listener:
             await self.bus.js.add_consumer(self.bus.stream, config)
         except APIError as exc:
             # A server that cannot change an existing consumer in place: the consumer made by
-            # an earlier version still works, only receiving more than it needs.
+            # an earlier version still works, only receiving more than it needs. Anything
+            # else (no stream, no consumer) must stop the start-up.
+            await self.bus.js.consumer_info(self.bus.stream, self.service)
             log.warning("%s keeps its existing consumer: %s", self.service, exc)
         self._sub = await self.bus.js.pull_subscribe_bind(
             durable=self.service, stream=self.bus.stream
