@@ -35,18 +35,25 @@ def ticket(n: int = 1) -> TicketCreated:
     )
 
 
-async def test_published_events_are_consumed_as_typed_models(
-    db: Database, publisher: Publisher, make_listener: MakeListener
-) -> None:
-    received: list[TicketCreated] = []
+def _effects(
+    record: Callable[[AsyncSession, TicketCreated], None],
+) -> Callable[[Listener], None]:
+    """A ticket:created handler that records what it is given and leaves one effect row."""
 
     def setup(listener: Listener) -> None:
         @listener.on(TicketCreated)
         async def handle(session: AsyncSession, event: TicketCreated) -> None:
-            received.append(event)
+            record(session, event)
             session.add(Effect(key=event.id))
 
-    await make_listener(setup)
+    return setup
+
+
+async def test_published_events_are_consumed_as_typed_models(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    received: list[TicketCreated] = []
+    await make_listener(_effects(lambda _session, event: received.append(event)))
     for n in range(3):
         await publisher.publish(Envelope.wrap(ticket(n)))
     await eventually(lambda: _at_least(db, 3))
@@ -81,12 +88,7 @@ async def test_a_batch_is_handled_in_one_transaction(
     db: Database, publisher: Publisher, make_listener: MakeListener
 ) -> None:
     sessions: list[AsyncSession] = []
-
-    def setup(listener: Listener) -> None:
-        @listener.on(TicketCreated)
-        async def handle(session: AsyncSession, event: TicketCreated) -> None:
-            sessions.append(session)
-            session.add(Effect(key=event.id))
+    setup = _effects(lambda session, _event: sessions.append(session))
 
     for n in range(5):
         await publisher.publish(Envelope.wrap(ticket(n)))

@@ -221,7 +221,8 @@ def _lane(msg: Msg) -> str:
 
 
 class Listener:
-    """A service's durable consumer: decode, handle in a transaction, ack after the commit.
+    """A service's durable consumer: decode, handle in a transaction, ack after the commit
+    (or, for a handler whose effect is outside the database, ack once it has run).
 
     Every replica of a service pulls from the same durable consumer, so each event reaches one
     replica. A handler that raises RetryLater is redelivered after a delay; one that keeps

@@ -129,12 +129,9 @@ def _hold() -> ReturningUpdate[Any]:
         update(Ticket)
         .where(tickets.id == bindparam("ticket_id"))
         .values(order_id=bindparam("order_id"), version=tickets.version + 1)
-        .returning(*(tickets[name] for name in _ANNOUNCED))
+        # What ticket:updated tells of a ticket: its fields are the columns' names.
+        .returning(*(tickets[name] for name in TicketUpdated.model_fields))
     )
-
-
-# What ticket:updated tells of a ticket.
-_ANNOUNCED = ("id", "version", "title", "price", "user_id", "order_id")
 
 
 async def release(session: AsyncSession, *, ticket_id: str, order_id: str) -> None:
