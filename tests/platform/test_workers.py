@@ -9,6 +9,7 @@ import pytest
 from ticketing.platform.services import SERVICES
 from ticketing.platform.workers import (
     CONNECTION_BUDGET,
+    EVENT_ROLES,
     EVENT_WORKERS,
     MIN_POOL_SIZE,
     pool_size_per_service,
@@ -31,3 +32,16 @@ def test_too_many_processes_for_the_budget_are_warned_about(
     with caplog.at_level(logging.WARNING, logger="ticketing.platform.workers"):
         assert pool_size_per_service(30) == MIN_POOL_SIZE
     assert "TICKETING_DB_POOL_SIZE" in caplog.text
+
+
+def test_every_service_has_its_events_handled_by_exactly_one_events_worker() -> None:
+    for name in SERVICES:
+        assert sum(role.runs(name) for role in EVENT_ROLES) == 1, name
+    assert all(role.listens for role in EVENT_ROLES)
+    assert len(EVENT_ROLES) == EVENT_WORKERS
+
+
+def test_the_reservation_path_has_a_worker_of_its_own() -> None:
+    (reservation,) = [role for role in EVENT_ROLES if role.runs("tickets")]
+    assert reservation.runs("orders")
+    assert not reservation.runs("payments") and not reservation.runs("expiration")

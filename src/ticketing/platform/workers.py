@@ -1,9 +1,10 @@
 """`ticketing up --workers N`: N request workers and two events workers, under a supervisor.
 
 Each request worker serves every service behind the gateway on one shared socket (the kernel
-spreads connections over them); the events workers run every listener, the expiration job
+spreads connections over them); the events workers run the listeners, the expiration job
 worker and the outbox relays (woken over NATS by the request workers' commits), so that events
-are handled and published at once instead of queueing behind requests. The request workers run
+are handled and published at once instead of queueing behind requests: one those of orders and
+tickets (the reservation), the other those of every other service. The request workers run
 at a lower CPU priority (nice): under overload the platform first keeps what it already sold
 consistent, then takes new orders.
 
@@ -79,8 +80,7 @@ async def _supervise(plan: WorkerPlan, overrides: dict[str, Any]) -> None:
         pool = WorkerPool(sock, plan.log_level, overrides)
         pool.start(plan.workers)
         for index, role in enumerate(pool.roles):
-            what = "every listener and job" if role.listens else "every service's requests"
-            board.add(f"{role.name} worker", what, "process", pool.probe(index))
+            board.add(f"{role.name} worker", role.doing, "process", pool.probe(index))
         try:
             await _watch(pool, stop, board, plan.console, plan.public_url)
         finally:
@@ -135,14 +135,36 @@ def _bind(host: str, port: int) -> socket.socket:
 
 @dataclass(frozen=True)
 class Role:
-    """What a worker process does: serve requests on the shared socket, or handle events."""
+    """What a worker process does: serve requests on the shared socket, or handle the events
+    of some services (None: of every service)."""
 
     name: str
     listens: bool
+    services: frozenset[str] | None = None
+
+    def runs(self, service: str) -> bool:
+        return self.services is None or service in self.services
+
+    @property
+    def doing(self) -> str:
+        if not self.listens:
+            return "every service's requests"
+        if self.services is None:
+            return "every listener and job"
+        return f"the listeners and relays of {', '.join(sorted(self.services))}"
 
 
 REQUESTS = Role("requests", listens=False)
-EVENTS = Role("events", listens=True)
+# The services on the path from an order's 201 until its ticket reads reserved (orders
+# publishes order:created, tickets reserves and publishes ticket:updated), and the rest.
+# Each service's events go to one process, so its batches are whole (a batch shares one
+# transaction: under load, most of a listener's cost), and the reservation never queues
+# behind the payments or expiration handlers.
+_RESERVATION_PATH = frozenset({"orders", "tickets"})
+EVENT_ROLES = (
+    Role("events", listens=True, services=_RESERVATION_PATH),
+    Role("events", listens=True, services=frozenset(SERVICES) - _RESERVATION_PATH),
+)
 # Every process has a pool per service: all of them together, at their fullest, stay within
 # this, under PostgreSQL's default max_connections (100) with room for migrations and psql.
 # Pools only open what is used at once; beyond a few per core, more would only queue inside
@@ -150,8 +172,9 @@ EVENTS = Role("events", listens=True)
 CONNECTION_BUDGET = 90
 MIN_POOL_SIZE = 2
 # Two, so that a burst of events (a rush, or a rush's orders expiring together) has a core
-# when the request workers leave one, and one events worker can die without events waiting.
-EVENT_WORKERS = 2
+# when the request workers leave one. One that dies is replaced; meanwhile its services'
+# events wait in their durable consumers.
+EVENT_WORKERS = len(EVENT_ROLES)
 
 
 def pool_size_per_service(processes: int) -> int:
@@ -196,7 +219,7 @@ class WorkerPool:
         return process
 
     def start(self, request_workers: int) -> None:
-        self.roles = [EVENTS] * EVENT_WORKERS + [REQUESTS] * request_workers
+        self.roles = [*EVENT_ROLES, *[REQUESTS] * request_workers]
         self.pool_size = pool_size_per_service(len(self.roles))
         self.processes = [self._spawn(role) for role in self.roles]
 
@@ -253,7 +276,9 @@ def serve_worker(
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     if not role.listens:
         os.nice(REQUEST_WORKER_NICENESS)
-    routes = [(spec.prefix, spec.create_app(**overrides)) for spec in SERVICES.values()]
+    # An events worker builds only the services it handles events of: nobody calls it.
+    specs = [spec for spec in SERVICES.values() if not role.listens or role.runs(spec.name)]
+    routes = [(spec.prefix, spec.create_app(**overrides)) for spec in specs]
     tune_for_serving()
     config = uvicorn.Config(Gateway(routes), log_level=log_level.lower())
     uvicorn.Server(config).run(sockets=[sock])
