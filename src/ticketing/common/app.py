@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import MetaData
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ticketing.common.db import Database
 from ticketing.common.errors import install_error_handlers
@@ -165,15 +165,6 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
-
-
-async def _connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    async with runtime_of(request).db.plain_transaction() as connection:
-        yield connection
-
-
-# A plain connection in a transaction, for routes on every request of a rush (no ORM session).
-ConnectionDep = Annotated[AsyncConnection, Depends(_connection, scope="function")]
 
 
 async def _runtime(request: Request) -> Runtime:

@@ -130,6 +130,26 @@ class Database:
         if wrote_outbox:
             self._run_commit_hooks()
 
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A connection on which each statement commits by itself, for work whose every write
+        is one atomic statement (`insert_with_event`): no BEGIN and no COMMIT or ROLLBACK
+        round trips, and a read that decides to write nothing costs one round trip.
+
+        SQLite has one writer and no round trips to save: there the block is one transaction."""
+        if self.is_sqlite:
+            async with self.plain_transaction() as connection:
+                yield connection
+            return
+        async with self.engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                yield connection
+            finally:
+                wrote_outbox = connection.info.pop(WROTE_OUTBOX, False)
+        if wrote_outbox:
+            self._run_commit_hooks()
+
     async def retrying(
         self,
         work: Callable[[AsyncSession], Awaitable[T]],

@@ -25,12 +25,14 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.dml import ReturningUpdate
+from sqlalchemy.sql.selectable import CTE
 
 from ticketing.common.db import (
     WROTE_OUTBOX,
@@ -136,6 +138,85 @@ async def insert_event(connection: AsyncConnection, event: Event) -> Envelope:
     await connection.execute(insert(OutboxEvent), _outbox_row(envelope))
     connection.info[WROTE_OUTBOX] = True
     return envelope
+
+
+async def insert_with_event(
+    connection: AsyncConnection, entity: type[DeclarativeBase], row: dict[str, Any], event: Event
+) -> Envelope:
+    """Insert `row` and store `event` in the outbox, atomically even without a transaction
+    (`Database.autocommit`): on PostgreSQL one statement, the row's insert in a CTE whose
+    failure (a unique index) writes neither; elsewhere two statements in the caller's
+    transaction."""
+    envelope = Envelope.wrap(event)
+    outbox_row = _outbox_row(envelope)
+    if connection.dialect.name == "postgresql":
+        await connection.execute(_insert_with_outbox_row(entity), {**row, **_prefixed(outbox_row)})
+    else:
+        await connection.execute(insert(entity), row)
+        await connection.execute(insert(OutboxEvent), outbox_row)
+    connection.info[WROTE_OUTBOX] = True
+    return envelope
+
+
+async def update_with_event(
+    connection: AsyncConnection, statement: Update, params: dict[str, Any], event: Event
+) -> bool:
+    """Run a conditional UPDATE of one row (by its key) and, if it changed it, store `event` in
+    the outbox, both atomically even without a transaction (see insert_with_event). False if
+    nothing matched."""
+    envelope = Envelope.wrap(event)
+    outbox_row = _outbox_row(envelope)
+    if connection.dialect.name == "postgresql":
+        written = _update_with_outbox_row(statement)
+        result = await connection.execute(written, {**params, **_prefixed(outbox_row)})
+        changed = result.first() is not None
+    else:
+        changed = (await connection.execute(statement, params)).rowcount == 1
+        if changed:
+            await connection.execute(insert(OutboxEvent), outbox_row)
+    if changed:
+        connection.info[WROTE_OUTBOX] = True
+    return changed
+
+
+_OUTBOX_PARAM = "outbox_"
+
+
+def _prefixed(outbox_row: dict[str, Any]) -> dict[str, Any]:
+    # The outbox's parameters, apart from the row's own (both tables may have a column `id`).
+    return {f"{_OUTBOX_PARAM}{key}": value for key, value in outbox_row.items()}
+
+
+@cache
+def _insert_with_outbox_row(entity: type[DeclarativeBase]) -> Insert:
+    """WITH written AS (INSERT INTO entity ... RETURNING 1) INSERT INTO outbox SELECT ... FROM
+    written: the outbox row exists exactly when the entity's row does."""
+    table = entity.__table__
+    written = (
+        insert(entity)
+        .values({column.name: bindparam(column.name, type_=column.type) for column in table.c})
+        .returning(literal_column("1"))
+        .cte("written")
+    )
+    return _outbox_row_from(written)
+
+
+@cache
+def _update_with_outbox_row(statement: Update) -> Insert:
+    """As above for an UPDATE: the outbox row is written when the update changed a row."""
+    return _outbox_row_from(statement.returning(literal_column("1")).cte("written")).returning(
+        OutboxEvent.seq
+    )
+
+
+def _outbox_row_from(written: CTE) -> Insert:
+    outbox = OutboxEvent.__table__.c
+    columns = [outbox[name] for name in _OUTBOX_COLUMNS]
+    values = [bindparam(f"{_OUTBOX_PARAM}{column.name}", type_=column.type) for column in columns]
+    return insert(OutboxEvent).from_select(columns, select(*values).select_from(written))
+
+
+_OUTBOX_COLUMNS = ("event_id", "type", "body", "created_at", "published_at", "correlation_id")
 
 
 def _outbox_row(envelope: Envelope) -> dict[str, Any]:

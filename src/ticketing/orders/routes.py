@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from ticketing.common.app import ConnectionDep, SessionDep
+from ticketing.common.app import SessionDep, runtime_of
 from ticketing.common.auth import RequireUser
 from ticketing.common.ids import path_id
 from ticketing.orders import service
@@ -19,15 +19,17 @@ def _out(order: Order | service.PlacedOrder) -> OrderOut:
 
 
 @router.post("", status_code=201)
-async def create_order(
-    body: OrderBody, user: RequireUser, connection: ConnectionDep, request: Request
-) -> OrderOut:
-    order = await service.create_order(
-        connection,
-        user_id=user.id,
-        ticket_id=body.ticketId,
-        ttl_seconds=request.app.state.settings.order_ttl_seconds,
-    )
+async def create_order(body: OrderBody, user: RequireUser, request: Request) -> OrderOut:
+    runtime = runtime_of(request)
+    # A connection without a transaction: see service.create_order. Opened here rather than
+    # by a dependency: this route runs on every attempt of a rush.
+    async with runtime.db.autocommit() as connection:
+        order = await service.create_order(
+            connection,
+            user_id=user.id,
+            ticket_id=body.ticketId,
+            ttl_seconds=runtime.settings.order_ttl_seconds,
+        )
     return _out(order)
 
 

@@ -9,10 +9,9 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Row, Select, and_, bindparam, insert, select, update
+from sqlalchemy import Row, Select, Update, and_, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.sql.dml import ReturningUpdate
 
 from ticketing.common.db import next_version, utcnow
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
@@ -27,7 +26,7 @@ from ticketing.common.events import (
 )
 from ticketing.common.ids import new_id
 from ticketing.common.messaging import RetryLater, is_next_version
-from ticketing.common.outbox import add_event, insert_event
+from ticketing.common.outbox import add_event, insert_with_event, update_with_event
 from ticketing.orders.models import Order, OrderStatus, TicketReplica
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,8 @@ async def create_order(
     """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins.
 
     Every attempt of a rush runs this, most of them to lose: plain statements, built once, on
-    a plain connection (no ORM session to keep)."""
+    a connection without a transaction (`Database.autocommit`), each write one atomic
+    statement with its event. A losing attempt costs one read."""
     row = (await connection.execute(_ticket_and_holder(), {"ticket_id": ticket_id})).first()
     if row is None:
         raise NotFound("Ticket not found")
@@ -63,7 +63,7 @@ async def create_order(
         # Most attempts of a rush end here, decided on the holder's plain columns.
         if _still_holds(OrderStatus(row.holder_status), row.holder_expires_at):
             raise BadRequest(ALREADY_RESERVED)
-        await _free_expired_hold(connection, row.holder_id)
+        await _free_expired_hold(connection, row)
     now = utcnow()
     order = PlacedOrder(
         id=new_id(),
@@ -73,23 +73,20 @@ async def create_order(
         version=next_version(None),
         ticket=row,
     )
+    created = OrderCreated(
+        id=order.id,
+        version=order.version,
+        status=order.status,
+        user_id=user_id,
+        expires_at=order.expires_at,
+        ticket=OrderTicket(id=ticket_id, price=row.price),
+    )
     values = {"ticket_id": ticket_id, "created_at": now}
     try:
         # The partial unique index decides the race here.
-        await connection.execute(_insert_order(), {**_order_columns(order), **values})
+        await insert_with_event(connection, Order, {**_order_columns(order), **values}, created)
     except IntegrityError:
         raise BadRequest(ALREADY_RESERVED) from None
-    await insert_event(
-        connection,
-        OrderCreated(
-            id=order.id,
-            version=order.version,
-            status=order.status,
-            user_id=user_id,
-            expires_at=order.expires_at,
-            ticket=OrderTicket(id=ticket_id, price=row.price),
-        ),
-    )
     return order
 
 
@@ -117,15 +114,11 @@ def _ticket_and_holder() -> Select[Any]:
             orders.id.label("holder_id"),
             orders.status.label("holder_status"),
             orders.expires_at.label("holder_expires_at"),
+            orders.version.label("holder_version"),
         )
         .outerjoin_from(TicketReplica.__table__, Order.__table__, holds)
         .where(tickets.id == bindparam("ticket_id"))
     )
-
-
-@cache
-def _insert_order() -> Insert:
-    return insert(Order)
 
 
 def _still_holds(status: OrderStatus, expires_at: datetime) -> bool:
@@ -133,33 +126,29 @@ def _still_holds(status: OrderStatus, expires_at: datetime) -> bool:
     return status is not OrderStatus.CREATED or expires_at > utcnow()
 
 
-async def _free_expired_hold(connection: AsyncConnection, holder_id: str) -> None:
-    """Cancel the ticket's holder, whose window has passed; refuse if it still holds: paid
-    since, or cancelled by another buyer first (the update then finds nothing to change)."""
-    params = {"holder_id": holder_id, "now": utcnow()}
-    cancelled = (await connection.execute(_cancel_if_expired(), params)).first()
-    if cancelled is None:
+async def _free_expired_hold(connection: AsyncConnection, row: Row[Any]) -> None:
+    """Cancel the ticket's holder, whose window has passed, with its event; refuse if it still
+    holds: paid since, or cancelled by another buyer first (the update then finds nothing to
+    change, its version having moved on)."""
+    version = next_version(row.holder_version)
+    params = {"holder_id": row.holder_id, "version": row.holder_version, "now": utcnow()}
+    cancelled = OrderCancelled(id=row.holder_id, version=version, ticket=TicketRef(id=row.id))
+    if not await update_with_event(connection, _cancel_if_expired(), params, cancelled):
         raise BadRequest(ALREADY_RESERVED)
-    await insert_event(
-        connection,
-        OrderCancelled(
-            id=holder_id, version=cancelled.version, ticket=TicketRef(id=cancelled.ticket_id)
-        ),
-    )
 
 
 @cache
-def _cancel_if_expired() -> ReturningUpdate[tuple[int, str]]:
+def _cancel_if_expired() -> Update:
     orders = Order.__table__.c
     return (
         update(Order)
         .where(
             orders.id == bindparam("holder_id"),
+            orders.version == bindparam("version"),
             orders.status == OrderStatus.CREATED.value,
             orders.expires_at <= bindparam("now"),
         )
         .values(status=OrderStatus.CANCELLED.value, version=orders.version + 1)
-        .returning(orders.version, orders.ticket_id)
     )
 
 

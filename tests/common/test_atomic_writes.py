@@ -1,0 +1,72 @@
+"""Writes that carry their event without a transaction (`Database.autocommit`): a row or an
+update and its outbox row land together or not at all, on PostgreSQL and on SQLite."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tests.common.conftest import Effect
+from ticketing.common.db import Database
+from ticketing.common.events import TicketCreated
+from ticketing.common.outbox import OutboxEvent, insert_with_event, update_with_event
+
+
+def ticket(n: int) -> TicketCreated:
+    return TicketCreated(id=f"ticket-{n}", version=0, title="Show", price=Decimal(10), user_id="u")
+
+
+async def stored_event_ids(db: Database) -> list[str]:
+    async with db.transaction() as session:
+        return list(await session.scalars(select(OutboxEvent.event_id)))
+
+
+async def effect_keys(db: Database) -> list[str]:
+    async with db.transaction() as session:
+        return list(await session.scalars(select(Effect.key).order_by(Effect.id)))
+
+
+async def test_a_row_and_its_event_are_written_together_or_not_at_all(db: Database) -> None:
+    woken: list[str] = []
+    db.on_commit(lambda: woken.append("relay"))
+    row = {"id": 1, "key": "first", "replica": ""}
+    async with db.autocommit() as connection:
+        first = await insert_with_event(connection, Effect, row, ticket(1))
+    with pytest.raises(IntegrityError):
+        async with db.autocommit() as connection:
+            # The same key: the row is refused, and its event with it.
+            await insert_with_event(connection, Effect, {**row, "key": "second"}, ticket(2))
+    assert await effect_keys(db) == ["first"]
+    assert await stored_event_ids(db) == [first.id]
+    assert woken == ["relay"]
+
+
+async def test_an_update_writes_its_event_only_when_it_changed_a_row(db: Database) -> None:
+    async with db.autocommit() as connection:
+        await insert_with_event(connection, Effect, {"id": 1, "key": "a", "replica": ""}, ticket(1))
+    rename = (
+        update(Effect)
+        .where(Effect.id == bindparam("effect_id"), Effect.key == bindparam("old"))
+        .values(key=bindparam("new"))
+    )
+    async with db.autocommit() as connection:
+        params = {"effect_id": 1, "old": "a", "new": "b"}
+        renamed = await update_with_event(connection, rename, params, ticket(2))
+        params = {"effect_id": 1, "old": "a", "new": "c"}  # no longer "a": nothing changes
+        stale = await update_with_event(connection, rename, params, ticket(3))
+    assert (renamed, stale) == (True, False)
+    assert await effect_keys(db) == ["b"]
+    assert len(await stored_event_ids(db)) == 2  # the insert's and the rename's
+
+
+async def test_each_statement_commits_by_itself_on_postgresql(db: Database) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite runs the block as one transaction: one writer, no round trips to save")
+    async with db.autocommit() as connection:
+        await insert_with_event(connection, Effect, {"id": 1, "key": "a", "replica": ""}, ticket(1))
+        # Seen from another connection before the block ends: no transaction holds it back.
+        assert await effect_keys(db) == ["a"]
+        assert len(await stored_event_ids(db)) == 1
