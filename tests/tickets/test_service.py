@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -12,6 +13,7 @@ from tests.conftest import Platform, new_user
 from tests.support import eventually
 from tests.tickets.test_routes import create
 from ticketing.common.db import Database
+from ticketing.common.messaging import RetryLater
 from ticketing.tickets import service
 from ticketing.tickets.models import Ticket
 
@@ -62,3 +64,48 @@ async def test_a_cancellation_and_its_creation_handled_at_once_leave_the_ticket_
         ticket = await session.get(Ticket, ticket_id)
     assert ticket is not None
     assert ticket.order_id is None
+
+
+async def _ticket(db: Database, ticket_id: str) -> Ticket:
+    async with db.transaction() as session:
+        ticket = await session.get(Ticket, ticket_id)
+    assert ticket is not None
+    return ticket
+
+
+async def _on_sale(platform: Platform) -> tuple[Database, str]:
+    """The tickets service's database, and a ticket just put on sale."""
+    await platform.start("tickets")
+    async with platform.client(new_user()) as seller:
+        ticket_id = (await create(seller))["id"]
+    return platform.runtime("tickets").db, ticket_id
+
+
+async def _handle(db: Database, use_case: Any, ticket_id: str, order_id: str) -> None:
+    async with db.transaction() as session:
+        await use_case(session, ticket_id=ticket_id, order_id=order_id)
+
+
+async def test_an_order_cancelled_before_its_creation_came_reserves_nothing(
+    platform: Platform,
+) -> None:
+    db, ticket_id = await _on_sale(platform)
+    order_id = str(uuid.uuid4())
+    await _handle(db, service.release, ticket_id, order_id)
+    await _handle(db, service.reserve, ticket_id, order_id)
+    ticket = await _ticket(db, ticket_id)
+    assert (ticket.order_id, ticket.version) == (None, 0)
+
+
+async def test_a_ticket_held_by_another_order_waits_for_its_release_unless_this_one_is_gone(
+    platform: Platform,
+) -> None:
+    db, ticket_id = await _on_sale(platform)
+    holder, waiting, cancelled = (str(uuid.uuid4()) for _ in range(3))
+    await _handle(db, service.reserve, ticket_id, holder)
+    with pytest.raises(RetryLater):
+        await _handle(db, service.reserve, ticket_id, waiting)
+    await _handle(db, service.release, ticket_id, cancelled)
+    await _handle(db, service.reserve, ticket_id, cancelled)  # nothing left to do
+    ticket = await _ticket(db, ticket_id)
+    assert (ticket.order_id, ticket.version) == (holder, 1)

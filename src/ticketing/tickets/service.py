@@ -8,7 +8,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select, update
+from sqlalchemy import Select, bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import ReturningUpdate
 
@@ -99,15 +99,18 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
         raise RetryLater(f"ticket {ticket_id} is unknown here")
     if ticket.order_id == order_id:
         return  # already done
-    # A statement of its own, after the lock: it sees a cancellation committed while we waited.
+    if ticket.order_id is None:
+        # A statement of its own, after the lock: it sees a cancellation committed while we
+        # waited, and then holds nothing (the order was cancelled before its creation came).
+        held = (await connection.execute(_hold_unless_released(), params)).first()
+        if held is not None:
+            add_event(session, TicketUpdated(**held._mapping))
+        return
     if (await connection.execute(_released(), params)).first() is not None:
-        return  # the order was cancelled before its creation reached us
-    if ticket.order_id is not None:
-        # The orders database allows one active order per ticket, so the holder's
-        # cancellation is on its way; wait for it rather than steal the ticket.
-        raise RetryLater(f"ticket {ticket_id} is still held by order {ticket.order_id}")
-    held = (await connection.execute(_hold(), params)).one()
-    add_event(session, TicketUpdated(**held._mapping))
+        return
+    # The orders database allows one active order per ticket, so the holder's cancellation is
+    # on its way; wait for it rather than steal the ticket.
+    raise RetryLater(f"ticket {ticket_id} is still held by order {ticket.order_id}")
 
 
 @cache
@@ -123,11 +126,11 @@ def _released() -> Select[tuple[str]]:
 
 
 @cache
-def _hold() -> ReturningUpdate[Any]:
+def _hold_unless_released() -> ReturningUpdate[Any]:
     tickets = Ticket.__table__.c
     return (
         update(Ticket)
-        .where(tickets.id == bindparam("ticket_id"))
+        .where(tickets.id == bindparam("ticket_id"), ~exists(_released()))
         .values(order_id=bindparam("order_id"), version=tickets.version + 1)
         # What ticket:updated tells of a ticket: its fields are the columns' names.
         .returning(*(tickets[name] for name in TicketUpdated.model_fields))
