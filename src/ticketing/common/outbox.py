@@ -140,6 +140,21 @@ async def insert_event(connection: AsyncConnection, event: Event) -> Envelope:
     return envelope
 
 
+async def insert_event_once(connection: AsyncConnection, event: Event, *, event_id: str) -> bool:
+    """Store an event under a given id unless one with that id is stored already, in one
+    statement (atomic without a transaction); False if it was there."""
+    row = _outbox_row(Envelope.wrap(event, event_id=event_id))
+    stored = (await connection.execute(_outbox_insert_once(connection.dialect.name), row)).first()
+    if stored is not None:
+        connection.info[WROTE_OUTBOX] = True
+    return stored is not None
+
+
+@cache
+def _outbox_insert_once(dialect: str) -> Insert:
+    return insert_ignoring_duplicates(OutboxEvent, dialect).returning(OutboxEvent.seq)
+
+
 async def insert_with_event(
     connection: AsyncConnection, entity: type[DeclarativeBase], row: dict[str, Any], event: Event
 ) -> Envelope:

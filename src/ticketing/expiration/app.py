@@ -14,11 +14,7 @@ SERVICE = "expiration"
 
 def create_app(settings: ExpirationSettings | None = None) -> FastAPI:
     settings = settings or ExpirationSettings()
-    settings.require_urls("redis_url")
-    assert settings.redis_url is not None
-    queue = JobQueue(
-        settings.expiration_queue, settings.redis_url, settings.expiration_poll_seconds
-    )
+    queue = JobQueue.from_settings(settings)
     return create_service_app(
         SERVICE,
         settings,

@@ -18,17 +18,23 @@ from ticketing.expiration.settings import ExpirationSettings
 class JobQueue:
     """Holds the connection once the service has started; handlers read it from here."""
 
-    def __init__(self, name: str, redis_url: str, poll_seconds: float) -> None:
+    def __init__(self, name: str, redis_url: str, poll_seconds: float, max_jobs: int) -> None:
         self.name = name
         self.redis_url = redis_url
         self.poll_seconds = poll_seconds
+        self.max_jobs = max_jobs
         self.pool: ArqRedis | None = None
 
     @classmethod
     def from_settings(cls, settings: ExpirationSettings) -> JobQueue:
         settings.require_urls("redis_url")
         assert settings.redis_url is not None
-        return cls(settings.expiration_queue, settings.redis_url, settings.expiration_poll_seconds)
+        return cls(
+            settings.expiration_queue,
+            settings.redis_url,
+            settings.expiration_poll_seconds,
+            settings.expiration_max_jobs,
+        )
 
     @asynccontextmanager
     async def running(self, runtime: Runtime) -> AsyncIterator[None]:
@@ -40,6 +46,7 @@ class JobQueue:
             redis_pool=self.pool,
             handle_signals=False,
             poll_delay=self.poll_seconds,
+            max_jobs=self.max_jobs,
             ctx={"runtime": runtime},
             keep_result=3600,
             max_tries=10_000,  # a job retries until it can announce the expiry
