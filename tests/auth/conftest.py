@@ -14,7 +14,14 @@ from ticketing.platform.embedded import SmtpSink
 
 @pytest.fixture
 def auth_settings(settings_kwargs: dict[str, Any], smtp_sink: SmtpSink) -> AuthSettings:
-    return AuthSettings(**settings_kwargs, smtp_url=smtp_sink.url, public_url="http://testserver")
+    return AuthSettings(
+        **settings_kwargs,
+        smtp_url=smtp_sink.url,
+        public_url="http://testserver",
+        # One fixed window for the whole test: the limits' tests count attempts across it, and
+        # a window boundary falling between two attempts would start the count again.
+        rate_limit_window_seconds=10**9,
+    )
 
 
 @pytest.fixture
