@@ -50,6 +50,7 @@ class Runtime:
             max_deliver=settings.listener_max_deliver,
             ack_wait=settings.listener_ack_wait_seconds,
             lanes=settings.listener_lanes,
+            fetch_window=settings.listener_fetch_window_seconds,
         )
 
     async def start(self) -> None:

@@ -31,9 +31,9 @@ from ticketing.common.settings import Settings
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_SECONDS = 120.0
-# How long a listener waits for a batch to fill when nothing was ready: the events that come
-# meanwhile share one transaction (under load, most of a listener's cost), at the price of
-# that much lag. After a quiet window it waits for the next message alone, without a window.
+# How long a listener waits by default for a batch to fill when nothing was ready: the events
+# that come meanwhile share one transaction (under load, most of a listener's cost), at the
+# price of that much lag. After a quiet window it waits for the next message alone.
 FETCH_WINDOW_SECONDS = 0.2
 # After a batch that was not full, how long to let the next events gather.
 COALESCE_SECONDS = 0.005
@@ -240,6 +240,7 @@ class Listener:
         max_retry_later: int = 200,
         ack_wait: float = 30.0,
         batch: int = 32,
+        fetch_window: float = FETCH_WINDOW_SECONDS,
         lanes: int = 8,
     ) -> None:
         self.service = service
@@ -250,6 +251,7 @@ class Listener:
         self.max_retry_later = max_retry_later
         self.ack_wait = ack_wait
         self.batch = batch
+        self.fetch_window = fetch_window
         self.handlers: dict[str, Handler] = {}
         # Handlers whose effect is outside this service's database, idempotent on their own.
         self.handlers_outside_db: dict[str, PlainHandler] = {}
@@ -361,7 +363,7 @@ class Listener:
         timeout: with a long timeout, a lone event on a quiet platform would wait that long.
         """
         try:
-            msgs: list[Msg] = await sub.fetch(self.batch, timeout=FETCH_WINDOW_SECONDS)
+            msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_window)
         except (TimeoutError, nats.errors.TimeoutError):
             msgs = await sub.fetch(1, timeout=1.0)
         return msgs

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     db_pool_size: int = 10
     # Transactions a listener runs at once; events about one ticket or order stay in order.
     listener_lanes: int = 4
+    # How long a listener that found nothing ready waits for a batch to fill (its events then
+    # share a transaction) before it takes what came: lag traded for CPU.
+    listener_fetch_window_seconds: float = 0.2
     # False in a process that only serves requests (`ticketing up --workers N` runs the
     # listeners, job workers and relays in processes of their own); its commits wake them.
     run_listeners: bool = True
