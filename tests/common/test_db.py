@@ -9,7 +9,7 @@ from sqlalchemy import text
 from tests.conftest import PG_URL, Infra
 from ticketing.common.db import Database
 from ticketing.common.events import ExpirationComplete
-from ticketing.common.outbox import insert_event
+from ticketing.common.outbox import insert_event_once
 from ticketing.common.settings import Settings
 
 
@@ -58,13 +58,13 @@ async def test_a_plain_transaction_wakes_the_relay_only_when_it_commits_outbox_r
     try:
         with pytest.raises(RuntimeError):
             async with db.plain_transaction() as connection:
-                await insert_event(connection, event)
+                await insert_event_once(connection, event, event_id="e-1")
                 raise RuntimeError("the use case failed")
         async with db.plain_transaction() as connection:
             await connection.execute(text("SELECT 1"))  # writes no event
         assert commits == []
         async with db.plain_transaction() as connection:
-            await insert_event(connection, event)
+            await insert_event_once(connection, event, event_id="e-1")
         assert commits == ["woken"]
         async with db.transaction() as session:
             stored = await session.scalar(text("SELECT count(*) FROM outbox"))

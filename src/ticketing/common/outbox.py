@@ -131,15 +131,6 @@ def add_event(session: AsyncSession, event: Event, *, event_id: str | None = Non
     return envelope
 
 
-async def insert_event(connection: AsyncConnection, event: Event) -> Envelope:
-    """Store an event in the outbox now, in the transaction of a plain connection
-    (`Database.plain_transaction`)."""
-    envelope = Envelope.wrap(event)
-    await connection.execute(insert(OutboxEvent), _outbox_row(envelope))
-    connection.info[WROTE_OUTBOX] = True
-    return envelope
-
-
 async def insert_event_once(connection: AsyncConnection, event: Event, *, event_id: str) -> bool:
     """Store an event under a given id unless one with that id is stored already, in one
     statement (atomic without a transaction); False if it was there."""
