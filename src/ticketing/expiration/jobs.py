@@ -14,6 +14,8 @@ from ticketing.common.app import Runtime
 from ticketing.expiration import service
 from ticketing.expiration.settings import ExpirationSettings
 
+JOB_TIMEOUT_SECONDS = 60
+
 
 class JobQueue:
     """Holds the connection once the service has started; handlers read it from here."""
@@ -47,6 +49,9 @@ class JobQueue:
             handle_signals=False,
             poll_delay=self.poll_seconds,
             max_jobs=self.max_jobs,
+            # A job waits up to a second, then writes one row. arq leaves the job of a process
+            # that died mid-job to others only once this (plus ten seconds) has passed.
+            job_timeout=JOB_TIMEOUT_SECONDS,
             ctx={"runtime": runtime},
             keep_result=3600,
             max_tries=10_000,  # a job retries until it can announce the expiry
