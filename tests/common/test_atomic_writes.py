@@ -70,3 +70,20 @@ async def test_each_statement_commits_by_itself_on_postgresql(db: Database) -> N
         # Seen from another connection before the block ends: no transaction holds it back.
         assert await effect_keys(db) == ["a"]
         assert len(await stored_event_ids(db)) == 1
+
+
+async def test_an_event_written_before_an_error_still_wakes_the_relay_on_postgresql(
+    db: Database,
+) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite runs the block as one transaction: an error rolls all of it back")
+    woken: list[str] = []
+    db.on_commit(lambda: woken.append("relay"))
+    with pytest.raises(RuntimeError):
+        async with db.autocommit() as connection:
+            row = {"id": 1, "key": "a", "replica": ""}
+            await insert_with_event(connection, Effect, row, ticket(1))
+            raise RuntimeError("a later step of the use case failed")
+    # The statement had committed: its event is stored, and the relay was told.
+    assert len(await stored_event_ids(db)) == 1
+    assert woken == ["relay"]

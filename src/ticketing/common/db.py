@@ -143,12 +143,16 @@ class Database:
             return
         async with self.engine.connect() as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
+            wrote_outbox = False
             try:
                 yield connection
             finally:
-                wrote_outbox = connection.info.pop(WROTE_OUTBOX, False)
-        if wrote_outbox:
-            self._run_commit_hooks()
+                # Every statement committed as it ran, those before an error included: the
+                # relay is woken either way. A broken connection must not hide that error.
+                with contextlib.suppress(Exception):
+                    wrote_outbox = connection.info.pop(WROTE_OUTBOX, False)
+                if wrote_outbox:
+                    self._run_commit_hooks()
 
     async def retrying(
         self,

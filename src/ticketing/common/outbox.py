@@ -149,10 +149,10 @@ def _outbox_insert_once(dialect: str) -> Insert:
 async def insert_with_event(
     connection: AsyncConnection, entity: type[DeclarativeBase], row: dict[str, Any], event: Event
 ) -> Envelope:
-    """Insert `row` and store `event` in the outbox, atomically even without a transaction
-    (`Database.autocommit`): on PostgreSQL one statement, the row's insert in a CTE whose
-    failure (a unique index) writes neither; elsewhere two statements in the caller's
-    transaction."""
+    """Insert `row` (a value for every column of the table) and store `event` in the outbox,
+    atomically even without a transaction (`Database.autocommit`): on PostgreSQL one
+    statement, the row's insert in a CTE whose failure (a unique index) writes neither;
+    elsewhere two statements in the caller's transaction."""
     envelope = Envelope.wrap(event)
     outbox_row = _outbox_row(envelope)
     if connection.dialect.name == "postgresql":

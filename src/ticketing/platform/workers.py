@@ -136,21 +136,19 @@ def _bind(host: str, port: int) -> socket.socket:
 @dataclass(frozen=True)
 class Role:
     """What a worker process does: serve requests on the shared socket, or handle the events
-    of some services (None: of every service)."""
+    of some services."""
 
     name: str
     listens: bool
-    services: frozenset[str] | None = None
+    services: frozenset[str] = frozenset()
 
     def runs(self, service: str) -> bool:
-        return self.services is None or service in self.services
+        return service in self.services
 
     @property
     def doing(self) -> str:
         if not self.listens:
             return "every service's requests"
-        if self.services is None:
-            return "every listener and job"
         return f"the listeners and relays of {', '.join(sorted(self.services))}"
 
 
