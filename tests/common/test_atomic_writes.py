@@ -30,8 +30,8 @@ async def effect_keys(db: Database) -> list[str]:
 
 
 async def test_a_row_and_its_event_are_written_together_or_not_at_all(db: Database) -> None:
-    woken: list[str] = []
-    db.on_commit(lambda: woken.append("relay"))
+    handed: list[str] = []
+    db.on_commit(lambda rows: handed.extend(row["event_id"] for row in rows))
     row = {"id": 1, "key": "first", "replica": ""}
     async with db.autocommit() as connection:
         first = await insert_with_event(connection, Effect, row, ticket(1))
@@ -41,7 +41,7 @@ async def test_a_row_and_its_event_are_written_together_or_not_at_all(db: Databa
             await insert_with_event(connection, Effect, {**row, "key": "second"}, ticket(2))
     assert await effect_keys(db) == ["first"]
     assert await stored_event_ids(db) == [first.id]
-    assert woken == ["relay"]
+    assert handed == [first.id]  # to the relay, to publish at once
 
 
 async def test_an_update_writes_its_event_only_when_it_changed_a_row(db: Database) -> None:
@@ -72,18 +72,18 @@ async def test_each_statement_commits_by_itself_on_postgresql(db: Database) -> N
         assert len(await stored_event_ids(db)) == 1
 
 
-async def test_an_event_written_before_an_error_still_wakes_the_relay_on_postgresql(
+async def test_an_event_written_before_an_error_still_goes_to_the_relay_on_postgresql(
     db: Database,
 ) -> None:
     if db.is_sqlite:
         pytest.skip("SQLite runs the block as one transaction: an error rolls all of it back")
-    woken: list[str] = []
-    db.on_commit(lambda: woken.append("relay"))
+    handed: list[str] = []
+    db.on_commit(lambda rows: handed.extend(row["event_id"] for row in rows))
     with pytest.raises(RuntimeError):
         async with db.autocommit() as connection:
             row = {"id": 1, "key": "a", "replica": ""}
             await insert_with_event(connection, Effect, row, ticket(1))
             raise RuntimeError("a later step of the use case failed")
-    # The statement had committed: its event is stored, and the relay was told.
-    assert len(await stored_event_ids(db)) == 1
-    assert woken == ["relay"]
+    # The statement had committed: its event is stored, and handed to the relay.
+    assert handed == await stored_event_ids(db)
+    assert len(handed) == 1

@@ -47,13 +47,13 @@ async def test_create_all_twice_is_harmless(settings: Settings) -> None:
         await db.dispose()
 
 
-async def test_a_plain_transaction_wakes_the_relay_only_when_it_commits_outbox_rows(
+async def test_a_plain_transaction_hands_the_relay_only_the_outbox_rows_it_committed(
     settings: Settings,
 ) -> None:
     db = Database(settings.service_database_url("probe"), pool_size=1)  # one pooled connection
     await db.create_all()
-    commits: list[str] = []
-    db.on_commit(lambda: commits.append("woken"))
+    commits: list[list[str]] = []
+    db.on_commit(lambda rows: commits.append([row["event_id"] for row in rows]))
     event = ExpirationComplete(order_id="o-1")
     try:
         with pytest.raises(RuntimeError):
@@ -65,7 +65,7 @@ async def test_a_plain_transaction_wakes_the_relay_only_when_it_commits_outbox_r
         assert commits == []
         async with db.plain_transaction() as connection:
             await insert_event_once(connection, event, event_id="e-1")
-        assert commits == ["woken"]
+        assert commits == [["e-1"]]
         async with db.transaction() as session:
             stored = await session.scalar(text("SELECT count(*) FROM outbox"))
         assert stored == 1

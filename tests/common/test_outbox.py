@@ -36,10 +36,15 @@ async def relays(db: Database, publisher: Publisher) -> asyncio.Queue[OutboxRela
 
 
 def start_relay(
-    db: Database, publisher: Publisher, made: asyncio.Queue[OutboxRelay], *, sweep: float = 0.2
+    db: Database,
+    publisher: Publisher,
+    made: asyncio.Queue[OutboxRelay],
+    *,
+    sweep: float = 0.2,
+    sweeps: bool = True,
 ) -> OutboxRelay:
     relay = OutboxRelay(db, publisher, sweep_seconds=sweep)
-    relay.start()
+    relay.start(sweep=sweeps)
     made.put_nowait(relay)
     return relay
 
@@ -75,20 +80,30 @@ async def test_nothing_is_published_for_a_rolled_back_transaction(
     assert [e.id for e in published] == [marker.id]
 
 
-async def test_the_relay_wakes_at_once_after_a_commit(
+async def test_a_commit_is_published_at_once_and_then_marked(
     db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
 ) -> None:
-    # A sweep an hour away: only the commit hook can make this event go out.
-    relay = start_relay(db, publisher, relays, sweep=3600)
-    await eventually(lambda: _relay_idle(relay))
+    # No sweep at all: only the commit's own hand-over can make this event go out.
+    start_relay(db, publisher, relays, sweeps=False)
     async with db.transaction() as session:
         envelope = add_event(session, ticket(1))
     published = await eventually(lambda: stream_envelopes(bus), within=5)
     assert [e.id for e in published] == [envelope.id]
+    await eventually(lambda: _none_pending(db))
 
 
-async def _relay_idle(relay: OutboxRelay) -> bool:
-    return relay._task is not None and not relay._wake.is_set()
+async def test_an_event_whose_prompt_publish_fails_goes_out_on_a_sweep(
+    db: Database, bus: Bus, settings: Settings, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    """NATS unreachable as the commit lands: the row stays pending, nothing is lost."""
+    start_relay(db, Publisher(Bus(settings)), relays, sweeps=False)  # a bus never connected
+    async with db.transaction() as session:
+        envelope = add_event(session, ticket(1))
+    assert [row.event_id for row in await pending_rows(db)] == [envelope.id]
+    start_relay(db, Publisher(bus), relays)
+    published = await eventually(lambda: stream_envelopes(bus))
+    assert [e.id for e in published] == [envelope.id]
+    await eventually(lambda: _none_pending(db))
 
 
 async def test_events_are_published_in_commit_order(
@@ -182,27 +197,27 @@ async def test_prune_forgets_only_old_published_events_and_old_inbox_entries(
     assert handled == ["new"]
 
 
-async def test_a_commit_in_a_process_that_only_serves_requests_wakes_a_relay_elsewhere(
+async def test_a_process_that_only_serves_requests_publishes_its_own_commits(
     db: Database, bus: Bus, settings: Settings, relays: asyncio.Queue[OutboxRelay]
 ) -> None:
-    """`ticketing up --workers N`: request workers run no relay; their commits wake one in an
-    events worker over NATS. The relay's sweep is a minute here: only the wake-up can be quick."""
-    relay = start_relay(db, Publisher(bus), relays, sweep=60)
-    await bus.on_relay_wake("probe", relay.notify)
+    """`ticketing up --workers N`: a request worker sweeps nothing, but publishes what its own
+    commits wrote at once. The events worker's sweep is a minute away here."""
+    start_relay(db, Publisher(bus), relays, sweep=60)
     requests_db = Database(settings.service_database_url("probe"))  # the other process's pool
     requests_bus = Bus(settings)
     await requests_bus.connect()
     try:
-        requests_db.on_commit(lambda: requests_bus.wake_relay("probe"))
+        start_relay(requests_db, Publisher(requests_bus), relays, sweeps=False)
         sent = []
-        # Twice: the first commit may race the relay's first pass at start; by the second, the
-        # relay is surely asleep until woken.
         for n in (7, 8):
             async with requests_db.transaction() as session:
                 sent.append(add_event(session, ticket(n)).id)
             published = await eventually(lambda: _published(bus, len(sent)))
         assert [e.id for e in published] == sent
+        await eventually(lambda: _none_pending(db))
     finally:
+        while not relays.empty():  # before the pool and bus they use go
+            await relays.get_nowait().stop()
         await requests_bus.close()
         await requests_db.dispose()
 

@@ -59,13 +59,9 @@ class Runtime:
         if self.settings.is_dev:
             await self.db.create_all()
         await self.bus.connect()
-        if self.settings.run_listeners:
-            self.relay.start()
-            await self.bus.on_relay_wake(self.name, self.relay.notify)
-        else:
-            # A process that only serves requests leaves publishing to those that listen; it
-            # wakes their relay after each commit that wrote outbox rows.
-            self.db.on_commit(lambda: self.bus.wake_relay(self.name))
+        # Every process publishes what its own commits wrote, at once; those that listen also
+        # sweep for rows left pending (a publish that failed, a process that died meanwhile).
+        self.relay.start(sweep=self.settings.run_listeners)
 
     @property
     def listens(self) -> bool:

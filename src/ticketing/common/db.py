@@ -63,8 +63,16 @@ class Base(DeclarativeBase):
 
 
 POOL_SIZE = 10
-# Set in a session's or connection's info by a transaction that wrote outbox rows.
-WROTE_OUTBOX = "outbox_dirty"
+# The outbox rows a transaction wrote, listed in its session's or connection's info until it
+# commits; then they go to the commit hooks (the relay publishes them at once).
+OUTBOX_WRITTEN = "outbox_written"
+OutboxRows = list[dict[str, Any]]
+CommitHook = Callable[[OutboxRows], None]
+
+
+def note_outbox_row(info: dict[Any, Any], row: dict[str, Any]) -> None:
+    """Record in a session's or connection's info that its transaction wrote this outbox row."""
+    info.setdefault(OUTBOX_WRITTEN, []).append(row)
 
 
 class Database:
@@ -82,22 +90,23 @@ class Database:
         self.sessionmaker = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=sync_class
         )
-        self._after_commit: list[Callable[[], None]] = []
+        self._after_commit: list[CommitHook] = []
         event.listen(sync_class, "before_commit", _insert_queued)
         event.listen(sync_class, "after_rollback", _forget_queued)
         event.listen(sync_class, "after_commit", self._committed)
 
-    def on_commit(self, hook: Callable[[], None]) -> None:
-        """Call `hook` after any transaction that wrote outbox rows commits."""
+    def on_commit(self, hook: CommitHook) -> None:
+        """Call `hook` with the outbox rows a transaction wrote, once it has committed."""
         self._after_commit.append(hook)
 
     def _committed(self, session: Any) -> None:
-        if session.info.pop(WROTE_OUTBOX, False):
-            self._run_commit_hooks()
+        self._run_commit_hooks(session.info.pop(OUTBOX_WRITTEN, None))
 
-    def _run_commit_hooks(self) -> None:
+    def _run_commit_hooks(self, rows: OutboxRows | None) -> None:
+        if not rows:
+            return
         for hook in self._after_commit:
-            hook()
+            hook(rows)
 
     async def create_all(self) -> None:
         """Create the database if it is missing, then every table of this service."""
@@ -123,12 +132,11 @@ class Database:
                 # The flag lives with the pooled connection: clear it, but let nothing from a
                 # broken connection hide the error that is on its way out.
                 with contextlib.suppress(Exception):
-                    connection.info.pop(WROTE_OUTBOX, None)
+                    connection.info.pop(OUTBOX_WRITTEN, None)
                 raise
             # Read here: once the block ends, the connection is committed and back in the pool.
-            wrote_outbox = connection.info.pop(WROTE_OUTBOX, False)
-        if wrote_outbox:
-            self._run_commit_hooks()
+            written = connection.info.pop(OUTBOX_WRITTEN, None)
+        self._run_commit_hooks(written)
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
@@ -143,16 +151,15 @@ class Database:
             return
         async with self.engine.connect() as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
-            wrote_outbox = False
+            written = None
             try:
                 yield connection
             finally:
-                # Every statement committed as it ran, those before an error included: the
-                # relay is woken either way. A broken connection must not hide that error.
+                # Every statement committed as it ran, those before an error included: their
+                # rows go to the hooks either way. A broken connection must not hide that error.
                 with contextlib.suppress(Exception):
-                    wrote_outbox = connection.info.pop(WROTE_OUTBOX, False)
-                if wrote_outbox:
-                    self._run_commit_hooks()
+                    written = connection.info.pop(OUTBOX_WRITTEN, None)
+                self._run_commit_hooks(written)
 
     async def retrying(
         self,

@@ -68,7 +68,6 @@ class Bus:
         self.settings = settings
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._wakes: set[asyncio.Task[None]] = set()  # held, so they are not collected mid-way
 
     @property
     def js(self) -> JetStreamContext:
@@ -107,35 +106,6 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
-
-    def relay_subject(self, service: str) -> str:
-        """Where a service's relays are woken; outside the stream's subjects, so not stored."""
-        return f"relay.{self.prefix}.{service}"
-
-    async def on_relay_wake(self, service: str, wake: Callable[[], None]) -> None:
-        """Call `wake` when another process has committed outbox rows of `service`. A queue
-        group: one relay of the service wakes, not all of them to race for the same rows."""
-        assert self.nc is not None, "Bus.connect() first"
-
-        async def woken(_msg: Msg) -> None:
-            wake()
-
-        await self.nc.subscribe(self.relay_subject(service), queue="relay", cb=woken)
-
-    def wake_relay(self, service: str) -> None:
-        """Fire and forget (a lost wake-up only waits for the relay's sweep); called from a
-        commit hook, so it cannot await."""
-        if self.nc is None or not self.nc.is_connected:
-            return
-        task = asyncio.get_running_loop().create_task(self._wake(self.nc, service))
-        self._wakes.add(task)
-        task.add_done_callback(self._wakes.discard)
-
-    async def _wake(self, nc: NATS, service: str) -> None:
-        try:
-            await nc.publish(self.relay_subject(service))
-        except Exception:  # a connection lost meanwhile: the sweep publishes the rows
-            log.debug("could not wake the %s relay", service, exc_info=True)
 
     async def close(self) -> None:
         # Listeners settle their own messages and publishes are awaited, so there is nothing

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,6 @@ from sqlalchemy import (
     Index,
     Insert,
     Integer,
-    Row,
     Select,
     String,
     Text,
@@ -35,11 +35,12 @@ from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.selectable import CTE
 
 from ticketing.common.db import (
-    WROTE_OUTBOX,
     Base,
     Database,
+    OutboxRows,
     UtcDateTime,
     insert_ignoring_duplicates,
+    note_outbox_row,
     queue_insert,
     utcnow,
 )
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_SECONDS = 3600.0
-# How long a woken relay lets other commits land before it reads what is pending.
-COALESCE_SECONDS = 0.005
 
 # What the relay reads of a row: seq, type, event_id, body, correlation_id.
 _OutboxRow = tuple[int, str, str, str, str | None]
@@ -126,8 +125,9 @@ def _aware(moment: datetime | str) -> datetime:
 def add_event(session: AsyncSession, event: Event, *, event_id: str | None = None) -> Envelope:
     """Store an event in the outbox, in the caller's transaction (written as it commits)."""
     envelope = Envelope.wrap(event, event_id=event_id)
-    queue_insert(session, OutboxEvent, _outbox_row(envelope))
-    session.info[WROTE_OUTBOX] = True
+    row = _outbox_row(envelope)
+    queue_insert(session, OutboxEvent, row)
+    note_outbox_row(session.info, row)
     return envelope
 
 
@@ -137,7 +137,7 @@ async def insert_event_once(connection: AsyncConnection, event: Event, *, event_
     row = _outbox_row(Envelope.wrap(event, event_id=event_id))
     stored = (await connection.execute(_outbox_insert_once(connection.dialect.name), row)).first()
     if stored is not None:
-        connection.info[WROTE_OUTBOX] = True
+        note_outbox_row(connection.info, row)
     return stored is not None
 
 
@@ -160,7 +160,7 @@ async def insert_with_event(
     else:
         await connection.execute(insert(entity), row)
         await connection.execute(insert(OutboxEvent), outbox_row)
-    connection.info[WROTE_OUTBOX] = True
+    note_outbox_row(connection.info, outbox_row)
     return envelope
 
 
@@ -181,7 +181,7 @@ async def update_with_event(
         if changed:
             await connection.execute(insert(OutboxEvent), outbox_row)
     if changed:
-        connection.info[WROTE_OUTBOX] = True
+        note_outbox_row(connection.info, outbox_row)
     return changed
 
 
@@ -264,7 +264,13 @@ def _inbox_insert(dialect: str) -> Insert:
 
 
 class OutboxRelay:
-    """Publishes pending outbox rows in order: at once after a commit, and on a sweep."""
+    """Publishes outbox rows: those a commit of this process wrote, at once (and marks them
+    published afterwards); and, on a sweep, in order, every row still pending, whoever wrote it
+    (a publish that failed, a process that died before it published).
+
+    A row may so go out twice (a sweep that meets a row whose prompt publish is under way): it
+    keeps its Nats-Msg-Id, and JetStream drops the copy. Events of one service published by
+    different processes may interleave; every consumer takes events in any order (versions)."""
 
     def __init__(
         self,
@@ -286,31 +292,67 @@ class OutboxRelay:
         self._next_observe = 0.0
         self._next_prune = 0.0
         self.batch_size = batch_size
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()  # ends a sweep's wait at once
+        self._fresh = _Handoff()  # rows committed here, to publish
+        self._sent = _Handoff()  # rows published at once, to mark
+        self._tasks: list[asyncio.Task[None]] = []
+        self._hooked = False
         self._stopping = False
 
-    def notify(self) -> None:
-        """Wake the relay; called after a commit that wrote outbox rows."""
-        self._wake.set()
-
-    def start(self) -> None:
+    def start(self, *, sweep: bool = True) -> None:
+        """Publish this process's commits from now on and, with `sweep`, every pending row."""
         self._stopping = False
-        self.db.on_commit(self.notify)
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+        self._stopped.clear()
+        if not self._hooked:
+            self.db.on_commit(self._fresh.add)
+            self._hooked = True
+        self._tasks = [
+            asyncio.create_task(self._publish_fresh(), name="outbox-publish"),
+            asyncio.create_task(self._mark_sent(), name="outbox-mark"),
+        ]
+        if sweep:
+            self._tasks.append(asyncio.create_task(self._run(), name="outbox-sweep"))
 
     async def stop(self) -> None:
+        # Rows not yet published or marked stay pending: the next sweep anywhere sends them.
         self._stopping = True  # see Listener.stop: a cancellation alone may be swallowed
-        self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
+        self._stopped.set()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
+
+    async def _publish_fresh(self) -> None:
+        """Rows of this process's commits, in commit order, as soon as they commit: what
+        committed meanwhile goes in the same round."""
+        while not self._stopping:
+            rows = await self._fresh.take()
+            try:
+                await self._publish(rows)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("could not publish %d events; the sweep will", len(rows), exc_info=True)
+                continue
+            self._sent.add(rows)
+
+    async def _mark_sent(self) -> None:
+        """Mark what went out, off the path of the next publish; one statement per round."""
+        while not self._stopping:
+            rows = await self._sent.take()
+            params = {"event_ids": [row["event_id"] for row in rows], "now": utcnow()}
+            try:
+                async with self.db.engine.begin() as connection:
+                    await connection.execute(_mark_published_events(), params)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Still pending, so swept and published again: JetStream drops the copies.
+                log.warning("could not mark %d events published", len(rows), exc_info=True)
 
     async def _run(self) -> None:
         while not self._stopping:
-            self._wake.clear()
             try:
                 while await self.publish_pending() == self.batch_size:
                     pass
@@ -320,10 +362,7 @@ class OutboxRelay:
                 log.exception("outbox relay failed; retrying on the next sweep")
             await self._housekeeping()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.sweep_seconds)
-                # Woken by a commit: under load more are landing, and one pass for all of
-                # them costs a transaction instead of one each.
-                await asyncio.sleep(COALESCE_SECONDS)
+                await asyncio.wait_for(self._stopped.wait(), self.sweep_seconds)
 
     async def _housekeeping(self) -> None:
         """Backlog metrics once a sweep, pruning once an hour; never on every commit."""
@@ -378,7 +417,7 @@ class OutboxRelay:
                 _claim_pending(), {"limit": self.batch_size, "now": utcnow()}
             )
             rows = sorted(claimed.all(), key=lambda row: row.seq)
-            await self._publish(rows)
+            await self._publish([row._mapping for row in rows])
         return len(rows)
 
     async def _publish_in_short_transactions(self) -> int:
@@ -387,26 +426,46 @@ class OutboxRelay:
         async with self.db.engine.begin() as connection:
             result = await connection.execute(_pending_rows(), {"limit": self.batch_size})
             rows = list(result.all())
-        await self._publish(rows)
+        await self._publish([row._mapping for row in rows])
         if rows:
             async with self.db.engine.begin() as connection:
                 seqs = [row.seq for row in rows]
                 await connection.execute(_mark_published(), {"seqs": seqs, "now": utcnow()})
         return len(rows)
 
-    async def _publish(self, rows: list[Row[_OutboxRow]]) -> None:
+    async def _publish(self, rows: Sequence[Mapping[Any, Any]]) -> None:
         # All of a batch on the wire at once, acks awaited together: one round trip, not one per
         # row. Tasks start in row order, so the stream keeps the outbox's order; if any publish
         # fails, none is marked and the whole batch goes again (Nats-Msg-Id drops the copies).
         await asyncio.gather(*(
             self.publisher.publish_raw(
-                row.type, row.event_id, row.body.encode(), correlation=row.correlation_id
+                row["type"], row["event_id"], row["body"].encode(),
+                correlation=row["correlation_id"],
             )
             for row in rows
         ))  # fmt: skip
         if self.metrics:
             for row in rows:
-                self.metrics.events_published.labels(type=row.type).inc()
+                self.metrics.events_published.labels(type=row["type"]).inc()
+
+
+class _Handoff:
+    """Rows handed from one side (a commit hook, which cannot await) to a task that takes
+    everything handed over since its last turn."""
+
+    def __init__(self) -> None:
+        self._rows: OutboxRows = []
+        self._ready = asyncio.Event()
+
+    def add(self, rows: OutboxRows) -> None:
+        self._rows.extend(rows)
+        self._ready.set()
+
+    async def take(self) -> OutboxRows:
+        await self._ready.wait()
+        self._ready.clear()
+        rows, self._rows = self._rows, []
+        return rows
 
 
 @cache
@@ -439,6 +498,19 @@ def _claim_pending() -> ReturningUpdate[_OutboxRow]:
         .where(table.seq.in_(pending))
         .values(published_at=bindparam("now"))
         .returning(table.seq, table.type, table.event_id, table.body, table.correlation_id)
+    )
+
+
+@cache
+def _mark_published_events() -> Update:
+    table = OutboxEvent.__table__.c
+    return (
+        update(OutboxEvent)
+        .where(
+            table.event_id.in_(bindparam("event_ids", expanding=True)),
+            table.published_at.is_(None),
+        )
+        .values(published_at=bindparam("now"))
     )
 
 

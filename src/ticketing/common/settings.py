@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     # share a transaction) before it takes what came: lag traded for CPU.
     listener_fetch_window_seconds: float = 0.2
     # False in a process that only serves requests (`ticketing up --workers N` runs the
-    # listeners, job workers and relays in processes of their own); its commits wake them.
+    # listeners, job workers and outbox sweeps in processes of their own); it publishes only
+    # what its own commits wrote.
     run_listeners: bool = True
     outbox_retention_hours: float = 24 * 7
 

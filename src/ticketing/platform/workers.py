@@ -2,17 +2,17 @@
 
 Each request worker serves every service behind the gateway on one shared socket (the kernel
 spreads connections over them); the events workers run the listeners, the expiration job
-worker and the outbox relays (woken over NATS by the request workers' commits), so that events
-are handled and published at once instead of queueing behind requests: one those of orders and
+worker and the outbox sweeps (every process publishes what its own commits wrote), so that
+events are handled at once instead of queueing behind requests: one those of orders and
 tickets (the reservation), the other those of every other service. The request workers run
 at a lower CPU priority (nice): under overload the platform first keeps what it already sold
 consistent, then takes new orders.
 
 What stays correct with several processes is the services' own business: JetStream gives each
-durable consumer's messages to one process at a time, the outbox relay publishes under a
-PostgreSQL advisory lock (on SQLite a row published twice keeps its Nats-Msg-Id, so JetStream
-drops the copy), and arq lets one worker run a job. The Stripe sandbox keeps its state in memory,
-so it runs once, in the supervisor.
+durable consumer's messages to one process at a time, the outbox sweep runs under a PostgreSQL
+advisory lock (and a row published twice, by a sweep and by the process that committed it,
+keeps its Nats-Msg-Id, so JetStream drops the copy), and arq lets one worker run a job. The
+Stripe sandbox keeps its state in memory, so it runs once, in the supervisor.
 """
 
 from __future__ import annotations
