@@ -9,7 +9,7 @@ from sqlalchemy import text
 from tests.conftest import PG_URL, Infra
 from ticketing.common.db import Database
 from ticketing.common.events import ExpirationComplete
-from ticketing.common.outbox import insert_event_once
+from ticketing.common.outbox import add_event, insert_event_once
 from ticketing.common.settings import Settings
 
 
@@ -69,5 +69,28 @@ async def test_a_plain_transaction_hands_the_relay_only_the_outbox_rows_it_commi
         async with db.transaction() as session:
             stored = await session.scalar(text("SELECT count(*) FROM outbox"))
         assert stored == 1
+    finally:
+        await db.dispose()
+
+
+async def test_a_session_reused_after_a_rollback_hands_on_only_what_it_committed(
+    settings: Settings,
+) -> None:
+    db = Database(settings.service_database_url("probe"))
+    await db.create_all()
+    handed: list[str] = []
+    db.on_commit(lambda rows: handed.extend(row["event_id"] for row in rows))
+    try:
+        async with db.sessionmaker() as session:
+            with pytest.raises(RuntimeError):
+                async with session.begin():
+                    add_event(session, ExpirationComplete(order_id="o-1"), event_id="rolled-back")
+                    raise RuntimeError("the use case failed")
+            async with session.begin():
+                add_event(session, ExpirationComplete(order_id="o-2"), event_id="committed")
+        assert handed == ["committed"]
+        async with db.transaction() as session:
+            stored = list(await session.scalars(text("SELECT event_id FROM outbox")))
+        assert stored == ["committed"]
     finally:
         await db.dispose()

@@ -212,7 +212,9 @@ def _insert_queued(session: Session) -> None:
 
 
 def _forget_queued(session: Session) -> None:
+    # What the rolled-back transaction queued and wrote is gone: none of it may reach a hook.
     session.info.pop(_QUEUED, None)
+    session.info.pop(OUTBOX_WRITTEN, None)
 
 
 def _make_engine(url: str, *, is_sqlite: bool, pool_size: int) -> AsyncEngine:
