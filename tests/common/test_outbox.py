@@ -92,6 +92,19 @@ async def test_a_commit_is_published_at_once_and_then_marked(
     await eventually(lambda: _none_pending(db))
 
 
+async def test_a_round_larger_than_a_batch_goes_out_in_batches_and_is_marked(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    relay = OutboxRelay(db, publisher, batch_size=3)  # a statement's parameters are bounded
+    relay.start(sweep=False)
+    relays.put_nowait(relay)
+    async with db.transaction() as session:
+        ids = [add_event(session, ticket(n)).id for n in range(10)]
+    published = await eventually(lambda: _all_published(bus, 10))
+    assert [e.id for e in published] == ids
+    await eventually(lambda: _none_pending(db))
+
+
 async def test_an_event_whose_prompt_publish_fails_goes_out_on_a_sweep(
     db: Database, bus: Bus, settings: Settings, relays: asyncio.Queue[OutboxRelay]
 ) -> None:

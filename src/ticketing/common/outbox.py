@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_SECONDS = 3600.0
+# A sweep leaves rows younger than this to the prompt publish of the process that wrote them
+# (done within milliseconds as a rule): it would only publish them twice and contend with their
+# mark for the rows' locks.
+SWEEP_GRACE_SECONDS = 1.0
 
 # What the relay reads of a row: seq, type, event_id, body, correlation_id.
 _OutboxRow = tuple[int, str, str, str, str | None]
@@ -304,7 +308,7 @@ class OutboxRelay:
         self._stopping = False
         self._stopped.clear()
         if not self._hooked:
-            self.db.on_commit(self._fresh.add)
+            self.db.on_commit(self._committed)
             self._hooked = True
         self._tasks = [
             asyncio.create_task(self._publish_fresh(), name="outbox-publish"),
@@ -323,33 +327,43 @@ class OutboxRelay:
                 await task
         self._tasks = []
 
+    def _committed(self, rows: OutboxRows) -> None:
+        if not self._stopping:  # once stopped, nothing would take them: the sweep will
+            self._fresh.add(rows)
+
     async def _publish_fresh(self) -> None:
         """Rows of this process's commits, in commit order, as soon as they commit: what
-        committed meanwhile goes in the same round."""
+        committed meanwhile goes in the same round (in batches, after a stall)."""
         while not self._stopping:
-            rows = await self._fresh.take()
-            try:
-                await self._publish(rows)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("could not publish %d events; the sweep will", len(rows), exc_info=True)
-                continue
-            self._sent.add(rows)
+            for rows in self._batches(await self._fresh.take()):
+                try:
+                    await self._publish(rows)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.warning("could not publish %d events; the sweep will", len(rows),
+                                exc_info=True)  # fmt: skip
+                    continue
+                self._sent.add(rows)
 
     async def _mark_sent(self) -> None:
-        """Mark what went out, off the path of the next publish; one statement per round."""
+        """Mark what went out, off the path of the next publish; one statement per batch."""
         while not self._stopping:
-            rows = await self._sent.take()
-            params = {"event_ids": [row["event_id"] for row in rows], "now": utcnow()}
-            try:
-                async with self.db.engine.begin() as connection:
-                    await connection.execute(_mark_published_events(), params)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Still pending, so swept and published again: JetStream drops the copies.
-                log.warning("could not mark %d events published", len(rows), exc_info=True)
+            for rows in self._batches(await self._sent.take()):
+                params = {"event_ids": [row["event_id"] for row in rows], "now": utcnow()}
+                try:
+                    async with self.db.engine.begin() as connection:
+                        await connection.execute(_mark_published_events(), params)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Still pending, so swept and published again: JetStream drops the copies.
+                    log.warning("could not mark %d events published", len(rows), exc_info=True)
+
+    def _batches(self, rows: OutboxRows) -> list[OutboxRows]:
+        # A statement's parameters and a client's send buffer are bounded; a round after a
+        # stall is not.
+        return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -407,24 +421,25 @@ class OutboxRelay:
         """Publish one batch of pending rows; returns how many went out."""
         if self.db.is_sqlite:
             return await self._publish_in_short_transactions()
-        # A plain connection, no ORM session: the relay runs after every commit.
         async with self.db.engine.begin() as connection:
-            # One relay at a time keeps the order. Wait for the lock rather than skip: a skipped
-            # relay would leave this process's fresh rows to the next sweep, seconds later.
+            # One sweep at a time keeps the order.
             await connection.execute(_relay_lock())
             # Marked and read in one statement; if a publish fails, the rollback unmarks them.
-            claimed = await connection.execute(
-                _claim_pending(), {"limit": self.batch_size, "now": utcnow()}
-            )
+            claimed = await connection.execute(_claim_pending(), self._sweep_params())
             rows = sorted(claimed.all(), key=lambda row: row.seq)
             await self._publish([row._mapping for row in rows])
         return len(rows)
+
+    def _sweep_params(self) -> dict[str, Any]:
+        now = utcnow()
+        before = now - timedelta(seconds=SWEEP_GRACE_SECONDS)
+        return {"limit": self.batch_size, "now": now, "before": before}
 
     async def _publish_in_short_transactions(self) -> int:
         # SQLite has one writer: never hold its lock while waiting on NATS. Publishing before
         # marking is safe: a row published twice has the same Nats-Msg-Id.
         async with self.db.engine.begin() as connection:
-            result = await connection.execute(_pending_rows(), {"limit": self.batch_size})
+            result = await connection.execute(_pending_rows(), self._sweep_params())
             rows = list(result.all())
         await self._publish([row._mapping for row in rows])
         if rows:
@@ -473,7 +488,7 @@ def _pending_rows() -> Select[_OutboxRow]:
     table = OutboxEvent.__table__.c
     return (
         select(table.seq, table.type, table.event_id, table.body, table.correlation_id)
-        .where(table.published_at.is_(None))
+        .where(table.published_at.is_(None), table.created_at < bindparam("before"))
         .order_by(table.seq)
         .limit(bindparam("limit"))
     )
@@ -489,9 +504,11 @@ def _claim_pending() -> ReturningUpdate[_OutboxRow]:
     table = OutboxEvent.__table__.c
     pending = (
         select(table.seq)
-        .where(table.published_at.is_(None))
+        .where(table.published_at.is_(None), table.created_at < bindparam("before"))
         .order_by(table.seq)
         .limit(bindparam("limit"))
+        # A row whose mark holds its lock was just published: not the sweep's.
+        .with_for_update(skip_locked=True)
     )
     return (
         update(OutboxEvent)
