@@ -42,8 +42,9 @@ def start_relay(
     *,
     sweep: float = 0.2,
     sweeps: bool = True,
+    batch_size: int = 200,
 ) -> OutboxRelay:
-    relay = OutboxRelay(db, publisher, sweep_seconds=sweep)
+    relay = OutboxRelay(db, publisher, sweep_seconds=sweep, batch_size=batch_size)
     relay.start(sweep=sweeps)
     made.put_nowait(relay)
     return relay
@@ -95,9 +96,8 @@ async def test_a_commit_is_published_at_once_and_then_marked(
 async def test_a_round_larger_than_a_batch_goes_out_in_batches_and_is_marked(
     db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
 ) -> None:
-    relay = OutboxRelay(db, publisher, batch_size=3)  # a statement's parameters are bounded
-    relay.start(sweep=False)
-    relays.put_nowait(relay)
+    # A statement's parameters are bounded: ten rows of one commit go three at a time.
+    start_relay(db, publisher, relays, sweeps=False, batch_size=3)
     async with db.transaction() as session:
         ids = [add_event(session, ticket(n)).id for n in range(10)]
     published = await eventually(lambda: _all_published(bus, 10))

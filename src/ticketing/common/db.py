@@ -129,8 +129,8 @@ class Database:
             try:
                 yield connection
             except BaseException:
-                # The flag lives with the pooled connection: clear it, but let nothing from a
-                # broken connection hide the error that is on its way out.
+                # The noted rows live with the pooled connection: clear them, but let nothing
+                # from a broken connection hide the error that is on its way out.
                 with contextlib.suppress(Exception):
                     connection.info.pop(OUTBOX_WRITTEN, None)
                 raise

@@ -296,20 +296,18 @@ class OutboxRelay:
         self._next_observe = 0.0
         self._next_prune = 0.0
         self.batch_size = batch_size
-        self._stopped = asyncio.Event()  # ends a sweep's wait at once
+        # Set until started and once stopped; a flag as well as the cancellation (see
+        # Listener.stop: a cancellation alone may be swallowed), and it ends a sweep's wait.
+        self._stopped = asyncio.Event()
+        self._stopped.set()
         self._fresh = _Handoff()  # rows committed here, to publish
         self._sent = _Handoff()  # rows published at once, to mark
         self._tasks: list[asyncio.Task[None]] = []
-        self._hooked = False
-        self._stopping = False
+        db.on_commit(self._committed)
 
     def start(self, *, sweep: bool = True) -> None:
         """Publish this process's commits from now on and, with `sweep`, every pending row."""
-        self._stopping = False
         self._stopped.clear()
-        if not self._hooked:
-            self.db.on_commit(self._committed)
-            self._hooked = True
         self._tasks = [
             asyncio.create_task(self._publish_fresh(), name="outbox-publish"),
             asyncio.create_task(self._mark_sent(), name="outbox-mark"),
@@ -319,7 +317,6 @@ class OutboxRelay:
 
     async def stop(self) -> None:
         # Rows not yet published or marked stay pending: the next sweep anywhere sends them.
-        self._stopping = True  # see Listener.stop: a cancellation alone may be swallowed
         self._stopped.set()
         for task in self._tasks:
             task.cancel()
@@ -328,18 +325,16 @@ class OutboxRelay:
         self._tasks = []
 
     def _committed(self, rows: OutboxRows) -> None:
-        if not self._stopping:  # once stopped, nothing would take them: the sweep will
+        if not self._stopped.is_set():  # else nothing would take them: a sweep will
             self._fresh.add(rows)
 
     async def _publish_fresh(self) -> None:
         """Rows of this process's commits, in commit order, as soon as they commit: what
         committed meanwhile goes in the same round (in batches, after a stall)."""
-        while not self._stopping:
+        while not self._stopped.is_set():
             for rows in self._batches(await self._fresh.take()):
                 try:
                     await self._publish(rows)
-                except asyncio.CancelledError:
-                    raise
                 except Exception:
                     log.warning("could not publish %d events; the sweep will", len(rows),
                                 exc_info=True)  # fmt: skip
@@ -348,17 +343,18 @@ class OutboxRelay:
 
     async def _mark_sent(self) -> None:
         """Mark what went out, off the path of the next publish; one statement per batch."""
-        while not self._stopping:
+        while not self._stopped.is_set():
             for rows in self._batches(await self._sent.take()):
-                params = {"event_ids": [row["event_id"] for row in rows], "now": utcnow()}
                 try:
-                    async with self.db.engine.begin() as connection:
-                        await connection.execute(_mark_published_events(), params)
-                except asyncio.CancelledError:
-                    raise
+                    await self._mark_published(rows)
                 except Exception:
                     # Still pending, so swept and published again: JetStream drops the copies.
                     log.warning("could not mark %d events published", len(rows), exc_info=True)
+
+    async def _mark_published(self, rows: Sequence[Mapping[Any, Any]]) -> None:
+        params = {"event_ids": [row["event_id"] for row in rows], "now": utcnow()}
+        async with self.db.engine.begin() as connection:
+            await connection.execute(_mark_published_events(), params)
 
     def _batches(self, rows: OutboxRows) -> list[OutboxRows]:
         # A statement's parameters and a client's send buffer are bounded; a round after a
@@ -366,7 +362,7 @@ class OutboxRelay:
         return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 while await self.publish_pending() == self.batch_size:
                     pass
@@ -440,12 +436,10 @@ class OutboxRelay:
         # marking is safe: a row published twice has the same Nats-Msg-Id.
         async with self.db.engine.begin() as connection:
             result = await connection.execute(_pending_rows(), self._sweep_params())
-            rows = list(result.all())
-        await self._publish([row._mapping for row in rows])
+            rows = [row._mapping for row in result.all()]
+        await self._publish(rows)
         if rows:
-            async with self.db.engine.begin() as connection:
-                seqs = [row.seq for row in rows]
-                await connection.execute(_mark_published(), {"seqs": seqs, "now": utcnow()})
+            await self._mark_published(rows)
         return len(rows)
 
     async def _publish(self, rows: Sequence[Mapping[Any, Any]]) -> None:
@@ -527,15 +521,5 @@ def _mark_published_events() -> Update:
             table.event_id.in_(bindparam("event_ids", expanding=True)),
             table.published_at.is_(None),
         )
-        .values(published_at=bindparam("now"))
-    )
-
-
-@cache
-def _mark_published() -> Update:
-    table = OutboxEvent.__table__.c
-    return (
-        update(OutboxEvent)
-        .where(table.seq.in_(bindparam("seqs", expanding=True)))
         .values(published_at=bindparam("now"))
     )

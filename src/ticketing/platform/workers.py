@@ -149,7 +149,7 @@ class Role:
     def doing(self) -> str:
         if not self.listens:
             return "every service's requests"
-        return f"the listeners and relays of {', '.join(sorted(self.services))}"
+        return f"the listeners and outbox sweeps of {', '.join(sorted(self.services))}"
 
 
 REQUESTS = Role("requests", listens=False)
