@@ -107,3 +107,54 @@ async def test_a_job_that_cannot_reach_its_database_asks_arq_to_retry(tmp_path: 
     with pytest.raises(Retry):
         await expire_order({"runtime": Unreachable(), "job_try": 1}, str(uuid.uuid4()))
     await Unreachable.db.dispose()
+
+
+async def test_a_job_is_scheduled_as_arq_itself_schedules_it(platform: Platform) -> None:
+    """The one-round-trip enqueue writes what arq's enqueue_job writes, and refuses as it does:
+    an id already scheduled, or whose job has run (its result kept)."""
+    from arq.jobs import Job, JobStatus
+
+    from ticketing.expiration.jobs import JobQueue
+
+    await platform.start("expiration")
+    runtime = platform.runtime("expiration")
+    ours = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
+    async with ours.running(runtime):
+        assert ours.pool is not None
+        due = datetime.now(UTC) + timedelta(hours=1)
+        ids = (f"ours:{uuid.uuid4()}", f"arq:{uuid.uuid4()}")
+        assert await ours.enqueue_once("expire_order", "o-1", 7.5, job_id=ids[0], defer_until=due)
+        assert not await ours.enqueue_once(
+            "expire_order", "o-1", 7.5, job_id=ids[0], defer_until=due
+        )
+        await ours.pool.enqueue_job(
+            "expire_order", "o-1", 7.5, _job_id=ids[1], _queue_name=ours.name, _defer_until=due
+        )
+        infos = [await Job(i, ours.pool, _queue_name=ours.name).info() for i in ids]
+        assert all(info is not None for info in infos)
+        mine, theirs = infos
+        assert mine is not None and theirs is not None
+        assert (mine.function, mine.args, mine.kwargs, mine.job_try, mine.score) == (
+            theirs.function, theirs.args, theirs.kwargs, theirs.job_try, theirs.score
+        )  # fmt: skip
+        assert await Job(ids[0], ours.pool, _queue_name=ours.name).status() == JobStatus.deferred
+        ttls = [await ours.pool.pttl(f"arq:job:{i}") for i in ids]
+        assert abs(ttls[0] - ttls[1]) < 60_000  # both expire a day after they are due
+        await ours.pool.set(f"arq:result:{ids[0]}", b"done")
+        await ours.pool.delete(f"arq:job:{ids[0]}")
+        assert not await ours.enqueue_once(
+            "expire_order", "o-1", 7.5, job_id=ids[0], defer_until=due
+        )
+
+
+async def test_scheduling_before_the_queue_runs_asks_for_a_retry(platform: Platform) -> None:
+    import pytest
+
+    from ticketing.common.messaging import RetryLater
+    from ticketing.expiration.jobs import JobQueue
+    from ticketing.expiration.service import schedule
+
+    await platform.start("expiration")
+    queue = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
+    with pytest.raises(RetryLater):
+        await schedule(queue, event=order_created(expires_in=60))

@@ -14,4 +14,4 @@ def register(listener: Listener, queue: JobQueue) -> None:
     # expiry once (one event id per order).
     @listener.on_outside_db(OrderCreated)
     async def on_order_created(event: OrderCreated) -> None:
-        await service.schedule(queue.pool, queue=queue.name, event=event)
+        await service.schedule(queue, event=event)

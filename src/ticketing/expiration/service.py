@@ -7,16 +7,18 @@ import logging
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arq import Retry
-from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ticketing.common.events import ExpirationComplete, OrderCreated
 from ticketing.common.messaging import RetryLater
 from ticketing.common.outbox import insert_event_once
+
+if TYPE_CHECKING:  # the queue's module imports this one, for the job
+    from ticketing.expiration.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +36,25 @@ def expiration_event_id(order_id: str) -> str:
     return str(uuid.uuid5(_EVENT_NAMESPACE, f"expiration:{order_id}"))
 
 
-async def schedule(pool: ArqRedis | None, *, queue: str, event: OrderCreated) -> None:
+async def schedule(queue: JobQueue, *, event: OrderCreated) -> None:
     """order:created: run the job at the order's expiresAt; scheduling twice is a no-op.
 
     The job starts START_AHEAD early and waits out the rest: starting a job is the queue's
     slowest part (several Redis round trips, one job after another), and the orders of a rush
     expire together."""
-    if pool is None:
+    if not queue.connected:
         raise RetryLater("the job queue is not connected yet")
     try:
-        job = await pool.enqueue_job(
+        scheduled = await queue.enqueue_once(
             JOB,
             event.id,
             event.expires_at.timestamp(),
-            _job_id=job_id(event.id),
-            _queue_name=queue,
-            _defer_until=event.expires_at - START_AHEAD,
+            job_id=job_id(event.id),
+            defer_until=event.expires_at - START_AHEAD,
         )
     except RedisError as exc:
         raise RetryLater(f"Redis is unavailable: {exc}", delay=2.0) from exc
-    if job is None:
+    if not scheduled:
         log.info("expiry of order %s was already scheduled", event.id)
 
 
