@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import pytest
 from sqlalchemy import text
@@ -92,5 +94,60 @@ async def test_a_session_reused_after_a_rollback_hands_on_only_what_it_committed
         async with db.transaction() as session:
             stored = list(await session.scalars(text("SELECT event_id FROM outbox")))
         assert stored == ["committed"]
+    finally:
+        await db.dispose()
+
+
+def _outbox_read() -> Any:
+    from sqlalchemy import bindparam, select
+
+    from ticketing.common.outbox import OutboxEvent
+
+    columns = OutboxEvent.__table__.c
+    return select(columns.event_id, columns.type, columns.created_at, columns.published_at).where(
+        columns.event_id == bindparam("event_id"), columns.type != "never"
+    )
+
+
+async def test_read_first_gives_what_a_sqlalchemy_read_gives(settings: Settings) -> None:
+    """Through the driver on PostgreSQL, through SQLAlchemy on SQLite: the same row, aware
+    timestamps included, and the literals bound when the statement was built."""
+    db = Database(settings.service_database_url("probe"), pool_size=1)
+    await db.create_all()
+    statement = _outbox_read()
+    try:
+        async with db.autocommit() as connection:
+            await insert_event_once(connection, ExpirationComplete(order_id="o-1"), event_id="e-1")
+        for _ in range(3):  # the one pooled connection goes back after each read
+            row = await db.read_first(statement, {"event_id": "e-1"})
+            async with db.engine.connect() as connection:
+                expected = (await connection.execute(statement, {"event_id": "e-1"})).one()
+            assert row is not None and dict(row) == dict(expected._mapping)
+            assert row["created_at"].utcoffset() is not None
+        assert await db.read_first(statement, {"event_id": "missing"}) is None
+    finally:
+        await db.dispose()
+
+
+async def test_read_first_does_not_pool_a_connection_the_server_dropped(
+    settings: Settings, infra: Infra
+) -> None:
+    if not infra.postgres:
+        pytest.skip("SQLite has no server to drop a connection")
+    db = Database(settings.service_database_url("probe"), pool_size=1)
+    await db.create_all()
+    statement = _outbox_read()
+    try:
+        assert await db.read_first(statement, {"event_id": "missing"}) is None
+        async with db.engine.connect() as connection:
+            pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar()
+        admin = await asyncpg.connect(PG_URL.replace("+asyncpg", "") + "/postgres")
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        with pytest.raises((OSError, asyncpg.InterfaceError, asyncpg.PostgresError)):
+            await db.read_first(statement, {"event_id": "missing"})
+        assert await db.read_first(statement, {"event_id": "missing"}) is None  # a new one
     finally:
         await db.dispose()

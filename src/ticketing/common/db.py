@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import cache
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import DateTime, Insert, MetaData, TypeDecorator, event, insert, text
+from sqlalchemy import DateTime, Insert, MetaData, Select, TypeDecorator, event, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -161,6 +161,33 @@ class Database:
                     written = connection.info.pop(OUTBOX_WRITTEN, None)
                 self._run_commit_hooks(written)
 
+    async def read_first(
+        self, statement: Select[Any], params: dict[str, Any]
+    ) -> Mapping[str, Any] | None:
+        """The first row of a read that needs no transaction, as a mapping (None if none).
+
+        On PostgreSQL the statement (compiled once) runs through the driver itself on a pooled
+        connection: for the hottest read, every attempt of a rush, where SQLAlchemy's
+        connection and execution layers cost more than the driver's own call. Values go to the
+        driver as they are and come back as it decodes them: plain columns only (no
+        TypeDecorator runs; asyncpg's timestamps are already aware)."""
+        if self.is_sqlite:
+            async with self.engine.connect() as connection:
+                row = (await connection.execute(statement, params)).first()
+            return None if row is None else row._mapping
+        sql, names, defaults = _compiled_for_driver(statement, self.engine.dialect)
+        pooled = await self.engine.raw_connection()
+        try:
+            args = [params[name] if name in params else defaults[name] for name in names]
+            driver: asyncpg.Connection = pooled.driver_connection
+            record: Mapping[str, Any] | None = await driver.fetchrow(sql, *args)
+            return record
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+            pooled.invalidate()  # not back into the pool: the next checkout opens a new one
+            raise
+        finally:
+            pooled.close()
+
     async def retrying(
         self,
         work: Callable[[AsyncSession], Awaitable[T]],
@@ -215,6 +242,16 @@ def _forget_queued(session: Session) -> None:
     # What the rolled-back transaction queued and wrote is gone: none of it may reach a hook.
     session.info.pop(_QUEUED, None)
     session.info.pop(OUTBOX_WRITTEN, None)
+
+
+@cache
+def _compiled_for_driver(
+    statement: Select[Any], dialect: Dialect
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """A statement's SQL in the driver's own placeholders ($1, $2...), its parameters' names in
+    that order, and the values bound when it was built (literals such as a status)."""
+    compiled = statement.compile(dialect=dialect)
+    return str(compiled), tuple(compiled.positiontup or ()), compiled.params
 
 
 def _make_engine(url: str, *, is_sqlite: bool, pool_size: int) -> AsyncEngine:

@@ -21,15 +21,14 @@ def _out(order: Order | service.PlacedOrder) -> OrderOut:
 @router.post("", status_code=201)
 async def create_order(body: OrderBody, user: RequireUser, request: Request) -> OrderOut:
     runtime = runtime_of(request)
-    # A connection without a transaction: see service.create_order. Opened here rather than
-    # by a dependency: this route runs on every attempt of a rush.
-    async with runtime.db.autocommit() as connection:
-        order = await service.create_order(
-            connection,
-            user_id=user.id,
-            ticket_id=body.ticketId,
-            ttl_seconds=runtime.settings.order_ttl_seconds,
-        )
+    # The service picks its connections (see service.create_order): no session dependency on
+    # the route every attempt of a rush runs.
+    order = await service.create_order(
+        runtime.db,
+        user_id=user.id,
+        ticket_id=body.ticketId,
+        ttl_seconds=runtime.settings.order_ttl_seconds,
+    )
     return _out(order)
 
 

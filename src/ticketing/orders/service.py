@@ -1,20 +1,23 @@
-"""Use cases of the orders service. They take a session and flush; the caller commits."""
+"""Use cases of the orders service. They take a session and flush; the caller commits. Only
+create_order, which every attempt of a rush runs, takes the database and picks its own
+connections."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Row, Select, Update, and_, bindparam, select, update
+from sqlalchemy import Select, Update, and_, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql.dml import ReturningUpdate
 
-from ticketing.common.db import next_version, utcnow
+from ticketing.common.db import Database, next_version, utcnow
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import (
     OrderCancelled,
@@ -36,6 +39,16 @@ ALREADY_RESERVED = "Ticket is already reserved"
 
 
 @dataclass(frozen=True)
+class OrderedTicket:
+    """The ticket of a new order, as the buyer sees it."""
+
+    id: str
+    title: str
+    price: Decimal
+    version: int
+
+
+@dataclass(frozen=True)
 class PlacedOrder:
     """A new order as the buyer sees it, with the ticket it holds."""
 
@@ -44,27 +57,36 @@ class PlacedOrder:
     status: str
     expires_at: datetime
     version: int
-    ticket: Row[Any]  # id, title, price, version
+    ticket: OrderedTicket
 
 
 async def create_order(
-    connection: AsyncConnection, *, user_id: str, ticket_id: str, ttl_seconds: int
+    db: Database, *, user_id: str, ticket_id: str, ttl_seconds: int
 ) -> PlacedOrder:
     """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins.
 
-    Every attempt of a rush runs this, most of them to lose: plain statements, built once, on
-    a connection without a transaction (`Database.autocommit`), each write one atomic
-    statement with its event. A losing attempt costs one read."""
-    row = (await connection.execute(_ticket_and_holder(), {"ticket_id": ticket_id})).first()
+    Every attempt of a rush runs this, most of them to lose: a losing attempt costs one read,
+    on the driver's connection (`Database.read_first`). A winner then writes on a connection
+    without a transaction (`Database.autocommit`), each write one atomic statement with its
+    event; the read was never in a transaction with them: the partial unique index decides."""
+    row = await db.read_first(_ticket_and_holder(), {"ticket_id": ticket_id})
     if row is None:
         raise NotFound("Ticket not found")
-    if row.user_id == user_id:
+    if row["user_id"] == user_id:
         raise BadRequest("You cannot buy your own ticket", field="ticketId")
-    if row.holder_id is not None:
-        # Most attempts of a rush end here, decided on the holder's plain columns.
-        if _still_holds(OrderStatus(row.holder_status), row.holder_expires_at):
-            raise BadRequest(ALREADY_RESERVED)
-        await _free_expired_hold(connection, row)
+    held = row["holder_id"] is not None
+    # Most attempts of a rush end here, decided on the holder's plain columns.
+    if held and _still_holds(OrderStatus(row["holder_status"]), row["holder_expires_at"]):
+        raise BadRequest(ALREADY_RESERVED)
+    async with db.autocommit() as connection:
+        if held:
+            await _free_expired_hold(connection, row)
+        return await _place(connection, user_id=user_id, ticket=row, ttl_seconds=ttl_seconds)
+
+
+async def _place(
+    connection: AsyncConnection, *, user_id: str, ticket: Mapping[str, Any], ttl_seconds: int
+) -> PlacedOrder:
     now = utcnow()
     order = PlacedOrder(
         id=new_id(),
@@ -72,7 +94,9 @@ async def create_order(
         status=OrderStatus.CREATED.value,
         expires_at=now + timedelta(seconds=ttl_seconds),
         version=next_version(None),
-        ticket=row,
+        ticket=OrderedTicket(
+            id=ticket["id"], title=ticket["title"], price=ticket["price"], version=ticket["version"]
+        ),
     )
     created = OrderCreated(
         id=order.id,
@@ -80,9 +104,9 @@ async def create_order(
         status=order.status,
         user_id=user_id,
         expires_at=order.expires_at,
-        ticket=OrderTicket(id=ticket_id, price=row.price),
+        ticket=OrderTicket(id=order.ticket.id, price=order.ticket.price),
     )
-    values = {"ticket_id": ticket_id, "created_at": now}
+    values = {"ticket_id": order.ticket.id, "created_at": now}
     try:
         # The partial unique index decides the race here.
         await insert_with_event(connection, Order, {**_order_columns(order), **values}, created)
@@ -127,13 +151,15 @@ def _still_holds(status: OrderStatus, expires_at: datetime) -> bool:
     return status is not OrderStatus.CREATED or expires_at > utcnow()
 
 
-async def _free_expired_hold(connection: AsyncConnection, row: Row[Any]) -> None:
+async def _free_expired_hold(connection: AsyncConnection, row: Mapping[str, Any]) -> None:
     """Cancel the ticket's holder, whose window has passed, with its event; refuse if it still
     holds: paid since, or cancelled by another buyer first (the update then finds nothing to
     change, its version having moved on)."""
-    version = next_version(row.holder_version)
-    params = {"holder_id": row.holder_id, "version": row.holder_version, "now": utcnow()}
-    cancelled = OrderCancelled(id=row.holder_id, version=version, ticket=TicketRef(id=row.id))
+    holder_id, holder_version = row["holder_id"], row["holder_version"]
+    params = {"holder_id": holder_id, "version": holder_version, "now": utcnow()}
+    cancelled = OrderCancelled(
+        id=holder_id, version=next_version(holder_version), ticket=TicketRef(id=row["id"])
+    )
     if not await update_with_event(connection, _cancel_if_expired(), params, cancelled):
         raise BadRequest(ALREADY_RESERVED)
 
