@@ -6,7 +6,7 @@ import asyncio
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from tests.support import eventually, stream_envelopes
 from ticketing.common.db import Database
@@ -103,6 +103,30 @@ async def test_a_round_larger_than_a_batch_goes_out_in_batches_and_is_marked(
     published = await eventually(lambda: _all_published(bus, 10))
     assert [e.id for e in published] == ids
     await eventually(lambda: _none_pending(db))
+
+
+async def test_commits_published_close_together_are_marked_together(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    """A mark is a commit of its own: rows that go out within moments share one."""
+    marks: list[str] = []
+
+    def count_marks(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("UPDATE OUTBOX"):
+            marks.append(statement)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", count_marks)
+    start_relay(db, publisher, relays, sweeps=False)
+
+    async def commit(n: int) -> None:
+        async with db.transaction() as session:
+            add_event(session, ticket(n))
+
+    for n in range(10):  # one after another, each published as it commits
+        await commit(n)
+    await eventually(lambda: _all_published(bus, 10))
+    await eventually(lambda: _none_pending(db))
+    assert 1 <= len(marks) < 5  # one per commit without the gathering
 
 
 async def test_an_event_whose_prompt_publish_fails_goes_out_on_a_sweep(
