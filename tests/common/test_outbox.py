@@ -129,6 +129,28 @@ async def test_commits_published_close_together_are_marked_together(
     assert 1 <= len(marks) < 5  # one per commit without the gathering
 
 
+async def test_caught_up_returns_once_this_process_commits_are_on_the_stream(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    relay = start_relay(db, publisher, relays, sweeps=False)
+    async with db.transaction() as session:
+        envelope = add_event(session, ticket(1))
+    assert await relay.caught_up(within=10)
+    assert [e.id for e in await stream_envelopes(bus)] == [envelope.id]
+
+
+async def test_caught_up_holds_no_one_when_the_publish_fails_or_no_relay_runs(
+    db: Database, settings: Settings, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    stopped = OutboxRelay(db, Publisher(Bus(settings)))
+    assert await stopped.caught_up(within=10)  # never started: a sweep will send
+    relay = start_relay(db, Publisher(Bus(settings)), relays, sweeps=False)  # never connected
+    async with db.transaction() as session:
+        envelope = add_event(session, ticket(1))
+    assert await relay.caught_up(within=10)  # the publish failed: left to a sweep
+    assert [row.event_id for row in await pending_rows(db)] == [envelope.id]
+
+
 async def test_an_event_whose_prompt_publish_fails_goes_out_on_a_sweep(
     db: Database, bus: Bus, settings: Settings, relays: asyncio.Queue[OutboxRelay]
 ) -> None:

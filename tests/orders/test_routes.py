@@ -78,6 +78,15 @@ async def test_create_publishes_order_created(orders: Platform) -> None:
     }
 
 
+async def test_the_201_comes_once_order_created_is_on_the_stream(orders: Platform) -> None:
+    """No waiting here: the reservation is under way by the time the buyer reads the 201."""
+    ticket_id = await seed_ticket(orders)
+    async with orders.client(new_user()) as c:
+        body = (await order(c, ticket_id)).json()
+    published = await stream_envelopes(orders.runtime("orders").bus, "order:created")
+    assert [e.data["id"] for e in published] == [body["id"]]
+
+
 async def test_create_requires_a_session(orders: Platform) -> None:
     ticket_id = await seed_ticket(orders)
     async with orders.client() as c:

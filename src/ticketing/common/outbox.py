@@ -306,6 +306,11 @@ class OutboxRelay:
         self._stopped.set()
         self._fresh = _Handoff()  # rows committed here, to publish
         self._sent = _Handoff()  # rows published at once, to mark
+        # Rows handed over by this process's commits, and those of them whose prompt publish is
+        # over (sent, or failed and left to a sweep): caught_up compares the two.
+        self._handed = 0
+        self._settled = 0
+        self._progress = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         db.on_commit(self._committed)
 
@@ -330,7 +335,21 @@ class OutboxRelay:
 
     def _committed(self, rows: OutboxRows) -> None:
         if not self._stopped.is_set():  # else nothing would take them: a sweep will
+            self._handed += len(rows)
             self._fresh.add(rows)
+
+    async def caught_up(self, *, within: float) -> bool:
+        """Wait until every event this process has committed so far is on the stream (or its
+        publish failed and a sweep will send it), for at most `within` seconds."""
+        target = self._handed
+        try:
+            async with asyncio.timeout(within), self._progress:
+                await self._progress.wait_for(
+                    lambda: self._settled >= target or self._stopped.is_set()
+                )
+        except TimeoutError:
+            return False
+        return True
 
     async def _publish_fresh(self) -> None:
         """Rows of this process's commits, in commit order, as soon as they commit: what
@@ -339,11 +358,13 @@ class OutboxRelay:
             for rows in self._batches(await self._fresh.take()):
                 try:
                     await self._publish(rows)
+                    self._sent.add(rows)
                 except Exception:
                     log.warning("could not publish %d events; the sweep will", len(rows),
                                 exc_info=True)  # fmt: skip
-                    continue
-                self._sent.add(rows)
+                async with self._progress:
+                    self._settled += len(rows)
+                    self._progress.notify_all()
 
     async def _mark_sent(self) -> None:
         """Mark what went out, off the path of the next publish; one statement per batch."""

@@ -12,6 +12,7 @@ from ticketing.orders.models import Order
 from ticketing.orders.schemas import OrderBody, OrderOut
 
 router = APIRouter(prefix="/api/orders", tags=["orders"])
+PUBLISH_WAIT_SECONDS = 0.5
 
 
 def _out(order: Order | service.PlacedOrder) -> OrderOut:
@@ -29,6 +30,9 @@ async def create_order(body: OrderBody, user: RequireUser, request: Request) -> 
         ticket_id=body.ticketId,
         ttl_seconds=runtime.settings.order_ttl_seconds,
     )
+    # The 201 leaves once order:created is on the stream, so the reservation is under way when
+    # the buyer reads it; not much later in any case (a sweep sends what this wait gave up on).
+    await runtime.relay.caught_up(within=PUBLISH_WAIT_SECONDS)
     return _out(order)
 
 
