@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ticketing.common.db import Database
 from ticketing.common.errors import install_error_handlers
@@ -88,11 +89,14 @@ def create_service_app(
     metadata: Sequence[MetaData] = (),
     register_listeners: Callable[[Listener], None] | None = None,
     extra_lifespan: Callable[[Runtime], AbstractAsyncContextManager[None]] | None = None,
+    hot_path: type[HotPath] | None = None,
 ) -> FastAPI:
     """A service's FastAPI app; nothing connects until its lifespan starts.
 
     `extra_lifespan` runs service-specific parts the listeners use (e.g. a job worker) inside
-    the common ones, in the processes that listen.
+    the common ones, in the processes that listen. `hot_path` is an ASGI middleware, made with
+    the app it wraps and the service's app, that answers some requests itself: inside the
+    error handling and the metrics, in front of the routes.
     """
     runtime = Runtime(name, settings, metadata)
     if register_listeners is not None:
@@ -115,11 +119,19 @@ def create_service_app(
     app.state.settings = settings
     app.state.runtime = runtime
     install_error_handlers(app)
+    if hot_path is not None:
+        app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it
     install_http_metrics(app, runtime.metrics)
     app.include_router(_ops_router(runtime))
     for router in routers:
         app.include_router(router)
     return app
+
+
+class HotPath(Protocol):
+    def __init__(self, app: ASGIApp, owner: FastAPI) -> None: ...
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
 
 def _ops_router(runtime: Runtime) -> APIRouter:

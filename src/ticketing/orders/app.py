@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from ticketing.common.app import create_service_app
 from ticketing.orders import listeners
 from ticketing.orders.models import OrdersBase
-from ticketing.orders.routes import router
+from ticketing.orders.routes import OrderAttempts, router
 from ticketing.orders.settings import OrdersSettings
 
 SERVICE = "orders"
@@ -20,4 +20,5 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         routers=[router],
         metadata=[OrdersBase.metadata],
         register_listeners=listeners.register,
+        hot_path=OrderAttempts,
     )
