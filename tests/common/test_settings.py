@@ -57,3 +57,24 @@ def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
 def test_require_urls_names_what_is_missing() -> None:
     with pytest.raises(ValueError, match="TICKETING_NATS_URL"):
         Settings(database_url="sqlite+aiosqlite:///x.db").require_urls("database_url", "nats_url")
+
+
+def test_listeners_on_the_reservation_path_gather_briefly_the_others_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ticketing.common.app import Runtime
+    from ticketing.orders.settings import OrdersSettings
+    from ticketing.payments.settings import PaymentsSettings
+    from ticketing.tickets.settings import TicketsSettings
+
+    gathers = {
+        name: Runtime(name, cls(_env_file=None), ()).listener.gather  # type: ignore[call-arg]
+        for name, cls in (
+            ("orders", OrdersSettings),
+            ("tickets", TicketsSettings),
+            ("payments", PaymentsSettings),
+        )
+    }
+    assert gathers == {"orders": 0.005, "tickets": 0.005, "payments": 0.05}
+    monkeypatch.setenv("TICKETING_LISTENER_GATHER_SECONDS", "0.2")
+    assert Runtime("tickets", TicketsSettings(), ()).listener.gather == 0.2

@@ -52,6 +52,7 @@ class Runtime:
             ack_wait=settings.listener_ack_wait_seconds,
             lanes=settings.listener_lanes,
             fetch_window=settings.listener_fetch_window_seconds,
+            gather=settings.listener_gather_seconds,
         )
 
     async def start(self) -> None:

@@ -182,8 +182,11 @@ class Database:
             driver: asyncpg.Connection = pooled.driver_connection
             record: Mapping[str, Any] | None = await driver.fetchrow(sql, *args)
             return record
-        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
-            pooled.invalidate()  # not back into the pool: the next checkout opens a new one
+        except BaseException:
+            # A dropped connection, or one cancelled mid-statement (its protocol then still
+            # busy), must not go back into the pool: the next checkout opens a new one. The
+            # statement is fixed, so a failure here is rare and almost always the connection.
+            pooled.invalidate()
             raise
         finally:
             pooled.close()

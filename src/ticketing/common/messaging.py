@@ -31,12 +31,13 @@ from ticketing.common.settings import Settings
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_SECONDS = 120.0
-# How long a listener waits by default for a batch to fill when nothing was ready: the events
-# that come meanwhile share one transaction (under load, most of a listener's cost), at the
-# price of that much lag. After a quiet window it waits for the next message alone.
+# How long a fetch that found nothing ready waits for a first event (JetStream then hands over
+# what is ready at once, without waiting for the batch to fill); after it, the next message
+# alone, as soon as it comes.
 FETCH_WINDOW_SECONDS = 0.2
-# After a batch that was not full, how long to let the next events gather.
-COALESCE_SECONDS = 0.005
+# After a batch that was not full, how long to let the next events gather: they share one
+# transaction (under load, most of a listener's cost), at the price of that much lag.
+GATHER_SECONDS = 0.005
 E = TypeVar("E", bound=Event)
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
 PlainHandler = Callable[[Any], Awaitable[None]]
@@ -211,6 +212,7 @@ class Listener:
         ack_wait: float = 30.0,
         batch: int = 32,
         fetch_window: float = FETCH_WINDOW_SECONDS,
+        gather: float = GATHER_SECONDS,
         lanes: int = 8,
     ) -> None:
         self.service = service
@@ -222,6 +224,7 @@ class Listener:
         self.ack_wait = ack_wait
         self.batch = batch
         self.fetch_window = fetch_window
+        self.gather = gather
         self.handlers: dict[str, Handler] = {}
         # Handlers whose effect is outside this service's database, idempotent on their own.
         self.handlers_outside_db: dict[str, PlainHandler] = {}
@@ -323,7 +326,7 @@ class Listener:
             if len(msgs) < self.batch:
                 # Under load, what comes in the next moment shares the next transaction
                 # (a transaction per event costs most of a listener's time).
-                await asyncio.sleep(COALESCE_SECONDS)
+                await asyncio.sleep(self.gather)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
         """What is ready, at once; else what comes within a short window; after a quiet window,

@@ -48,9 +48,11 @@ class Settings(BaseSettings):
     db_pool_size: int = 10
     # Transactions a listener runs at once; events about one ticket or order stay in order.
     listener_lanes: int = 4
-    # How long a listener that found nothing ready waits for a batch to fill (its events then
-    # share a transaction) before it takes what came: lag traded for CPU.
+    # How long a listener's fetch that found nothing ready waits for a first event.
     listener_fetch_window_seconds: float = 0.2
+    # After a batch that was not full, how long a listener lets the next events gather (they
+    # share one transaction): lag traded for CPU. Services off the reservation path wait longer.
+    listener_gather_seconds: float = 0.05
     # False in a process that only serves requests (`ticketing up --workers N` runs the
     # listeners, job workers and outbox sweeps in processes of their own); it publishes only
     # what its own commits wrote.

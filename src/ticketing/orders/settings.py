@@ -8,4 +8,4 @@ from ticketing.common.settings import Settings
 class OrdersSettings(Settings):
     # An expiry and a payment are what the buyer waits to see: hold an event back only briefly
     # for others to share its transaction (see TicketsSettings).
-    listener_fetch_window_seconds: float = 0.05
+    listener_gather_seconds: float = 0.005
