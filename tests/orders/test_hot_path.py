@@ -99,6 +99,21 @@ async def test_refusals_answer_as_the_route_does(platform: Platform, route_only:
         (new_user(), {"json": [held]}),
         (new_user(), {"content": b"{not json", "headers": {"content-type": "application/json"}}),
         (new_user(), {"content": held.encode(), "headers": {"content-type": "text/plain"}}),
+        (new_user(), {"content": f'{{"ticketId": "{held}"}}'.encode()}),  # no content type
+        (
+            new_user(),
+            {
+                "content": f'{{"ticketId": "{held}"}}'.encode(),
+                "headers": {"content-type": "application/json-seq"},
+            },
+        ),
+        (
+            new_user(),
+            {
+                "content": f'{{"ticketId": "{held}"}}'.encode(),
+                "headers": {"content-type": "application/problem+json; charset=utf-8"},
+            },
+        ),
     ]
     for user_id, request in cases:
         hot, route = await _both(platform, route_only, user_id, **request)

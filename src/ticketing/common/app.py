@@ -97,7 +97,8 @@ def create_service_app(
     `extra_lifespan` runs service-specific parts the listeners use (e.g. a job worker) inside
     the common ones, in the processes that listen. `hot_path` is an ASGI middleware, made with
     the app it wraps and the service's app, that answers some requests itself: inside the
-    error handling and the metrics, in front of the routes.
+    handling of unexpected errors (a 500 in the contract's shape) and the metrics, in front of
+    the routes and of the handlers of domain errors (it renders those itself).
     """
     runtime = Runtime(name, settings, metadata)
     if register_listeners is not None:

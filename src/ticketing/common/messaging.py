@@ -329,12 +329,9 @@ class Listener:
                 await asyncio.sleep(self.gather)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
-        """What is ready, at once; else what comes within a short window; after a quiet window,
-        the next message as soon as it comes.
-
-        A fetch of a batch that finds nothing ready waits for the batch to fill until its
-        timeout: with a long timeout, a lone event on a quiet platform would wait that long.
-        """
+        """What is ready, at once (JetStream does not wait for the batch to fill); when nothing
+        is, the first event within the fetch window; after a quiet window, the next message as
+        soon as it comes."""
         try:
             msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_window)
         except (TimeoutError, nats.errors.TimeoutError):

@@ -289,6 +289,7 @@ class OutboxRelay:
         sweep_seconds: float = 2.0,
         batch_size: int = 200,
         retention_seconds: float = 7 * 24 * 3600,
+        mark_gather_seconds: float = MARK_GATHER_SECONDS,
     ) -> None:
         self.db = db
         self.publisher = publisher
@@ -300,6 +301,7 @@ class OutboxRelay:
         self._next_observe = 0.0
         self._next_prune = 0.0
         self.batch_size = batch_size
+        self.mark_gather_seconds = mark_gather_seconds
         # Set until started and once stopped; a flag as well as the cancellation (see
         # Listener.stop: a cancellation alone may be swallowed), and it ends a sweep's wait.
         self._stopped = asyncio.Event()
@@ -332,6 +334,9 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        async with self._progress:  # what was handed over is the sweep's now: nobody waits
+            self._settled = self._handed
+            self._progress.notify_all()
 
     def _committed(self, rows: OutboxRows) -> None:
         if not self._stopped.is_set():  # else nothing would take them: a sweep will
@@ -369,7 +374,7 @@ class OutboxRelay:
     async def _mark_sent(self) -> None:
         """Mark what went out, off the path of the next publish; one statement per batch."""
         while not self._stopped.is_set():
-            for rows in self._batches(await self._sent.take(gather=MARK_GATHER_SECONDS)):
+            for rows in self._batches(await self._sent.take(gather=self.mark_gather_seconds)):
                 try:
                     await self._mark_published(rows)
                 except Exception:

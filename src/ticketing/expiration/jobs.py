@@ -17,6 +17,7 @@ from arq.utils import timestamp_ms, to_unix_ms
 from redis.commands.core import AsyncScript
 
 from ticketing.common.app import Runtime
+from ticketing.common.messaging import RetryLater
 from ticketing.expiration import service
 from ticketing.expiration.settings import ExpirationSettings
 
@@ -84,17 +85,14 @@ class JobQueue:
             await worker.close()
             self.pool = self._enqueue_once = None
 
-    @property
-    def connected(self) -> bool:
-        return self.pool is not None
-
     async def enqueue_once(
         self, function: str, *args: Any, job_id: str, defer_until: datetime
     ) -> bool:
         """Schedule a job as arq's enqueue_job does; False if its id was already scheduled or
-        has run. Raises RedisError when Redis cannot be reached."""
+        has run. Raises RetryLater when the queue is not running, RedisError when Redis cannot
+        be reached."""
         if self.pool is None or self._enqueue_once is None:
-            raise RuntimeError("the job queue is not running")
+            raise RetryLater("the job queue is not running")
         enqueued_ms, score = timestamp_ms(), to_unix_ms(defer_until)
         expires_ms = score - enqueued_ms + self.pool.expires_extra_ms
         job = serialize_job(

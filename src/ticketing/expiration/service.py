@@ -42,8 +42,6 @@ async def schedule(queue: JobQueue, *, event: OrderCreated) -> None:
     The job starts START_AHEAD early and waits out the rest: starting a job is the queue's
     slowest part (several Redis round trips, one job after another), and the orders of a rush
     expire together."""
-    if not queue.connected:
-        raise RetryLater("the job queue is not connected yet")
     try:
         scheduled = await queue.enqueue_once(
             JOB,

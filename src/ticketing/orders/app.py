@@ -6,8 +6,9 @@ from fastapi import FastAPI
 
 from ticketing.common.app import create_service_app
 from ticketing.orders import listeners
+from ticketing.orders.hot_path import OrderAttempts
 from ticketing.orders.models import OrdersBase
-from ticketing.orders.routes import OrderAttempts, router
+from ticketing.orders.routes import router
 from ticketing.orders.settings import OrdersSettings
 
 SERVICE = "orders"
