@@ -15,6 +15,9 @@ class Config:
     # Buyers go for the best seats: each picks among the first `hot` tickets still listed, so
     # several buyers race for each ticket and most attempts lose.
     hot: int = 4
+    # The ceiling and the platform rush in turns, a slice of the tickets each, so that the speed
+    # of a shared machine (which drifts by a third within minutes) is the same for both.
+    rounds: int = 4
     expiring: int = 200
     expiry_ttl_seconds: int = 3
     workers: int = 2
@@ -35,7 +38,8 @@ class Config:
     @classmethod
     def quick(cls, **changes: object) -> Config:
         """Every phase, small: a smoke test well under a minute."""
-        sizes = {"sellers": 2, "tickets": 120, "buyers": 8, "expiring": 20, "expiry_ttl_seconds": 2}
+        sizes = {"sellers": 2, "tickets": 120, "buyers": 8, "rounds": 2, "expiring": 20,
+                 "expiry_ttl_seconds": 2}  # fmt: skip
         return dataclasses.replace(cls(), **{**sizes, **changes})  # type: ignore[arg-type]
 
     @property

@@ -34,6 +34,12 @@ class Target:
     rush: RushResult
     cpu: dict[str, float]
 
+    def add(self, turn: RushResult, cpu: dict[str, float]) -> None:
+        """A later turn of the same target: its attempts after these, its CPU added."""
+        self.rush.extend(turn)
+        for part, seconds in cpu.items():
+            self.cpu[part] = self.cpu.get(part, 0.0) + seconds
+
     @property
     def orders_per_s(self) -> float:
         return len(self.rush.wins) / self.rush.duration if self.rush.duration else 0.0

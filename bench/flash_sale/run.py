@@ -7,8 +7,9 @@ import dataclasses
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
 
@@ -32,7 +33,7 @@ from bench.flash_sale.phases import (
     sign_up,
 )
 from bench.flash_sale.report import Report, Target
-from bench.flash_sale.rush import rush
+from bench.flash_sale.rush import RushResult, rush
 from bench.flash_sale.servers import (
     Ceiling,
     CpuMeter,
@@ -98,23 +99,34 @@ async def run(config: Config, console: Console) -> Report:
     meter = Meter()
     with phase(console, "fresh databases, stream and queue"):
         await reset(config)
-    ceiling = None
-    if config.ceiling:
-        ceiling = await _ceiling_rush(config, jwt_key, meter, console)
+    ceiling = CeilingSide(Ceiling(config, jwt_key)) if config.ceiling else None
     platform = Platform(config, jwt_key)
     try:
+        if ceiling is not None:
+            await _start_ceiling(config, jwt_key, ceiling, console)
         with phase(console, f"starting the platform ({config.workers} workers)"):
             await platform.start(RUSH_TTL_SECONDS)
         return await _platform_run(config, platform, meter, console, ceiling)
     finally:
         platform.stop()
+        if ceiling is not None:
+            ceiling.server.stop()
+
+
+@dataclass
+class CeilingSide:
+    """The ceiling's server, tickets and buyers' tokens, running beside the platform."""
+
+    server: Ceiling
+    ticket_ids: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
 
 
 async def _platform_run(
-    config: Config, platform: Platform, meter: Meter, console: Console, ceiling: Target | None
+    config: Config, platform: Platform, meter: Meter, console: Console, ceiling: CeilingSide | None
 ) -> Report:
     notes: list[str] = []
-    async with client(config.buyers) as http:
+    async with client(config.buyers) as http, client(config.buyers) as ceiling_http:
         api = Api(http, platform.url)
         with phase(
             console,
@@ -125,16 +137,19 @@ async def _platform_run(
             ticket_ids = await list_tickets(api, people.sellers, config.tickets, "Flash")
             await replicated(service_dsn(config, "orders"), ticket_ids)
         async with ConvergenceWatcher(config.nats_url, config.subject_prefix) as watcher:
-            with (
-                phase(console, f"rush: {config.buyers} buyers on the platform"),
-                meter.measure("platform", platform.cpu) as cpu,
-            ):
-                result = await rush(api, people.buyers, ticket_ids, hot=config.hot)
+            turns = Turns(
+                config, meter, watcher, Api(ceiling_http, ceiling.server.url) if ceiling else None
+            )
+            with phase(console, turns.title):
+                target, ceiling_target = await turns.rush(
+                    api, people.buyers, ticket_ids, platform, ceiling
+                )
+            if ceiling is not None:
+                ceiling.server.stop()  # its part is over; the pay phase is the platform's alone
             with phase(console, "convergence: every order reserved by the tickets service"):
-                lags, missing = await watcher.lags(result.wins, CONVERGENCE_TIMEOUT)
-        target = Target("platform", result, cpu)
-        with phase(console, f"pay: {len(result.wins)} orders with tok_visa"):
-            paid = await pay(api, people.buyers, result.wins, PAY_TIMEOUT)
+                lags, missing = await watcher.lags(target.rush.wins, CONVERGENCE_TIMEOUT)
+        with phase(console, f"pay: {len(target.rush.wins)} orders with tok_visa"):
+            paid = await pay(api, people.buyers, target.rush.wins, PAY_TIMEOUT)
     expiry = await _expiry(config, platform, people, console, notes)
     with phase(console, "checks in every service's database"):
         checks = await check(config)
@@ -142,7 +157,60 @@ async def _platform_run(
         k: str(v) if not isinstance(v, int | str | bool) else v
         for k, v in dataclasses.asdict(config).items()
     }
-    return Report(settings, target, ceiling, lags, missing, paid, expiry, checks, notes)
+    return Report(settings, target, ceiling_target, lags, missing, paid, expiry, checks, notes)
+
+
+class Turns:
+    """The rush in rounds: the ceiling on a slice of its tickets, then the platform on a slice
+    of its own, and again. A shared machine's speed drifts by a third within minutes; in turns,
+    both see the same drift, and the ratio of their speeds keeps only what differs.
+
+    The platform's turn ends once its orders are reserved (its events handled): the ceiling's
+    next turn then has the cores to itself. That wait counts in the platform's CPU, not in its
+    rush's duration (as after a single rush, the last moment's events are handled after it)."""
+
+    def __init__(
+        self, config: Config, meter: Meter, watcher: ConvergenceWatcher, ceiling_api: Api | None
+    ) -> None:
+        self.config = config
+        self.meter = meter
+        self.watcher = watcher
+        self.ceiling_api = ceiling_api
+
+    @property
+    def title(self) -> str:
+        who = "ceiling and platform in turns" if self.ceiling_api else "the platform"
+        return f"rush: {self.config.buyers} buyers, {who}, {self.config.rounds} rounds"
+
+    async def rush(
+        self,
+        api: Api,
+        tokens: list[str],
+        ticket_ids: list[str],
+        platform: Platform,
+        ceiling: CeilingSide | None,
+    ) -> tuple[Target, Target | None]:
+        ours = Target("platform", RushResult(), {})
+        theirs = Target("ceiling", RushResult(), {}) if ceiling else None
+        hot, rounds = self.config.hot, self.config.rounds
+        for turn in range(rounds):
+            if ceiling is not None and theirs is not None and self.ceiling_api is not None:
+                mine = _slice(ceiling.ticket_ids, turn, rounds)
+                with self.meter.measure("ceiling", ceiling.server.cpu) as cpu:
+                    result = await rush(self.ceiling_api, ceiling.tokens, mine, hot=hot)
+                theirs.add(result, cpu)
+            with self.meter.measure("platform", platform.cpu) as cpu:
+                result = await rush(api, tokens, _slice(ticket_ids, turn, rounds), hot=hot)
+                sold: set[Hashable] = {(w.ticket_id, w.order_id) for w in result.wins}
+                await self.watcher.wait_for(sold, CONVERGENCE_TIMEOUT)
+            ours.add(result, cpu)
+        return ours, theirs
+
+
+def _slice(ids: list[str], turn: int, rounds: int) -> list[str]:
+    """The turn-th of `rounds` slices, in listing order (the best seats go first)."""
+    size = -(-len(ids) // rounds)
+    return ids[turn * size : (turn + 1) * size]
 
 
 async def _expiry(
@@ -170,34 +238,22 @@ async def _expiry(
     return expiry
 
 
-async def _ceiling_rush(config: Config, jwt_key: str, meter: Meter, console: Console) -> Target:
+async def _start_ceiling(
+    config: Config, jwt_key: str, ceiling: CeilingSide, console: Console
+) -> None:
     with phase(console, f"ceiling setup: {config.tickets} tickets, {config.buyers} buyers"):
-        ticket_ids, tokens = await _ceiling_data(config, jwt_key)
-        ceiling = Ceiling(config, jwt_key)
-        await ceiling.start()
-    try:
+        ceiling.ticket_ids, ceiling.tokens = await _ceiling_data(config, jwt_key)
+        await ceiling.server.start()
         async with client(config.buyers) as http:
-            api = Api(http, ceiling.url)
+            api = Api(http, ceiling.server.url)
             # Warm every worker's connection pool, as the platform's setup warms its own.
+            tokens = ceiling.tokens
             warm_up = [
-                partial(
-                    api.call,
-                    "POST",
-                    "/api/orders",
-                    tokens[i % len(tokens)],
-                    {"ticketId": str(uuid.uuid4())},
-                )
+                partial(api.call, "POST", "/api/orders", tokens[i % len(tokens)],
+                        {"ticketId": str(uuid.uuid4())})
                 for i in range(WARM_UP_REQUESTS)
-            ]
+            ]  # fmt: skip
             await bounded(config.buyers, warm_up)
-            with (
-                phase(console, f"rush: {config.buyers} buyers on the ceiling"),
-                meter.measure("ceiling", ceiling.cpu) as cpu,
-            ):
-                result = await rush(api, tokens, ticket_ids, hot=config.hot)
-    finally:
-        ceiling.stop()
-    return Target("ceiling", result, cpu)
 
 
 async def _ceiling_data(config: Config, jwt_key: str) -> tuple[list[str], list[str]]:

@@ -40,6 +40,16 @@ class RushResult:
     duration: float = 0.0
     transport_errors: int = 0
 
+    def extend(self, later: RushResult) -> None:
+        """Append a later round, its attempts' times after this one's."""
+        offset = self.duration
+        self.attempts += [
+            Attempt(a.start + offset, a.latency, a.status, a.ticket_id) for a in later.attempts
+        ]
+        self.wins += later.wins
+        self.duration += later.duration
+        self.transport_errors += later.transport_errors
+
     @property
     def errors_5xx(self) -> int:
         return sum(1 for a in self.attempts if a.status >= 500)

@@ -107,6 +107,9 @@ def flash_sale(
     hot: Annotated[
         int | None, typer.Option(min=1, help="Buyers pick among the first HOT tickets listed.")
     ] = None,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="Rush in turns: ceiling, platform, N times.")
+    ] = None,
     expiring: Annotated[int | None, typer.Option(min=1, help="Orders left to expire.")] = None,
     workers: Annotated[
         int | None, typer.Option(min=1, help="Platform (and ceiling) processes.")
@@ -147,7 +150,7 @@ def flash_sale(
         typer.secho("error: --url needs --database-template for the checks", err=True)
         raise typer.Exit(2)
     sizes = {"sellers": sellers, "tickets": tickets, "buyers": buyers, "hot": hot,
-             "expiring": expiring, "workers": workers}  # fmt: skip
+             "rounds": rounds, "expiring": expiring, "workers": workers}  # fmt: skip
     given = {key: value for key, value in sizes.items() if value is not None}
     common = dict(
         url=url, database_template=database_template, postgres_url=postgres_url,
