@@ -49,6 +49,10 @@ CONVERGENCE_TIMEOUT = 30.0
 PAY_TIMEOUT = 120.0
 EXPIRY_TIMEOUT = 30.0
 WARM_UP_REQUESTS = 200
+# A platform at rest (sweeps, the job queue's polls) uses a few percent of a core.
+QUIET_SHARE = 0.1
+QUIET_SECONDS = 0.2
+QUIET_TIMEOUT = 10.0
 
 
 def main(config: Config, console: Console | None = None) -> int:
@@ -165,9 +169,10 @@ class Turns:
     of its own, and again. A shared machine's speed drifts by a third within minutes; in turns,
     both see the same drift, and the ratio of their speeds keeps only what differs.
 
-    The platform's turn ends once its orders are reserved (its events handled): the ceiling's
-    next turn then has the cores to itself. That wait counts in the platform's CPU, not in its
-    rush's duration (as after a single rush, the last moment's events are handled after it)."""
+    The platform's turn ends once its orders are reserved and it is quiet again (the replicas,
+    marks and jobs that follow are done): the ceiling's next turn then has the cores to itself.
+    That wait counts in the platform's CPU, not in its rush's duration (as after a single rush,
+    the last moment's events are handled after it)."""
 
     def __init__(
         self, config: Config, meter: Meter, watcher: ConvergenceWatcher, ceiling_api: Api | None
@@ -203,8 +208,22 @@ class Turns:
                 result = await rush(api, tokens, _slice(ticket_ids, turn, rounds), hot=hot)
                 sold: set[Hashable] = {(w.ticket_id, w.order_id) for w in result.wins}
                 await self.watcher.wait_for(sold, CONVERGENCE_TIMEOUT)
+                await _quiet(platform.cpu)
             ours.add(result, cpu)
         return ours, theirs
+
+
+async def _quiet(sample: Callable[[], dict[int, float]]) -> None:
+    """Until the processes sampled use less than QUIET_SHARE of a core over QUIET_SECONDS (the
+    replicas, marks and jobs that follow a turn's sales are done), or QUIET_TIMEOUT passed."""
+    deadline = time.monotonic() + QUIET_TIMEOUT
+    spent, at = sum(sample().values()), time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(QUIET_SECONDS)
+        now_spent, now = sum(sample().values()), time.monotonic()
+        if (now_spent - spent) / (now - at) < QUIET_SHARE:
+            return
+        spent, at = now_spent, now
 
 
 def _slice(ids: list[str], turn: int, rounds: int) -> list[str]:
