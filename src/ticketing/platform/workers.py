@@ -3,8 +3,8 @@
 Each request worker serves every service behind the gateway on one shared socket (the kernel
 spreads connections over them); the events workers run the listeners, the expiration job
 worker and the outbox sweeps (every process publishes what its own commits wrote), so that
-events are handled at once instead of queueing behind requests: one those of orders and
-tickets (the reservation), the other those of every other service. The request workers run
+events are handled at once instead of queueing behind requests: one those of tickets (the
+reservation), the other those of every other service. The request workers run
 at a lower CPU priority (nice): under overload the platform first keeps what it already sold
 consistent, then takes new orders.
 
@@ -153,12 +153,12 @@ class Role:
 
 
 REQUESTS = Role("requests", listens=False)
-# The services on the path from an order's 201 until its ticket reads reserved (orders
-# publishes order:created, tickets reserves and publishes ticket:updated), and the rest.
-# Each service's events go to one process, so its batches are whole (a batch shares one
-# transaction: under load, most of a listener's cost), and the reservation never queues
-# behind the payments or expiration handlers.
-_RESERVATION_PATH = frozenset({"orders", "tickets"})
+# The service on the path from an order's 201 until its ticket reads reserved (the request
+# worker that took the order publishes order:created itself; tickets reserves and publishes
+# ticket:updated), and the rest. Each service's events go to one process, so its batches are
+# whole (a batch shares one transaction: under load, most of a listener's cost), and the
+# reservation never queues behind the orders, payments or expiration handlers.
+_RESERVATION_PATH = frozenset({"tickets"})
 EVENT_ROLES = (
     Role("events", listens=True, services=_RESERVATION_PATH),
     Role("events", listens=True, services=frozenset(SERVICES) - _RESERVATION_PATH),
