@@ -176,9 +176,19 @@ class Database:
                 row = (await connection.execute(statement, params)).first()
             return None if row is None else row._mapping
         sql, names, defaults = _compiled_for_driver(statement, self.engine.dialect)
+        args = [params[name] if name in params else defaults[name] for name in names]
+        # A read changes nothing, so a connection found dead (the server restarted since it was
+        # pooled) costs a retry on the next one, not an error: each pooled one may be dead.
+        for _ in range(self.engine.pool.size()):  # type: ignore[attr-defined]
+            try:
+                return await self._read_once(sql, args)
+            except _DEAD_CONNECTION:
+                log.warning("a pooled connection was dead; reading on another", exc_info=True)
+        return await self._read_once(sql, args)
+
+    async def _read_once(self, sql: str, args: list[Any]) -> Mapping[str, Any] | None:
         pooled = await self.engine.raw_connection()
         try:
-            args = [params[name] if name in params else defaults[name] for name in names]
             driver: asyncpg.Connection = pooled.driver_connection
             record: Mapping[str, Any] | None = await driver.fetchrow(sql, *args)
             return record
@@ -245,6 +255,17 @@ def _forget_queued(session: Session) -> None:
     # What the rolled-back transaction queued and wrote is gone: none of it may reach a hook.
     session.info.pop(_QUEUED, None)
     session.info.pop(OUTBOX_WRITTEN, None)
+
+
+# What asyncpg raises on a connection the server closed: closed as it was used, or caught
+# between its last statement and the server's notice that it is going away.
+_DEAD_CONNECTION = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.InternalClientError,
+)
 
 
 @cache
