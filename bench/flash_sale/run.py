@@ -7,7 +7,7 @@ import dataclasses
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -119,11 +119,13 @@ async def run(config: Config, console: Console) -> Report:
 
 @dataclass
 class CeilingSide:
-    """The ceiling's server, tickets and buyers' tokens, running beside the platform."""
+    """The ceiling's server, tickets and buyers' tokens, running beside the platform; its
+    client during the rush."""
 
     server: Ceiling
     ticket_ids: list[str] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
+    api: Api | None = None
 
 
 async def _platform_run(
@@ -141,13 +143,11 @@ async def _platform_run(
             ticket_ids = await list_tickets(api, people.sellers, config.tickets, "Flash")
             await replicated(service_dsn(config, "orders"), ticket_ids)
         async with ConvergenceWatcher(config.nats_url, config.subject_prefix) as watcher:
-            turns = Turns(
-                config, meter, watcher, Api(ceiling_http, ceiling.server.url) if ceiling else None
-            )
+            if ceiling is not None:
+                ceiling.api = Api(ceiling_http, ceiling.server.url)
+            turns = Turns(config, meter, watcher, ceiling)
             with phase(console, turns.title):
-                target, ceiling_target = await turns.rush(
-                    api, people.buyers, ticket_ids, platform, ceiling
-                )
+                target, ceiling_target = await turns.rush(api, people.buyers, ticket_ids, platform)
             if ceiling is not None:
                 ceiling.server.stop()  # its part is over; the pay phase is the platform's alone
             with phase(console, "convergence: every order reserved by the tickets service"):
@@ -175,42 +175,52 @@ class Turns:
     the last moment's events are handled after it)."""
 
     def __init__(
-        self, config: Config, meter: Meter, watcher: ConvergenceWatcher, ceiling_api: Api | None
+        self, config: Config, meter: Meter, watcher: ConvergenceWatcher, ceiling: CeilingSide | None
     ) -> None:
         self.config = config
         self.meter = meter
         self.watcher = watcher
-        self.ceiling_api = ceiling_api
+        self.ceiling = ceiling
 
     @property
     def title(self) -> str:
-        who = "ceiling and platform in turns" if self.ceiling_api else "the platform"
+        who = "ceiling and platform in turns" if self.ceiling else "the platform"
         return f"rush: {self.config.buyers} buyers, {who}, {self.config.rounds} rounds"
 
     async def rush(
+        self, api: Api, tokens: list[str], ticket_ids: list[str], platform: Platform
+    ) -> tuple[Target, Target | None]:
+        ours = Target("platform", RushResult(), {})
+        ceiling, rounds = self.ceiling, self.config.rounds
+        theirs = Target("ceiling", RushResult(), {}) if ceiling else None
+        for turn in range(rounds):
+            if ceiling is not None and ceiling.api is not None and theirs is not None:
+                mine = _slice(ceiling.ticket_ids, turn, rounds)
+                await self._turn(theirs, ceiling.api, ceiling.tokens, mine, ceiling.server.cpu)
+            ids = _slice(ticket_ids, turn, rounds)
+            await self._turn(ours, api, tokens, ids, platform.cpu, settle=self._settled)
+        return ours, theirs
+
+    async def _turn(
         self,
+        target: Target,
         api: Api,
         tokens: list[str],
         ticket_ids: list[str],
-        platform: Platform,
-        ceiling: CeilingSide | None,
-    ) -> tuple[Target, Target | None]:
-        ours = Target("platform", RushResult(), {})
-        theirs = Target("ceiling", RushResult(), {}) if ceiling else None
-        hot, rounds = self.config.hot, self.config.rounds
-        for turn in range(rounds):
-            if ceiling is not None and theirs is not None and self.ceiling_api is not None:
-                mine = _slice(ceiling.ticket_ids, turn, rounds)
-                with self.meter.measure("ceiling", ceiling.server.cpu) as cpu:
-                    result = await rush(self.ceiling_api, ceiling.tokens, mine, hot=hot)
-                theirs.add(result, cpu)
-            with self.meter.measure("platform", platform.cpu) as cpu:
-                result = await rush(api, tokens, _slice(ticket_ids, turn, rounds), hot=hot)
-                sold: set[Hashable] = {(w.ticket_id, w.order_id) for w in result.wins}
-                await self.watcher.wait_for(sold, CONVERGENCE_TIMEOUT)
-                await _quiet(platform.cpu)
-            ours.add(result, cpu)
-        return ours, theirs
+        cpu_of: Callable[[], dict[int, float]],
+        settle: Callable[[RushResult, Callable[[], dict[int, float]]], Awaitable[None]]
+        | None = None,
+    ) -> None:
+        with self.meter.measure(target.name, cpu_of) as cpu:
+            result = await rush(api, tokens, ticket_ids, hot=self.config.hot)
+            if settle is not None:
+                await settle(result, cpu_of)
+        target.add(result, cpu)
+
+    async def _settled(self, result: RushResult, cpu_of: Callable[[], dict[int, float]]) -> None:
+        sold: set[Hashable] = {(w.ticket_id, w.order_id) for w in result.wins}
+        await self.watcher.wait_for(sold, CONVERGENCE_TIMEOUT)
+        await _quiet(cpu_of)
 
 
 async def _quiet(sample: Callable[[], dict[int, float]]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -16,6 +18,24 @@ from ticketing.common.outbox import add_event, insert_event_once
 from ticketing.common.settings import Settings
 
 
+@pytest.fixture
+async def one_connection(settings: Settings) -> AsyncIterator[Database]:
+    """A service's database whose pool holds one connection: a test knows which one it gets."""
+    db = Database(settings.service_database_url("probe"), pool_size=1)
+    await db.create_all()
+    yield db
+    await db.dispose()
+
+
+@asynccontextmanager
+async def _admin() -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(PG_URL.replace("+asyncpg", "") + "/postgres")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 async def test_creates_the_service_database_and_common_tables(
     settings: Settings, infra: Infra, namespace: str
 ) -> None:
@@ -27,13 +47,10 @@ async def test_creates_the_service_database_and_common_tables(
             await session.execute(text("SELECT count(*) FROM inbox"))
             await session.execute(text("SELECT count(*) FROM dead_letters"))
         if infra.postgres:
-            conn = await asyncpg.connect(PG_URL.replace("+asyncpg", "") + "/postgres")
-            try:
+            async with _admin() as conn:
                 name = await conn.fetchval(
                     "SELECT datname FROM pg_database WHERE datname = $1", f"{namespace}_probe"
                 )
-            finally:
-                await conn.close()
             assert name == f"{namespace}_probe"
         else:
             async with db.engine.connect() as conn:
@@ -51,29 +68,25 @@ async def test_create_all_twice_is_harmless(settings: Settings) -> None:
 
 
 async def test_a_plain_transaction_hands_the_relay_only_the_outbox_rows_it_committed(
-    settings: Settings,
+    one_connection: Database,
 ) -> None:
-    db = Database(settings.service_database_url("probe"), pool_size=1)  # one pooled connection
-    await db.create_all()
+    db = one_connection
     commits: list[list[str]] = []
     db.on_commit(lambda rows: commits.append([row["event_id"] for row in rows]))
     event = ExpirationComplete(order_id="o-1")
-    try:
-        with pytest.raises(RuntimeError):
-            async with db.plain_transaction() as connection:
-                await insert_event_once(connection, event, event_id="e-1")
-                raise RuntimeError("the use case failed")
-        async with db.plain_transaction() as connection:
-            await connection.execute(text("SELECT 1"))  # writes no event
-        assert commits == []
+    with pytest.raises(RuntimeError):
         async with db.plain_transaction() as connection:
             await insert_event_once(connection, event, event_id="e-1")
-        assert commits == [["e-1"]]
-        async with db.transaction() as session:
-            stored = await session.scalar(text("SELECT count(*) FROM outbox"))
-        assert stored == 1
-    finally:
-        await db.dispose()
+            raise RuntimeError("the use case failed")
+    async with db.plain_transaction() as connection:
+        await connection.execute(text("SELECT 1"))  # writes no event
+    assert commits == []
+    async with db.plain_transaction() as connection:
+        await insert_event_once(connection, event, event_id="e-1")
+    assert commits == [["e-1"]]
+    async with db.transaction() as session:
+        stored = await session.scalar(text("SELECT count(*) FROM outbox"))
+    assert stored == 1
 
 
 async def test_a_session_reused_after_a_rollback_hands_on_only_what_it_committed(
@@ -110,53 +123,40 @@ def _outbox_read() -> Any:
     )
 
 
-async def test_read_first_gives_what_a_sqlalchemy_read_gives(settings: Settings) -> None:
+async def test_read_first_gives_what_a_sqlalchemy_read_gives(one_connection: Database) -> None:
     """Through the driver on PostgreSQL, through SQLAlchemy on SQLite: the same row, aware
     timestamps included, and the literals bound when the statement was built."""
-    db = Database(settings.service_database_url("probe"), pool_size=1)
-    await db.create_all()
-    statement = _outbox_read()
-    try:
-        async with db.autocommit() as connection:
-            await insert_event_once(connection, ExpirationComplete(order_id="o-1"), event_id="e-1")
-        for _ in range(3):  # the one pooled connection goes back after each read
-            row = await db.read_first(statement, {"event_id": "e-1"})
-            async with db.engine.connect() as connection:
-                expected = (await connection.execute(statement, {"event_id": "e-1"})).one()
-            assert row is not None and dict(row) == dict(expected._mapping)
-            assert row["created_at"].utcoffset() is not None
-        assert await db.read_first(statement, {"event_id": "missing"}) is None
-    finally:
-        await db.dispose()
+    db, statement = one_connection, _outbox_read()
+    async with db.autocommit() as connection:
+        await insert_event_once(connection, ExpirationComplete(order_id="o-1"), event_id="e-1")
+    for _ in range(3):  # the one pooled connection goes back after each read
+        row = await db.read_first(statement, {"event_id": "e-1"})
+        async with db.engine.connect() as connection:
+            expected = (await connection.execute(statement, {"event_id": "e-1"})).one()
+        assert row is not None and dict(row) == dict(expected._mapping)
+        assert row["created_at"].utcoffset() is not None
+    assert await db.read_first(statement, {"event_id": "missing"}) is None
 
 
 async def test_read_first_reads_on_a_new_connection_when_the_pooled_one_died(
-    settings: Settings, infra: Infra
+    one_connection: Database, infra: Infra
 ) -> None:
     """The server restarted (here: ended the pooled connection's backend): the read is simply
     made again on a new connection, and the dead one is never handed out again."""
     if not infra.postgres:
         pytest.skip("SQLite has no server to drop a connection")
-    db = Database(settings.service_database_url("probe"), pool_size=1)
-    await db.create_all()
-    statement = _outbox_read()
-    try:
-        for _ in range(3):
-            assert await db.read_first(statement, {"event_id": "missing"}) is None
-            async with db.engine.connect() as connection:
-                pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar()
-            admin = await asyncpg.connect(PG_URL.replace("+asyncpg", "") + "/postgres")
-            try:
-                await admin.execute("SELECT pg_terminate_backend($1)", pid)
-            finally:
-                await admin.close()
-            assert await db.read_first(statement, {"event_id": "missing"}) is None
-    finally:
-        await db.dispose()
+    db, statement = one_connection, _outbox_read()
+    for _ in range(3):
+        assert await db.read_first(statement, {"event_id": "missing"}) is None
+        async with db.engine.connect() as connection:
+            pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar()
+        async with _admin() as admin:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        assert await db.read_first(statement, {"event_id": "missing"}) is None
 
 
 async def test_read_first_cancelled_mid_statement_leaves_the_pool_usable(
-    settings: Settings, infra: Infra
+    one_connection: Database, infra: Infra
 ) -> None:
     """A request cancelled while its read runs (the buyer went away) must not hand the next
     one a connection whose protocol is still busy."""
@@ -166,27 +166,19 @@ async def test_read_first_cancelled_mid_statement_leaves_the_pool_usable(
 
     if not infra.postgres:
         pytest.skip("the read runs through the driver on PostgreSQL only")
-    db = Database(settings.service_database_url("probe"), pool_size=1)
-    await db.create_all()
-    slow = select(func.pg_sleep(bindparam("seconds")))
-    try:
-        read = asyncio.create_task(db.read_first(slow, {"seconds": 30}))
-        await eventually(lambda: _running(db, "pg_sleep"))
-        read.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await read
-        assert await db.read_first(_outbox_read(), {"event_id": "missing"}) is None
-    finally:
-        await db.dispose()
+    db = one_connection
+    read = asyncio.create_task(db.read_first(select(func.pg_sleep(bindparam("s"))), {"s": 30}))
+    await eventually(lambda: _running("pg_sleep"))
+    read.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await read
+    assert await db.read_first(_outbox_read(), {"event_id": "missing"}) is None
 
 
-async def _running(db: Database, fragment: str) -> bool:
-    admin = await asyncpg.connect(PG_URL.replace("+asyncpg", "") + "/postgres")
-    try:
+async def _running(fragment: str) -> bool:
+    async with _admin() as admin:
         found = await admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1",
             f"%{fragment}%$1%",
         )
-    finally:
-        await admin.close()
     return bool(found)

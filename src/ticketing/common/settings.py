@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # How long a listener's fetch that found nothing ready waits for a first event.
     listener_fetch_window_seconds: float = 0.2
     # After a batch that was not full, how long a listener lets the next events gather (they
-    # share one transaction): lag traded for CPU. Services off the reservation path wait longer.
+    # share one transaction): lag traded for CPU. Those a buyer waits on set a shorter one.
     listener_gather_seconds: float = 0.05
     # False in a process that only serves requests (`ticketing up --workers N` runs the
     # listeners, job workers and outbox sweeps in processes of their own); it publishes only

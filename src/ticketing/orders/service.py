@@ -81,10 +81,10 @@ async def create_order(
     async with db.autocommit() as connection:
         if held:
             await _free_expired_hold(connection, row)
-        return await _place(connection, user_id=user_id, ticket=row, ttl_seconds=ttl_seconds)
+        return await _insert_order(connection, user_id=user_id, ticket=row, ttl_seconds=ttl_seconds)
 
 
-async def _place(
+async def _insert_order(
     connection: AsyncConnection, *, user_id: str, ticket: Mapping[str, Any], ttl_seconds: int
 ) -> PlacedOrder:
     now = utcnow()
