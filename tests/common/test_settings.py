@@ -59,7 +59,7 @@ def test_require_urls_names_what_is_missing() -> None:
         Settings(database_url="sqlite+aiosqlite:///x.db").require_urls("database_url", "nats_url")
 
 
-def test_listeners_buyers_wait_on_gather_briefly_the_others_longer(
+def test_the_reservation_gathers_briefly_the_other_listeners_longer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from ticketing.common.app import Runtime
@@ -77,7 +77,7 @@ def test_listeners_buyers_wait_on_gather_briefly_the_others_longer(
             ("expiration", ExpirationSettings),
         )
     }
-    assert gathers == {"orders": 0.005, "tickets": 0.005, "payments": 0.005, "expiration": 0.05}
+    assert gathers == {"orders": 0.05, "tickets": 0.005, "payments": 0.05, "expiration": 0.05}
     monkeypatch.setenv("TICKETING_LISTENER_GATHER_SECONDS", "0.2")
     settings = TicketsSettings(_env_file=None)  # type: ignore[call-arg]
     assert Runtime("tickets", settings, ()).listener.gather == 0.2

@@ -21,12 +21,17 @@ async def shop(platform: Platform, sandbox: SandboxServer) -> Platform:
 
 
 async def seed_order(
-    platform: Platform, *, buyer: str | None = None, price: str = "20", expires_in: float = 900
+    platform: Platform,
+    *,
+    buyer: str | None = None,
+    order_id: str | None = None,
+    price: str = "20",
+    expires_in: float = 900,
 ) -> OrderCreated:
     """An order in the payments replica, as order:created leaves it."""
     event = OrderCreated.model_validate(
         {
-            "id": str(uuid.uuid4()),
+            "id": order_id or str(uuid.uuid4()),
             "version": 0,
             "status": "created",
             "userId": buyer or new_user(),

@@ -9,13 +9,17 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests.conftest import Platform, new_user
 from tests.payments.conftest import WEBHOOK_SECRET, seed_order
 from tests.support import eventually, stream_envelopes
+from ticketing.common.errors import NotFound
 from ticketing.common.events import Envelope, OrderCancelled, TicketRef
-from ticketing.payments.models import Payment
+from ticketing.payments import service
+from ticketing.payments.models import OrderReplica, Payment
 from ticketing.platform.stripe_sandbox import SandboxServer, sign_payload
 
 
@@ -94,8 +98,6 @@ async def test_a_cancelled_order_cannot_be_paid(shop: Platform, sandbox: Sandbox
 
 
 async def _replica_status(platform: Platform, order_id: str, status: str) -> bool:
-    from ticketing.payments.models import OrderReplica
-
     async with platform.runtime("payments").db.transaction() as session:
         order = await session.get(OrderReplica, order_id)
     return order is not None and order.status == status
@@ -283,3 +285,31 @@ async def test_a_double_click_with_a_declined_card_is_two_declines(
         assert [r.status_code for r in responses] == [402, 402]
         assert (await pay(buyer, order.id)).status_code == 201
     assert len(charges(sandbox)) == 1
+
+
+async def test_paying_at_once_waits_for_the_order_to_reach_the_replica(
+    shop: Platform, sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order's 201 can reach the buyer before order:created reaches payments."""
+    missed = asyncio.Event()
+    payable = service._payable
+
+    async def noting_a_miss(session: AsyncSession, **key: str) -> OrderReplica:
+        try:
+            return await payable(session, **key)
+        except NotFound:
+            missed.set()
+            raise
+
+    monkeypatch.setattr(service, "_payable", noting_a_miss)
+    buyer_id = new_user()
+    order_id = str(uuid.uuid4())
+    async with shop.client(buyer_id) as buyer:
+        paying = asyncio.create_task(pay(buyer, order_id))
+        await asyncio.wait_for(missed.wait(), timeout=5)
+        await seed_order(shop, buyer=buyer_id, order_id=order_id, price="12")
+        response = await paying
+    assert response.status_code == 201
+    [charge] = charges(sandbox)
+    assert charge["amount"] == 1200
+    assert charge["metadata"] == {"orderId": order_id}

@@ -6,6 +6,5 @@ from ticketing.common.settings import Settings
 
 
 class OrdersSettings(Settings):
-    # An expiry and a payment are what the buyer waits to see: hold an event back only briefly
-    # for others to share its transaction (see TicketsSettings).
-    listener_gather_seconds: float = 0.005
+    """The common settings. Its listener keeps the default gathering: what a buyer waits on
+    here (an expiry or a payment shown) is seconds away, and 50 ms more costs nobody."""

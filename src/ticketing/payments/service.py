@@ -3,8 +3,10 @@ except `pay`, which must talk to Stripe between its transactions."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from decimal import Decimal
 
 from sqlalchemy import func, select
@@ -29,6 +31,11 @@ from ticketing.payments.models import DeclinedAttempt, OrderReplica, Payment
 log = logging.getLogger(__name__)
 
 CANCELLED_NOTE = "Refunded: the order was cancelled before the payment completed"
+# A buyer may pay the moment the order's 201 arrives, before order:created has reached the
+# replica here (the listener lets events gather for a moment to share a transaction): an order
+# not found is looked for again, this often, until this long after the request came.
+REPLICA_WAIT_SECONDS = 1.0
+REPLICA_POLL_SECONDS = 0.02
 
 
 def cents(price: Decimal) -> int:
@@ -59,13 +66,7 @@ async def pay(
     db: Database, charges: Charges, *, order_id: str, user_id: str, token: str
 ) -> Payment:
     """Charge the buyer for their order; a retried request reuses the attempt's key."""
-    async with db.transaction() as session:
-        order = await _payable(session, order_id=order_id, user_id=user_id)
-        declined = await session.scalar(
-            select(func.count()).where(DeclinedAttempt.order_id == order_id)
-        )
-        attempt = int(declined or 0) + 1
-        amount = cents(order.price)
+    amount, attempt = await _next_attempt(db, order_id=order_id, user_id=user_id)
     try:
         intent = await charges.charge(
             amount_cents=amount,
@@ -82,6 +83,23 @@ async def pay(
         # keeps the refund and says why.
         raise BadRequest("Cannot pay for a cancelled order")
     return payment
+
+
+async def _next_attempt(db: Database, *, order_id: str, user_id: str) -> tuple[int, int]:
+    """The amount to charge and the number of this attempt, once the order is payable."""
+    deadline = time.monotonic() + REPLICA_WAIT_SECONDS
+    while True:
+        try:
+            async with db.transaction() as session:
+                order = await _payable(session, order_id=order_id, user_id=user_id)
+                declined = await session.scalar(
+                    select(func.count()).where(DeclinedAttempt.order_id == order_id)
+                )
+                return cents(order.price), int(declined or 0) + 1
+        except NotFound:
+            if not is_id(order_id) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(REPLICA_POLL_SECONDS)
 
 
 async def _record_decline(db: Database, *, order_id: str, attempt: int, reason: str) -> None:

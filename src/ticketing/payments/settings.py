@@ -14,9 +14,8 @@ class PaymentsSettings(Settings):
     # Unset means Stripe itself; `ticketing up` and the tests point it at the local sandbox.
     stripe_api_base: str | None = None
     stripe_webhook_secret: str = DEV_WEBHOOK_SECRET
-    # A buyer may pay the moment the order's 201 arrives: its replica here must not lag behind
-    # for long (see TicketsSettings).
-    listener_gather_seconds: float = 0.005
+    # The listener keeps the default gathering: a buyer who pays the moment the order's 201
+    # arrives waits for the replica instead (service.REPLICA_WAIT_SECONDS).
 
     @model_validator(mode="after")
     def _refuse_dev_webhook_secret_in_production(self) -> PaymentsSettings:
