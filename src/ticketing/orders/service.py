@@ -12,7 +12,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, Update, and_, bindparam, select, update
+from sqlalchemy import Select, Update, and_, bindparam, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql.dml import ReturningUpdate
@@ -128,7 +128,12 @@ def _order_columns(order: PlacedOrder) -> dict[str, Any]:
 @cache
 def _ticket_and_holder() -> Select[Any]:
     tickets, orders = TicketReplica.__table__.c, Order.__table__.c
-    holds = and_(orders.ticket_id == tickets.id, orders.status != OrderStatus.CANCELLED.value)
+    # The status is written into the SQL, not bound: the driver prepares the statement once,
+    # and PostgreSQL's generic plan for it may only use the partial index on the holder's
+    # ticket (WHERE status <> 'cancelled') when the query states that predicate itself. With a
+    # parameter there, each attempt read every order.
+    active = orders.status != literal_column(f"'{OrderStatus.CANCELLED.value}'")
+    holds = and_(orders.ticket_id == tickets.id, active)
     return (
         select(
             tickets.id,
