@@ -6,13 +6,18 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Update, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tests.common.conftest import Effect
 from ticketing.common.db import Database
 from ticketing.common.events import TicketCreated
-from ticketing.common.outbox import OutboxEvent, insert_with_event, update_with_event
+from ticketing.common.outbox import (
+    OutboxEvent,
+    insert_with_event,
+    update_with_event,
+    update_with_event_in,
+)
 
 
 def ticket(n: int) -> TicketCreated:
@@ -21,7 +26,7 @@ def ticket(n: int) -> TicketCreated:
 
 async def stored_event_ids(db: Database) -> list[str]:
     async with db.transaction() as session:
-        return list(await session.scalars(select(OutboxEvent.event_id)))
+        return list(await session.scalars(select(OutboxEvent.event_id).order_by(OutboxEvent.seq)))
 
 
 async def effect_keys(db: Database) -> list[str]:
@@ -47,16 +52,10 @@ async def test_a_row_and_its_event_are_written_together_or_not_at_all(db: Databa
 async def test_an_update_writes_its_event_only_when_it_changed_a_row(db: Database) -> None:
     async with db.autocommit() as connection:
         await insert_with_event(connection, Effect, {"id": 1, "key": "a", "replica": ""}, ticket(1))
-    rename = (
-        update(Effect)
-        .where(Effect.id == bindparam("effect_id"), Effect.key == bindparam("old"))
-        .values(key=bindparam("new"))
-    )
     async with db.autocommit() as connection:
-        params = {"effect_id": 1, "old": "a", "new": "b"}
-        renamed = await update_with_event(connection, rename, params, ticket(2))
-        params = {"effect_id": 1, "old": "a", "new": "c"}  # no longer "a": nothing changes
-        stale = await update_with_event(connection, rename, params, ticket(3))
+        renamed = await update_with_event(connection, _rename(), _renaming("a", "b"), ticket(2))
+        # no longer "a": nothing changes
+        stale = await update_with_event(connection, _rename(), _renaming("a", "c"), ticket(3))
     assert (renamed, stale) == (True, False)
     assert await effect_keys(db) == ["b"]
     assert len(await stored_event_ids(db)) == 2  # the insert's and the rename's
@@ -87,3 +86,42 @@ async def test_an_event_written_before_an_error_still_goes_to_the_relay_on_postg
     # The statement had committed: its event is stored, and handed to the relay.
     assert handed == await stored_event_ids(db)
     assert len(handed) == 1
+
+
+async def test_an_update_in_a_session_hands_its_event_on_at_the_sessions_commit(
+    db: Database,
+) -> None:
+    """update_with_event_in: the row goes to the hooks once the session commits, and none of a
+    rolled-back one; nothing stays behind on the pooled connection for a later user."""
+    async with db.autocommit() as connection:
+        await insert_with_event(connection, Effect, {"id": 1, "key": "a", "replica": ""}, ticket(1))
+    handed: list[str] = []
+    db.on_commit(lambda rows: handed.extend(row["event_id"] for row in rows))
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as session:
+            await update_with_event_in(session, _rename(), _renaming("a", "b"), ticket(2))
+            raise RuntimeError("a later handler of the batch failed")
+    assert (handed, await effect_keys(db)) == ([], ["a"])
+    async with db.transaction() as session:
+        renamed = await update_with_event_in(session, _rename(), _renaming("a", "c"), ticket(3))
+        stale = await update_with_event_in(session, _rename(), _renaming("a", "d"), ticket(4))
+        assert handed == []  # not before the commit
+    assert (renamed, stale) == (True, False)
+    assert await effect_keys(db) == ["c"]
+    assert handed == (await stored_event_ids(db))[1:]
+    assert len(handed) == 1
+    async with db.autocommit() as connection:  # the same pooled connection, a later user
+        await insert_with_event(connection, Effect, {"id": 2, "key": "e", "replica": ""}, ticket(5))
+    assert len(handed) == 2
+
+
+def _rename() -> Update:
+    return (
+        update(Effect)
+        .where(Effect.id == bindparam("effect_id"), Effect.key == bindparam("old"))
+        .values(key=bindparam("new"))
+    )
+
+
+def _renaming(old: str, new: str) -> dict[str, object]:
+    return {"effect_id": 1, "old": old, "new": new}

@@ -178,6 +178,28 @@ async def update_with_event(
     """Run a conditional UPDATE of one row (by its key) and, if it changed it, store `event` in
     the outbox, both atomically even without a transaction (see insert_with_event). False if
     nothing matched."""
+    return await _update_with_event(connection, statement, params, event, info=connection.info)
+
+
+async def update_with_event_in(
+    session: AsyncSession, statement: Update, params: dict[str, Any], event: Event
+) -> bool:
+    """update_with_event in a session's transaction, whose commit hands the row on: one
+    round trip, where add_event after a plain update costs a second one at the commit."""
+    connection = await session.connection()
+    return await _update_with_event(connection, statement, params, event, info=session.info)
+
+
+async def _update_with_event(
+    connection: AsyncConnection,
+    statement: Update,
+    params: dict[str, Any],
+    event: Event,
+    *,
+    info: dict[Any, Any],
+) -> bool:
+    # `info` is where the commit that ends the transaction looks for the rows it wrote: the
+    # session's, or the connection's (a pooled connection's info outlives a session on it).
     envelope = Envelope.wrap(event)
     outbox_row = _outbox_row(envelope)
     if connection.dialect.name == "postgresql":
@@ -189,7 +211,7 @@ async def update_with_event(
         if changed:
             await connection.execute(insert(OutboxEvent), outbox_row)
     if changed:
-        note_outbox_row(connection.info, outbox_row)
+        note_outbox_row(info, outbox_row)
     return changed
 
 

@@ -8,14 +8,13 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, bindparam, exists, select, update
+from sqlalchemy import Select, Update, bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.dml import ReturningUpdate
 
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import TicketCreated, TicketUpdated
 from ticketing.common.messaging import RetryLater
-from ticketing.common.outbox import add_event
+from ticketing.common.outbox import add_event, update_with_event_in
 from ticketing.tickets.models import ReleasedOrder, Ticket
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
     params = {"ticket_id": ticket_id, "order_id": order_id}
     # Locked first, as release() does: an order's creation and cancellation handled at once (by
     # two processes) take turns, and whichever goes second sees what the first committed.
-    ticket = (await connection.execute(_holder_for_update(), params)).first()
+    ticket = (await connection.execute(_ticket_for_update(), params)).first()
     if ticket is None:
         raise RetryLater(f"ticket {ticket_id} is unknown here")
     if ticket.order_id == order_id:
@@ -102,9 +101,12 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
     if ticket.order_id is None:
         # A statement of its own, after the lock: it sees a cancellation committed while we
         # waited, and then holds nothing (the order was cancelled before its creation came).
-        held = (await connection.execute(_hold_unless_released(), params)).first()
-        if held is not None:
-            add_event(session, TicketUpdated(**held._mapping))
+        # The lock keeps the row as read, so the event is known before the update, which
+        # writes it to the outbox in the same statement.
+        held = TicketUpdated(
+            **{**ticket._mapping, "version": ticket.version + 1, "order_id": order_id}
+        )
+        await update_with_event_in(session, _hold_unless_released(), params, held)
         return
     if (await connection.execute(_released(), params)).first() is not None:
         return
@@ -114,9 +116,11 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
 
 
 @cache
-def _holder_for_update() -> Select[tuple[str | None]]:
+def _ticket_for_update() -> Select[Any]:
+    """What ticket:updated tells of a ticket (its fields are the columns' names), locked."""
     tickets = Ticket.__table__.c
-    return select(tickets.order_id).where(tickets.id == bindparam("ticket_id")).with_for_update()
+    fields = (tickets[name] for name in TicketUpdated.model_fields)
+    return select(*fields).where(tickets.id == bindparam("ticket_id")).with_for_update()
 
 
 @cache
@@ -126,14 +130,12 @@ def _released() -> Select[tuple[str]]:
 
 
 @cache
-def _hold_unless_released() -> ReturningUpdate[Any]:
+def _hold_unless_released() -> Update:
     tickets = Ticket.__table__.c
     return (
         update(Ticket)
         .where(tickets.id == bindparam("ticket_id"), ~exists(_released()))
         .values(order_id=bindparam("order_id"), version=tickets.version + 1)
-        # What ticket:updated tells of a ticket: its fields are the columns' names.
-        .returning(*(tickets[name] for name in TicketUpdated.model_fields))
     )
 
 
