@@ -275,7 +275,17 @@ def _replica_version() -> Select[int]:
 
 
 async def expire(session: AsyncSession, *, order_id: str) -> None:
-    """expiration:complete: cancel the order unless it was paid (or already cancelled)."""
+    """expiration:complete: cancel the order unless it was paid (or already cancelled).
+
+    The orders of a rush expire together: one that is due and unpaid is cancelled by one plain
+    statement; only the others (unknown, paid, cancelled, early) are loaded to see why not."""
+    connection = await session.connection()
+    params = {"order_id": order_id, "now": utcnow()}
+    cancelled = (await connection.execute(_cancel_if_due(), params)).first()
+    if cancelled is not None:
+        ticket = TicketRef(id=cancelled.ticket_id)
+        add_event(session, OrderCancelled(id=order_id, version=cancelled.version, ticket=ticket))
+        return
     order = await session.get(Order, order_id)
     if order is None:
         log.warning("expiration of unknown order %s ignored", order_id)
@@ -286,6 +296,21 @@ async def expire(session: AsyncSession, *, order_id: str) -> None:
     if early > 0:
         raise RetryLater(f"order {order_id} expires in {early:.1f}s", delay=early)
     await _cancel(session, order)
+
+
+@cache
+def _cancel_if_due() -> ReturningUpdate[tuple[int, str]]:
+    orders = Order.__table__.c
+    return (
+        update(Order)
+        .where(
+            orders.id == bindparam("order_id"),
+            orders.status == OrderStatus.CREATED.value,
+            orders.expires_at <= bindparam("now"),
+        )
+        .values(status=OrderStatus.CANCELLED.value, version=orders.version + 1)
+        .returning(orders.version, orders.ticket_id)
+    )
 
 
 async def complete(session: AsyncSession, *, order_id: str) -> None:
