@@ -14,6 +14,7 @@ from ticketing.common.db import Database
 from ticketing.common.events import TicketCreated
 from ticketing.common.outbox import (
     OutboxEvent,
+    add_event,
     insert_with_event,
     update_with_event,
     update_with_event_in,
@@ -125,3 +126,21 @@ def _rename() -> Update:
 
 def _renaming(old: str, new: str) -> dict[str, object]:
     return {"effect_id": 1, "old": old, "new": new}
+
+
+async def test_an_update_in_a_session_keeps_the_order_of_the_events_before_it(
+    db: Database,
+) -> None:
+    """An event added earlier in the transaction (queued for the commit) is stored before the
+    update's own, which is written at once: a sweep publishes in the order stored."""
+    async with db.autocommit() as connection:
+        await insert_with_event(connection, Effect, {"id": 1, "key": "a", "replica": ""}, ticket(1))
+    handed: list[str] = []
+    db.on_commit(lambda rows: handed.extend(row["event_id"] for row in rows))
+    async with db.transaction() as session:
+        earlier = add_event(session, ticket(2))
+        await update_with_event_in(session, _rename(), _renaming("a", "b"), ticket(3))
+    stored = (await stored_event_ids(db))[1:]
+    assert handed == stored
+    assert stored[0] == earlier.id
+    assert len(stored) == 2

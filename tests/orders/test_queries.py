@@ -31,6 +31,9 @@ async def test_an_attempts_read_finds_the_holder_by_index_in_a_generic_plan(
         plan = await driver.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE attempt_read({values})")
         await driver.execute("DEALLOCATE attempt_read")
         await driver.execute("RESET plan_cache_mode")
+    except BaseException:
+        pooled.invalidate()  # not back into the pool with the setting or the statement
+        raise
     finally:
         pooled.close()
     # SQLAlchemy's dialect gives the driver a JSON codec: the plan may come decoded.

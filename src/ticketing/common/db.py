@@ -244,6 +244,13 @@ def queue_insert(session: AsyncSession, entity: type[DeclarativeBase], row: dict
     session.info.setdefault(_QUEUED, []).append((entity, row))
 
 
+async def write_queued(session: AsyncSession) -> None:
+    """Insert now what `queue_insert` has queued in this session, if anything: before a row
+    is written straight to one of those tables, so that the rows keep the order they came in."""
+    if session.info.get(_QUEUED):
+        await session.run_sync(_insert_queued)
+
+
 def _insert_queued(session: Session) -> None:
     queued: list[tuple[type[DeclarativeBase], dict[str, Any]]] = session.info.pop(_QUEUED, [])
     # Consecutive rows of one table go in one statement, in the order they were queued.

@@ -43,6 +43,7 @@ from ticketing.common.db import (
     note_outbox_row,
     queue_insert,
     utcnow,
+    write_queued,
 )
 from ticketing.common.events import Envelope, Event
 from ticketing.common.logs import correlation_id
@@ -186,6 +187,9 @@ async def update_with_event_in(
 ) -> bool:
     """update_with_event in a session's transaction, whose commit hands the row on: one
     round trip, where add_event after a plain update costs a second one at the commit."""
+    # The events add_event queued before this one are stored first: the outbox keeps the
+    # order of the events (a sweep publishes in that order).
+    await write_queued(session)
     connection = await session.connection()
     return await _update_with_event(connection, statement, params, event, info=session.info)
 
