@@ -88,3 +88,18 @@ async def test_an_unknown_order_is_ignored(platform: Platform) -> None:
     await expire(platform, str(uuid.uuid4()))  # nothing raised: nothing to retry
     async with platform.runtime("orders").db.transaction() as session:
         assert list(await session.scalars(select(OutboxEvent.type))) == []
+
+
+async def test_an_order_that_falls_due_between_the_two_reads_is_cancelled(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plain statement runs a moment too early to match; the order, loaded to see why, is
+    due by then, and is cancelled all the same, with its event."""
+    await platform.start("orders", run_listeners=False)
+    order = await an_order(platform, status=OrderStatus.CREATED, expires_in=60)
+    moments = iter([order.expires_at - timedelta(seconds=1), order.expires_at])
+    monkeypatch.setattr(service, "utcnow", lambda: next(moments))
+    await expire(platform, order.id)
+    status, version, events = await state(platform, order.id)
+    assert (status, version) == (OrderStatus.CANCELLED, 1)
+    assert [e.data["version"] for e in events] == [1]
