@@ -5,33 +5,30 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
 
 from tests.conftest import Platform, new_user
+from tests.orders.test_routes import seed_ticket
 from ticketing.common.db import utcnow
 from ticketing.common.events import Envelope, OrderCancelled
 from ticketing.common.messaging import RetryLater
 from ticketing.common.outbox import OutboxEvent
 from ticketing.orders import service
-from ticketing.orders.models import Order, OrderStatus, TicketReplica
+from ticketing.orders.models import Order, OrderStatus
 
 
 async def an_order(platform: Platform, *, status: OrderStatus, expires_in: float) -> Order:
-    ticket = TicketReplica(
-        id=str(uuid.uuid4()), title="Show", price=Decimal(10), user_id=new_user(), version=1
-    )
     order = Order(
         user_id=new_user(),
-        ticket_id=ticket.id,
+        ticket_id=await seed_ticket(platform),
         status=status,
         expires_at=utcnow() + timedelta(seconds=expires_in),
         version=0,
     )
     async with platform.runtime("orders").db.transaction() as session:
-        session.add_all([ticket, order])
+        session.add(order)
     return order
 
 

@@ -161,7 +161,7 @@ async def _free_expired_hold(connection: AsyncConnection, row: Mapping[str, Any]
     holds: paid since, or cancelled by another buyer first (the update then finds nothing to
     change, its version having moved on)."""
     holder_id, holder_version = row["holder_id"], row["holder_version"]
-    params = {"holder_id": holder_id, "version": holder_version, "now": utcnow()}
+    params = {"order_id": holder_id, "version": holder_version, "now": utcnow()}
     cancelled = OrderCancelled(
         id=holder_id, version=next_version(holder_version), ticket=TicketRef(id=row["id"])
     )
@@ -170,18 +170,30 @@ async def _free_expired_hold(connection: AsyncConnection, row: Mapping[str, Any]
 
 
 @cache
-def _cancel_if_expired() -> Update:
+def _cancel_if_due() -> Update:
+    """Cancel an order whose window has passed unpaid (`order_id`, `now`)."""
     orders = Order.__table__.c
     return (
         update(Order)
         .where(
-            orders.id == bindparam("holder_id"),
-            orders.version == bindparam("version"),
+            orders.id == bindparam("order_id"),
             orders.status == OrderStatus.CREATED.value,
             orders.expires_at <= bindparam("now"),
         )
         .values(status=OrderStatus.CANCELLED.value, version=orders.version + 1)
     )
+
+
+@cache
+def _cancel_if_expired() -> Update:
+    """As _cancel_if_due, only at the version read (the hold another buyer frees)."""
+    return _cancel_if_due().where(Order.__table__.c.version == bindparam("version"))
+
+
+@cache
+def _cancel_if_due_returning() -> ReturningUpdate[tuple[int, str]]:
+    orders = Order.__table__.c
+    return _cancel_if_due().returning(orders.version, orders.ticket_id)
 
 
 async def _cancel(session: AsyncSession, order: Order) -> None:
@@ -281,7 +293,7 @@ async def expire(session: AsyncSession, *, order_id: str) -> None:
     statement; only the others (unknown, paid, cancelled, early) are loaded to see why not."""
     connection = await session.connection()
     params = {"order_id": order_id, "now": utcnow()}
-    cancelled = (await connection.execute(_cancel_if_due(), params)).first()
+    cancelled = (await connection.execute(_cancel_if_due_returning(), params)).first()
     if cancelled is not None:
         ticket = TicketRef(id=cancelled.ticket_id)
         add_event(session, OrderCancelled(id=order_id, version=cancelled.version, ticket=ticket))
@@ -296,21 +308,6 @@ async def expire(session: AsyncSession, *, order_id: str) -> None:
     if early > 0:
         raise RetryLater(f"order {order_id} expires in {early:.1f}s", delay=early)
     await _cancel(session, order)
-
-
-@cache
-def _cancel_if_due() -> ReturningUpdate[tuple[int, str]]:
-    orders = Order.__table__.c
-    return (
-        update(Order)
-        .where(
-            orders.id == bindparam("order_id"),
-            orders.status == OrderStatus.CREATED.value,
-            orders.expires_at <= bindparam("now"),
-        )
-        .values(status=OrderStatus.CANCELLED.value, version=orders.version + 1)
-        .returning(orders.version, orders.ticket_id)
-    )
 
 
 async def complete(session: AsyncSession, *, order_id: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Select, Update, bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ticketing.common.db import next_version
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import TicketCreated, TicketUpdated
 from ticketing.common.messaging import RetryLater
@@ -103,9 +104,8 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
         # waited, and then holds nothing (the order was cancelled before its creation came).
         # The lock keeps the row as read, so the event is known before the update, which
         # writes it to the outbox in the same statement.
-        held = TicketUpdated(
-            **{**ticket._mapping, "version": ticket.version + 1, "order_id": order_id}
-        )
+        version = next_version(ticket.version)
+        held = TicketUpdated(**{**ticket._mapping, "version": version, "order_id": order_id})
         await update_with_event_in(session, _hold_unless_released(), params, held)
         return
     if (await connection.execute(_released(), params)).first() is not None:
