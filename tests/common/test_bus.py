@@ -23,7 +23,14 @@ from ticketing.common.events import (
     TicketUpdated,
     subject_for,
 )
-from ticketing.common.messaging import Bus, Listener, Publisher, RetryLater, consumer_filter
+from ticketing.common.messaging import (
+    Bus,
+    Delivered,
+    Listener,
+    Publisher,
+    RetryLater,
+    consumer_filter,
+)
 from ticketing.common.outbox import DeadLetter, InboxEntry
 
 MakeListener = Callable[..., Awaitable[Listener]]
@@ -489,3 +496,76 @@ def test_the_replica_version_rule() -> None:
     for local, incoming in ((3, 5), (None, 0)):  # early, or before the creation: wait
         with pytest.raises(RetryLater, match="ticket t"):
             is_next_version(local, incoming, what="ticket t")
+
+
+async def test_a_batch_handler_takes_the_events_of_its_type_that_come_in_a_row(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """Stream order kept: an event of another type between them starts a new run; each event
+    comes with its request's correlation id; one alone comes as a list of one."""
+    calls: list[list[tuple[str, str | None]]] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on_batch(TicketCreated)
+        async def created(session: AsyncSession, events: list[Delivered[TicketCreated]]) -> None:
+            calls.append([(d.event.id, d.correlation) for d in events])
+            session.add_all(Effect(key=d.event.id) for d in events)
+
+        @listener.on(TicketUpdated)
+        async def updated(session: AsyncSession, event: TicketUpdated) -> None:
+            calls.append([(f"updated-{event.id}", None)])
+            session.add(Effect(key=f"updated-{event.id}"))
+
+    for n in range(3):
+        await _publish_correlated(publisher, Envelope.wrap(ticket(n)), f"req-{n}")
+    await publisher.publish(Envelope.wrap(_updated(ticket(0))))
+    await _publish_correlated(publisher, Envelope.wrap(ticket(3)), "req-3")
+    await make_listener(setup)  # started after publishing: the five arrive in one batch
+    await eventually(lambda: _at_least(db, 5))
+    if db.is_sqlite:  # one event per transaction there: each alone
+        assert sorted(calls) == sorted([[(f"ticket-{n}", f"req-{n}")] for n in range(4)] + [
+            [("updated-ticket-0", None)]
+        ])  # fmt: skip
+        return
+    assert calls == [
+        [("ticket-0", "req-0"), ("ticket-1", "req-1"), ("ticket-2", "req-2")],
+        [("updated-ticket-0", None)],
+        [("ticket-3", "req-3")],
+    ]
+
+
+async def test_a_batch_handler_outside_the_database_takes_its_events_at_once(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """In one call, then acked; a call that fails leaves each event to be handled on its own."""
+    calls: list[list[str]] = []
+
+    def setup(listener: Listener) -> None:
+        @listener.on_batch_outside_db(TicketCreated)
+        async def handle(events: list[Delivered[TicketCreated]]) -> None:
+            calls.append([d.event.id for d in events])
+            if len(events) > 1 and len(calls) > 1:
+                raise RuntimeError("the queue refused the second batch")
+
+    for n in range(3):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    listener = await make_listener(setup)
+    await eventually(lambda: consumer_settled(bus, "probe"))
+    await listener.stop()
+    for n in range(3, 5):
+        await publisher.publish(Envelope.wrap(ticket(n)))
+    await make_listener(setup)
+    await eventually(lambda: consumer_settled(bus, "probe"))
+    assert calls[0] == ["ticket-0", "ticket-1", "ticket-2"]
+    assert calls[1] == ["ticket-3", "ticket-4"]
+    assert sorted(calls[2:]) == [["ticket-3"], ["ticket-4"]]
+    assert await _inbox_entries(db) == 0
+
+
+def _updated(created: TicketCreated) -> TicketUpdated:
+    return TicketUpdated(**{**created.model_dump(), "version": 1, "order_id": None})
+
+
+async def _publish_correlated(publisher: Publisher, envelope: Envelope, correlation: str) -> None:
+    body = envelope.model_dump_json().encode()
+    await publisher.publish_raw(envelope.type, envelope.id, body, correlation=correlation)

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from tests.conftest import Platform, new_user
 from tests.support import consumer_settled, eventually, stream_envelopes
 from ticketing.common.events import Envelope, OrderCreated
-from ticketing.expiration.service import expiration_event_id, expire_order, job_id
+from ticketing.expiration.service import Deferred, expiration_event_id, expire_order, job_id
 
 
 def order_created(*, expires_in: float) -> OrderCreated:
@@ -123,10 +123,9 @@ async def test_a_job_is_scheduled_as_arq_itself_schedules_it(platform: Platform)
         assert ours.pool is not None
         due = datetime.now(UTC) + timedelta(hours=1)
         ids = (f"ours:{uuid.uuid4()}", f"arq:{uuid.uuid4()}")
-        assert await ours.enqueue_once("expire_order", "o-1", 7.5, job_id=ids[0], defer_until=due)
-        assert not await ours.enqueue_once(
-            "expire_order", "o-1", 7.5, job_id=ids[0], defer_until=due
-        )
+        job = Deferred("expire_order", ("o-1", 7.5), ids[0], due)
+        assert await ours.enqueue_each([job]) == [True]
+        assert await ours.enqueue_each([job]) == [False]
         await ours.pool.enqueue_job(
             "expire_order", "o-1", 7.5, _job_id=ids[1], _queue_name=ours.name, _defer_until=due
         )
@@ -142,9 +141,33 @@ async def test_a_job_is_scheduled_as_arq_itself_schedules_it(platform: Platform)
         assert abs(ttls[0] - ttls[1]) < 60_000  # both expire a day after they are due
         await ours.pool.set(f"arq:result:{ids[0]}", b"done")
         await ours.pool.delete(f"arq:job:{ids[0]}")
-        assert not await ours.enqueue_once(
-            "expire_order", "o-1", 7.5, job_id=ids[0], defer_until=due
-        )
+        assert await ours.enqueue_each([job]) == [False]
+
+
+async def test_jobs_are_scheduled_together_each_once(platform: Platform) -> None:
+    """Several in one call, each due when it says; an id already scheduled, or twice in the
+    call, is scheduled once."""
+    from arq.jobs import Job
+
+    from ticketing.expiration.jobs import JobQueue
+
+    await platform.start("expiration")
+    runtime = platform.runtime("expiration")
+    ours = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
+    async with ours.running(runtime):
+        assert ours.pool is not None
+        now = datetime.now(UTC)
+        jobs = [
+            Deferred("expire_order", (f"o-{n}",), f"id-{uuid.uuid4()}", now + timedelta(hours=n))
+            for n in (1, 2, 3)
+        ]
+        assert await ours.enqueue_each(jobs[:1]) == [True]
+        assert await ours.enqueue_each([*jobs, jobs[1]]) == [False, True, True, False]
+        for n, job in enumerate(jobs, start=1):
+            info = await Job(job.job_id, ours.pool, _queue_name=ours.name).info()
+            assert info is not None
+            assert info.args == (f"o-{n}",)
+            assert abs(info.score - (now + timedelta(hours=n)).timestamp() * 1000) < 1
 
 
 async def test_scheduling_before_the_queue_runs_asks_for_a_retry(platform: Platform) -> None:
@@ -152,9 +175,9 @@ async def test_scheduling_before_the_queue_runs_asks_for_a_retry(platform: Platf
 
     from ticketing.common.messaging import RetryLater
     from ticketing.expiration.jobs import JobQueue
-    from ticketing.expiration.service import schedule
+    from ticketing.expiration.service import schedule_all
 
     await platform.start("expiration")
     queue = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
     with pytest.raises(RetryLater):
-        await schedule(queue, event=order_created(expires_in=60))
+        await schedule_all(queue, events=[order_created(expires_in=60)])

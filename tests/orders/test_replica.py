@@ -5,9 +5,14 @@ from __future__ import annotations
 import uuid
 from decimal import Decimal
 
+import pytest
+
 from tests.conftest import Platform, new_user
+from tests.orders.test_routes import seed_ticket
 from tests.support import consumer_settled, eventually
 from ticketing.common.events import Envelope, TicketCreated, TicketUpdated
+from ticketing.common.messaging import RetryLater
+from ticketing.orders import service
 from ticketing.orders.models import TicketReplica
 
 
@@ -78,3 +83,40 @@ async def test_a_stale_update_is_acked_and_dropped(platform: Platform) -> None:
     found = await replica(platform, ticket_id)
     assert found is not None
     assert (found.version, found.title) == (2, "Concert v2")
+
+
+async def _apply_together(platform: Platform, *updates: Envelope) -> None:
+    async with platform.runtime("orders").db.transaction() as session:
+        await service.tickets_updated(session, [u.payload() for u in updates])  # type: ignore[misc]
+
+
+async def test_updates_handled_together_apply_as_one_by_one(platform: Platform) -> None:
+    """In stream order: two versions of one ticket in a row both apply; a stale one is
+    dropped."""
+    await platform.start("orders")
+    seller = new_user()
+    first, second = [await seed_ticket(platform, seller=seller) for _ in range(2)]
+    await _apply_together(platform, update(first, seller, 1))
+    await _apply_together(
+        platform,
+        update(first, seller, 1),  # stale by now
+        update(second, seller, 1),
+        update(first, seller, 2),
+    )
+    found = [await replica(platform, t) for t in (first, second)]
+    assert [(r.version, r.title) for r in found if r is not None] == [
+        (2, "Concert v2"),
+        (1, "Concert v1"),
+    ]
+
+
+async def test_updates_handled_together_wait_as_a_whole_for_an_early_one(
+    platform: Platform,
+) -> None:
+    await platform.start("orders")
+    seller = new_user()
+    first, second = [await seed_ticket(platform, seller=seller) for _ in range(2)]
+    with pytest.raises(RetryLater):
+        await _apply_together(platform, update(first, seller, 1), update(second, seller, 2))
+    found = [await replica(platform, t) for t in (first, second)]
+    assert [r.version for r in found if r is not None] == [0, 0]  # rolled back, both to retry

@@ -40,5 +40,5 @@ async def seed_order(
         }
     )
     async with platform.runtime("payments").db.transaction() as session:
-        await service.order_created(session, event)
+        await service.orders_created(session, [event])
     return event

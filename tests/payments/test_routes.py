@@ -315,3 +315,18 @@ async def test_paying_at_once_waits_for_the_order_to_reach_the_replica(
     [charge] = charges(sandbox)
     assert charge["amount"] == 1200
     assert charge["metadata"] == {"orderId": order_id}
+
+
+async def test_orders_created_together_are_replicated_each_once(shop: Platform) -> None:
+    """One statement for them all; an order already in the replica is left as it is."""
+    known = await seed_order(shop, price="20")
+    cancelled = known.model_copy(update={"status": "cancelled", "version": 1})
+    fresh = [(await seed_order(shop)).model_copy(update={"id": str(uuid.uuid4())}) for _ in "ab"]
+    async with shop.runtime("payments").db.transaction() as session:
+        await service.orders_created(session, [cancelled, *fresh])
+    async with shop.runtime("payments").db.transaction() as session:
+        rows = {o.id: o for o in await session.scalars(select(OrderReplica))}
+    assert (rows[known.id].status, rows[known.id].version) == ("created", 0)
+    assert [(rows[o.id].user_id, rows[o.id].version) for o in fresh] == [
+        (o.user_id, 0) for o in fresh
+    ]

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from tests.conftest import Platform, new_user
 from tests.support import eventually
 from tests.tickets.test_routes import create
 from ticketing.common.db import Database
-from ticketing.common.messaging import RetryLater
+from ticketing.common.events import Envelope, OrderCreated
+from ticketing.common.messaging import Delivered, RetryLater
+from ticketing.common.outbox import OutboxEvent
 from ticketing.tickets import service
 from ticketing.tickets.models import Ticket
 
@@ -109,3 +112,135 @@ async def test_a_ticket_held_by_another_order_waits_for_its_release_unless_this_
     await _handle(db, service.reserve, ticket_id, cancelled)  # nothing left to do
     ticket = await _ticket(db, ticket_id)
     assert (ticket.order_id, ticket.version) == (holder, 1)
+
+
+def _created(ticket_id: str, order_id: str | None = None) -> OrderCreated:
+    return OrderCreated.model_validate(
+        {
+            "id": order_id or str(uuid.uuid4()),
+            "version": 0,
+            "status": "created",
+            "userId": new_user(),
+            "expiresAt": (datetime.now(UTC) + timedelta(minutes=15)).isoformat(),
+            "ticket": {"id": ticket_id, "price": 10},
+        }
+    )
+
+
+async def _reserve_all(db: Database, *orders: OrderCreated) -> None:
+    async with db.transaction() as session:
+        await service.reserve_all(session, [Delivered(o, f"req-{o.id}") for o in orders])
+
+
+async def _events(db: Database) -> list[Envelope]:
+    async with db.transaction() as session:
+        rows = await session.scalars(select(OutboxEvent.body).order_by(OutboxEvent.seq))
+        return [Envelope.model_validate_json(body) for body in rows]
+
+
+async def _correlations(db: Database) -> dict[str, str | None]:
+    async with db.transaction() as session:
+        rows = await session.execute(select(OutboxEvent.event_id, OutboxEvent.correlation_id))
+        return {event_id: correlation for event_id, correlation in rows}
+
+
+async def test_orders_created_one_after_another_are_held_together_as_one_by_one(
+    platform: Platform,
+) -> None:
+    """Each ticket held by its order with its next version, and its ticket:updated written in
+    the order of the orders, with the correlation id of the order's request; handed on to be
+    published at the commit."""
+    db, first = await _on_sale(platform)
+    async with platform.client(new_user()) as seller:
+        second = (await create(seller))["id"]
+    handed: list[str] = []
+    db.on_commit(lambda rows: handed.extend(row["event_id"] for row in rows))
+    orders = [_created(second), _created(first)]
+    before = {e.id for e in await _events(db)}
+    await _reserve_all(db, *orders)
+    for order in orders:
+        ticket = await _ticket(db, order.ticket.id)
+        assert (ticket.order_id, ticket.version) == (order.id, 1)
+    updates = [e for e in await _events(db) if e.id not in before]
+    assert [(e.type, e.data["id"], e.data["orderId"], e.data["version"]) for e in updates] == [
+        ("ticket:updated", o.ticket.id, o.id, 1) for o in orders
+    ]
+    correlations = await _correlations(db)
+    assert [correlations[e.id] for e in updates] == [f"req-{o.id}" for o in orders]
+    assert handed == [e.id for e in updates]
+
+
+async def test_orders_created_together_skip_what_is_done_and_what_was_cancelled(
+    platform: Platform,
+) -> None:
+    db, held = await _on_sale(platform)
+    async with platform.client(new_user()) as seller:
+        cancelled_on, free = [(await create(seller))["id"] for _ in range(2)]
+    holder = await _hold_with(db, held)
+    gone = _created(cancelled_on)
+    await _handle(db, service.release, cancelled_on, gone.id)  # cancelled before it came
+    await _reserve_all(db, _created(held, holder), gone, new := _created(free))
+    assert [(t.order_id, t.version) for t in [await _ticket(db, i) for i in (held, free)]] == [
+        (holder, 1),
+        (new.id, 1),
+    ]
+    assert (await _ticket(db, cancelled_on)).order_id is None
+
+
+async def _hold_with(db: Database, ticket_id: str) -> str:
+    order_id = str(uuid.uuid4())
+    await _handle(db, service.reserve, ticket_id, order_id)
+    return order_id
+
+
+@pytest.mark.parametrize("case", ["held by another", "twice in the run", "unknown"])
+async def test_orders_created_together_wait_as_a_whole_when_one_cannot_be_held_yet(
+    platform: Platform, case: str
+) -> None:
+    """One of them would be retried on its own: the whole run is (the listener then handles
+    each on its own), and nothing of it is written."""
+    db, ticket_id = await _on_sale(platform)
+    async with platform.client(new_user()) as seller:
+        other = (await create(seller))["id"]
+    holder = await _hold_with(db, ticket_id) if case == "held by another" else None
+    first = _created(other)
+    blocked = {
+        "held by another": [first, _created(ticket_id)],
+        "twice in the run": [first, _created(other)],
+        "unknown": [first, _created(str(uuid.uuid4()))],
+    }[case]
+    before = len(await _events(db))
+    with pytest.raises(RetryLater):
+        await _reserve_all(db, *blocked)
+    assert (await _ticket(db, other)).order_id is None
+    assert (await _ticket(db, ticket_id)).order_id == holder
+    assert len(await _events(db)) == before
+
+
+async def test_orders_created_together_wait_for_a_cancellation_in_progress(
+    platform: Platform,
+) -> None:
+    """As reserve does alone: a cancellation of one of the orders, being handled elsewhere
+    (not committed yet), is waited for on the ticket's lock and then seen."""
+    db, ticket_id = await _on_sale(platform)
+    if db.is_sqlite:
+        pytest.skip("SQLite runs one writing transaction at a time: no two handlers overlap")
+    async with platform.client(new_user()) as seller:
+        other = (await create(seller))["id"]
+    cancelled, kept = _created(ticket_id), _created(other)
+    released, commit = asyncio.Event(), asyncio.Event()
+
+    async def cancellation() -> None:
+        async with db.transaction() as session:
+            await service.release(session, ticket_id=ticket_id, order_id=cancelled.id)
+            released.set()
+            await commit.wait()
+
+    first = asyncio.create_task(cancellation())
+    await released.wait()
+    second = asyncio.create_task(_reserve_all(db, kept, cancelled))
+    await eventually(lambda: second.done() or _waiting_on_a_lock(db))
+    commit.set()
+    await asyncio.gather(first, second)
+    assert (await _ticket(db, ticket_id)).order_id is None
+    assert (await _ticket(db, other)).order_id == kept.id

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -39,9 +40,12 @@ FETCH_WINDOW_SECONDS = 0.2
 # transaction (under load, most of a listener's cost), at the price of that much lag.
 GATHER_SECONDS = 0.005
 E = TypeVar("E", bound=Event)
+H = TypeVar("H")
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
 PlainHandler = Callable[[Any], Awaitable[None]]
-_Delivery = tuple[Msg, Envelope, Event, Handler]
+BatchHandler = Callable[[AsyncSession, list["Delivered[Any]"]], Awaitable[None]]
+PlainBatchHandler = Callable[[list["Delivered[Any]"]], Awaitable[None]]
+_Delivery = tuple[Msg, Envelope, Event, H]
 
 
 class RetryLater(Exception):
@@ -158,14 +162,34 @@ class Publisher:
 
 
 @contextlib.contextmanager
-def _correlated(msg: Msg) -> Iterator[None]:
-    """Work for an event runs under the correlation id of the request that caused it, so its
-    logs and the events it adds carry it on."""
-    token = correlation_id.set((msg.headers or {}).get(NATS_CORRELATION_HEADER))
+def _correlated_to(correlation: str | None) -> Iterator[None]:
+    token = correlation_id.set(correlation)
     try:
         yield
     finally:
         correlation_id.reset(token)
+
+
+def _correlation_of(msg: Msg) -> str | None:
+    return (msg.headers or {}).get(NATS_CORRELATION_HEADER)
+
+
+def _correlated(msg: Msg) -> contextlib.AbstractContextManager[None]:
+    """Work for an event runs under the correlation id of the request that caused it, so its
+    logs and the events it adds carry it on."""
+    return _correlated_to(_correlation_of(msg))
+
+
+@dataclass(frozen=True)
+class Delivered(Generic[E]):
+    """One event of those a batch handler takes at once, with its request's correlation id."""
+
+    event: E
+    correlation: str | None
+
+    def correlated(self) -> contextlib.AbstractContextManager[None]:
+        """What is logged or written for this event inside carries its correlation id."""
+        return _correlated_to(self.correlation)
 
 
 def consumer_filter(prefix: str, event_types: Iterable[str]) -> str:
@@ -228,6 +252,9 @@ class Listener:
         self.handlers: dict[str, Handler] = {}
         # Handlers whose effect is outside this service's database, idempotent on their own.
         self.handlers_outside_db: dict[str, PlainHandler] = {}
+        # Of those, the ones that take the events of their type in a batch at once.
+        self.batch_handlers: dict[str, BatchHandler] = {}
+        self.batch_handlers_outside_db: dict[str, PlainBatchHandler] = {}
         # Lanes in flight at once: each holds a database connection while it handles.
         self._lanes = asyncio.Semaphore(lanes)
         self._task: asyncio.Task[None] | None = None
@@ -252,6 +279,39 @@ class Listener:
 
         def register(fn: Callable[[E], Awaitable[None]]) -> Any:
             self.handlers_outside_db[event_cls.type] = fn
+            return fn
+
+        return register
+
+    def on_batch(
+        self, event_cls: type[E]
+    ) -> Callable[[Callable[[AsyncSession, list[Delivered[E]]], Awaitable[None]]], Any]:
+        """Register the handler of one event type that takes several at once: those of a batch
+        that come one after another (in stream order), so that it can write them in a few
+        statements instead of a few each. An event handled on its own comes as a list of one.
+        """
+
+        def register(fn: Callable[[AsyncSession, list[Delivered[E]]], Awaitable[None]]) -> Any:
+            async def one(session: AsyncSession, event: E) -> None:
+                await fn(session, [Delivered(event, correlation_id.get())])
+
+            self.batch_handlers[event_cls.type] = fn
+            self.handlers[event_cls.type] = one
+            return fn
+
+        return register
+
+    def on_batch_outside_db(
+        self, event_cls: type[E]
+    ) -> Callable[[Callable[[list[Delivered[E]]], Awaitable[None]]], Any]:
+        """on_outside_db for a handler that takes every event of its type in a batch at once."""
+
+        def register(fn: Callable[[list[Delivered[E]]], Awaitable[None]]) -> Any:
+            async def one(event: E) -> None:
+                await fn([Delivered(event, correlation_id.get())])
+
+            self.batch_handlers_outside_db[event_cls.type] = fn
+            self.handlers_outside_db[event_cls.type] = one
             return fn
 
         return register
@@ -356,6 +416,7 @@ class Listener:
         # SQLite has one writer: keep its transactions short, one event each.
         if len(ours) > 1 and not self.db.is_sqlite and await self._settle_together(ours):
             ours = []
+        outside_db = await self._settle_outside_db_together(outside_db)
         lanes: dict[str, list[Msg]] = {}
         for msg in ours + outside_db:
             lanes.setdefault(_lane(msg), []).append(msg)
@@ -365,7 +426,7 @@ class Listener:
         """Handle every message in stream order in one transaction, then ack them all. False,
         with nothing committed or acked, if any of them is bad, early or fails: then each is
         handled on its own, and only that one is retried or dead-lettered."""
-        deliveries = self._decode_all(msgs)
+        deliveries = self._decode_all(msgs, self.handlers)
         if deliveries is None:
             return False
         try:
@@ -379,35 +440,96 @@ class Listener:
             await self._acked(msg, envelope, first=first)
         return True
 
-    def _decode_all(self, msgs: list[Msg]) -> list[_Delivery] | None:
+    @staticmethod
+    def _decode_all(msgs: list[Msg], handlers: Mapping[str, H]) -> list[_Delivery[H]] | None:
         """Every message decoded with its handler; None if any cannot be (handle() settles it)."""
-        deliveries: list[_Delivery] = []
+        deliveries: list[_Delivery[H]] = []
         for msg in msgs:
             try:
                 envelope = Envelope.model_validate_json(msg.data)
-                handler = self.handlers[envelope.type]
+                handler = handlers[envelope.type]
                 deliveries.append((msg, envelope, envelope.payload(), handler))
             except (ValidationError, ValueError, KeyError):
                 return None
         return deliveries
 
-    async def _handle_in_one_transaction(self, deliveries: list[_Delivery]) -> list[bool]:
+    async def _handle_in_one_transaction(self, deliveries: list[_Delivery[Handler]]) -> list[bool]:
         """Run each handler this consumer has not run yet; says, per delivery, which ran."""
         firsts: list[bool] = []
         async with self.db.transaction() as session:
             ids = [envelope.id for _, envelope, _, _ in deliveries]
             fresh = await mark_all_handled(session, consumer=self.service, event_ids=ids)
-            for msg, envelope, event, handler in deliveries:
-                first = envelope.id in fresh
-                fresh.discard(envelope.id)  # the same event twice in a batch: once
+            todo: list[_Delivery[Handler]] = []
+            for delivery in deliveries:
+                first = delivery[1].id in fresh
+                fresh.discard(delivery[1].id)  # the same event twice in a batch: once
                 if first:
-                    await self._run_handler(handler, session, msg, event)
-                    # Each handler reads fresh rows, as in a transaction of its own: what
-                    # another process committed meanwhile, not what the batch read before.
-                    await session.flush()
-                    session.expire_all()
+                    todo.append(delivery)
                 firsts.append(first)
+            for run in self._runs(todo):
+                await self._run_handlers(session, run)
+                # Each handler reads fresh rows, as in a transaction of its own: what
+                # another process committed meanwhile, not what the batch read before.
+                await session.flush()
+                session.expire_all()
         return firsts
+
+    def _runs(self, deliveries: list[_Delivery[Handler]]) -> list[list[_Delivery[Handler]]]:
+        """Deliveries in stream order, those of a type with a batch handler that come one after
+        another together, every other one alone."""
+        runs: list[list[_Delivery[Handler]]] = []
+        for delivery in deliveries:
+            event_type = delivery[1].type
+            if runs and event_type in self.batch_handlers and runs[-1][-1][1].type == event_type:
+                runs[-1].append(delivery)
+            else:
+                runs.append([delivery])
+        return runs
+
+    async def _run_handlers(self, session: AsyncSession, run: list[_Delivery[Handler]]) -> None:
+        if len(run) == 1:
+            msg, _, event, handler = run[0]
+            await self._run_handler(handler, session, msg, event)
+            return
+        batch_handler = self.batch_handlers[run[0][1].type]
+        await batch_handler(
+            session, [Delivered(event, _correlation_of(msg)) for msg, _, event, _ in run]
+        )
+
+    async def _settle_outside_db_together(self, msgs: list[Msg]) -> list[Msg]:
+        """The events of each type whose handler outside the database takes a batch, in one
+        call per type, then acked; returns the rest, and those of a call that failed, to be
+        handled one by one (those effects are idempotent, their order free)."""
+        left: list[Msg] = []
+        by_type: dict[str, list[Msg]] = {}
+        for msg in msgs:
+            event_type = self._type_of(msg)
+            if event_type in self.batch_handlers_outside_db:
+                by_type.setdefault(event_type, []).append(msg)
+            else:
+                left.append(msg)
+        for event_type, group in by_type.items():
+            handler = self.batch_handlers_outside_db[event_type]
+            if len(group) == 1 or not await self._outside_db_together(handler, group):
+                left += group
+        return left
+
+    async def _outside_db_together(self, handler: PlainBatchHandler, msgs: list[Msg]) -> bool:
+        deliveries = self._decode_all(msgs, self.handlers_outside_db)
+        if deliveries is None:
+            return False
+        try:
+            await handler(
+                [Delivered(event, _correlation_of(msg)) for msg, _, event, _ in deliveries]
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("%s handles %d events one by one after %r", self.service, len(msgs), exc)
+            return False
+        for msg, envelope, _, _ in deliveries:
+            await self._acked(msg, envelope, first=True)
+        return True
 
     @staticmethod
     async def _run_handler(handler: Handler, session: AsyncSession, msg: Msg, event: Event) -> None:

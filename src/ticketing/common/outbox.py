@@ -194,6 +194,35 @@ async def update_with_event_in(
     return await _update_with_event(connection, statement, params, event, info=session.info)
 
 
+async def update_each_with_event_in(
+    session: AsyncSession,
+    statement: Update,
+    changes: Sequence[tuple[dict[str, Any], Event, str | None]],
+) -> None:
+    """update_with_event_in for several rows, each (its parameters, its event, the correlation
+    id the event carries) in one round trip on PostgreSQL. Only for updates that the caller
+    knows will each change their row (it holds their locks and has checked them): this does
+    not find out which did, and hands every event on at the commit."""
+    await write_queued(session)  # as in update_with_event_in: the outbox keeps their order
+    connection = await session.connection()
+    rows = [_outbox_row(Envelope.wrap(event), correlation) for _, event, correlation in changes]
+    if connection.dialect.name == "postgresql":
+        written = _update_with_outbox_rows(statement)
+        await connection.execute(
+            written,
+            [
+                {**params, **_prefixed(row)}
+                for (params, _, _), row in zip(changes, rows, strict=True)
+            ],
+        )
+    else:
+        for params, _, _ in changes:
+            await connection.execute(statement, params)
+        await connection.execute(insert(OutboxEvent), rows)
+    for row in rows:
+        note_outbox_row(session.info, row)
+
+
 async def _update_with_event(
     connection: AsyncConnection,
     statement: Update,
@@ -249,6 +278,12 @@ def _update_with_outbox_row(statement: Update) -> Insert:
     )
 
 
+@cache
+def _update_with_outbox_rows(statement: Update) -> Insert:
+    """_update_with_outbox_row for an executemany, which takes no RETURNING."""
+    return _outbox_row_from(statement.returning(literal_column("1")).cte("written"))
+
+
 def _outbox_row_from(written: CTE) -> Insert:
     outbox = OutboxEvent.__table__.c
     columns = [outbox[name] for name in _OUTBOX_COLUMNS]
@@ -259,14 +294,15 @@ def _outbox_row_from(written: CTE) -> Insert:
 _OUTBOX_COLUMNS = ("event_id", "type", "body", "created_at", "published_at", "correlation_id")
 
 
-def _outbox_row(envelope: Envelope) -> dict[str, Any]:
+def _outbox_row(envelope: Envelope, correlation: str | None = None) -> dict[str, Any]:
+    """The row of an event, with the correlation id given, else the current one."""
     return {
         "event_id": envelope.id,
         "type": envelope.type,
         "body": envelope.model_dump_json(),
         "created_at": utcnow(),
         "published_at": None,
-        "correlation_id": correlation_id.get(),
+        "correlation_id": correlation or correlation_id.get(),
     }
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any
 
 from arq import Worker
@@ -23,14 +22,23 @@ from ticketing.expiration.settings import ExpirationSettings
 
 JOB_TIMEOUT_SECONDS = 60
 
-# arq's enqueue_job: the same checks and writes, in one round trip instead of three (WATCH,
-# EXISTS, then MULTI to EXEC). A script runs atomically: no second job for an id, and none for
-# an id whose job has already run (its result is kept).
-_ENQUEUE_ONCE = """
-if redis.call('exists', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('psetex', KEYS[1], ARGV[1], ARGV[2])
-redis.call('zadd', KEYS[3], ARGV[3], ARGV[4])
-return 1
+# arq's enqueue_job for several jobs: the same checks and writes for each, in one round trip
+# instead of three each (WATCH, EXISTS, then MULTI to EXEC). A script runs atomically: no second
+# job for an id, and none for an id whose job has already run (its result is kept). KEYS: the
+# queue, then each job's key and result key; ARGV: each job's expiry, body, score and id.
+_ENQUEUE_EACH = """
+local scheduled = {}
+for j = 1, (#KEYS - 1) / 2 do
+  local job_key, result_key, a = KEYS[2 * j], KEYS[2 * j + 1], 4 * (j - 1)
+  if redis.call('exists', job_key, result_key) > 0 then
+    scheduled[j] = 0
+  else
+    redis.call('psetex', job_key, ARGV[a + 1], ARGV[a + 2])
+    redis.call('zadd', KEYS[1], ARGV[a + 3], ARGV[a + 4])
+    scheduled[j] = 1
+  end
+end
+return scheduled
 """
 
 
@@ -43,7 +51,7 @@ class JobQueue:
         self.poll_seconds = poll_seconds
         self.max_jobs = max_jobs
         self.pool: ArqRedis | None = None
-        self._enqueue_once: AsyncScript | None = None
+        self._enqueue_each: AsyncScript | None = None
 
     @classmethod
     def from_settings(cls, settings: ExpirationSettings) -> JobQueue:
@@ -60,7 +68,7 @@ class JobQueue:
     async def running(self, runtime: Runtime) -> AsyncIterator[None]:
         """Connect, and run a worker in this process for as long as the service runs."""
         self.pool = await create_pool(RedisSettings.from_dsn(self.redis_url))
-        self._enqueue_once = self.pool.register_script(_ENQUEUE_ONCE)
+        self._enqueue_each = self.pool.register_script(_ENQUEUE_EACH)
         worker = Worker(
             functions=[service.expire_order],
             queue_name=self.name,
@@ -83,20 +91,24 @@ class JobQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await worker.close()
-            self.pool = self._enqueue_once = None
+            self.pool = self._enqueue_each = None
 
-    async def enqueue_once(
-        self, function: str, *args: Any, job_id: str, defer_until: datetime
-    ) -> bool:
-        """Schedule a job as arq's enqueue_job does; False if its id was already scheduled or
-        has run. Raises RetryLater when the queue is not running, RedisError when Redis cannot
+    async def enqueue_each(self, jobs: Sequence[service.Deferred]) -> list[bool]:
+        """Schedule jobs as arq's enqueue_job does, all in one round trip; says of each whether
+        it was scheduled (not if its id was already scheduled, or has run, or came earlier in
+        `jobs`). Raises RetryLater when the queue is not running, RedisError when Redis cannot
         be reached."""
-        if self.pool is None or self._enqueue_once is None:
+        if self.pool is None or self._enqueue_each is None:
             raise RetryLater("the job queue is not running")
-        enqueued_ms, score = timestamp_ms(), to_unix_ms(defer_until)
-        expires_ms = score - enqueued_ms + self.pool.expires_extra_ms
-        job = serialize_job(
-            function, args, {}, None, enqueued_ms, serializer=self.pool.job_serializer
-        )
-        keys = [job_key_prefix + job_id, result_key_prefix + job_id, self.name]
-        return bool(await self._enqueue_once(keys=keys, args=[expires_ms, job, score, job_id]))
+        keys: list[str] = [self.name]
+        args: list[Any] = []
+        enqueued_ms = timestamp_ms()
+        for job in jobs:
+            score = to_unix_ms(job.defer_until)
+            expires_ms = score - enqueued_ms + self.pool.expires_extra_ms
+            body = serialize_job(
+                job.function, job.args, {}, None, enqueued_ms, serializer=self.pool.job_serializer
+            )
+            keys += [job_key_prefix + job.job_id, result_key_prefix + job.job_id]
+            args += [expires_ms, body, score, job.job_id]
+        return [bool(done) for done in await self._enqueue_each(keys=keys, args=args)]

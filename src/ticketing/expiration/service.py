@@ -6,7 +6,9 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import timedelta
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from arq import Retry
@@ -27,6 +29,16 @@ START_AHEAD = timedelta(seconds=1)
 _EVENT_NAMESPACE = uuid.UUID("5b0f7c1e-3f52-4c1b-9a55-0c7e6f0a9d21")
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A job to schedule: what it runs, under which id, from when."""
+
+    function: str
+    args: tuple[Any, ...]
+    job_id: str
+    defer_until: datetime
+
+
 def job_id(order_id: str) -> str:
     return f"expire:{order_id}"
 
@@ -36,24 +48,29 @@ def expiration_event_id(order_id: str) -> str:
     return str(uuid.uuid5(_EVENT_NAMESPACE, f"expiration:{order_id}"))
 
 
-async def schedule(queue: JobQueue, *, event: OrderCreated) -> None:
-    """order:created: run the job at the order's expiresAt; scheduling twice is a no-op.
+async def schedule_all(queue: JobQueue, *, events: Sequence[OrderCreated]) -> None:
+    """order:created: run each order's job at its expiresAt, all in one round trip; scheduling
+    one twice is a no-op.
 
-    The job starts START_AHEAD early and waits out the rest: starting a job is the queue's
+    A job starts START_AHEAD early and waits out the rest: starting a job is the queue's
     slowest part (several Redis round trips, one job after another), and the orders of a rush
     expire together."""
-    try:
-        scheduled = await queue.enqueue_once(
+    jobs = [
+        Deferred(
             JOB,
-            event.id,
-            event.expires_at.timestamp(),
+            (event.id, event.expires_at.timestamp()),
             job_id=job_id(event.id),
             defer_until=event.expires_at - START_AHEAD,
         )
+        for event in events
+    ]
+    try:
+        scheduled = await queue.enqueue_each(jobs)
     except RedisError as exc:
         raise RetryLater(f"Redis is unavailable: {exc}", delay=2.0) from exc
-    if not scheduled:
-        log.info("expiry of order %s was already scheduled", event.id)
+    for event, done in zip(events, scheduled, strict=True):
+        if not done:
+            log.info("expiry of order %s was already scheduled", event.id)
 
 
 async def announce_expiry(connection: AsyncConnection, *, order_id: str) -> None:

@@ -10,7 +10,7 @@ from ticketing.common.events import (
     TicketCreated,
     TicketUpdated,
 )
-from ticketing.common.messaging import Listener
+from ticketing.common.messaging import Delivered, Listener
 from ticketing.orders import service
 
 
@@ -19,9 +19,11 @@ def register(listener: Listener) -> None:
     async def on_ticket_created(session: AsyncSession, event: TicketCreated) -> None:
         await service.ticket_created(session, event)
 
-    @listener.on(TicketUpdated)
-    async def on_ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
-        await service.ticket_updated(session, event)
+    @listener.on_batch(TicketUpdated)
+    async def on_tickets_updated(
+        session: AsyncSession, updates: list[Delivered[TicketUpdated]]
+    ) -> None:
+        await service.tickets_updated(session, [update.event for update in updates])
 
     @listener.on(ExpirationComplete)
     async def on_expiration_complete(session: AsyncSession, event: ExpirationComplete) -> None:

@@ -246,25 +246,53 @@ async def ticket_created(session: AsyncSession, event: TicketCreated) -> None:
 async def ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
     """Apply an update only in version order: early ones wait, stale ones are dropped.
 
-    Every order of a rush updates its ticket: one plain statement when the update is the next
-    version, as it nearly always is; the replica's version is read only when it is not."""
+    One plain statement when the update is the next version, as it nearly always is; the
+    replica's version is read only when it is not."""
     connection = await session.connection()
-    params = {
-        "ticket_id": event.id,
-        "new_title": event.title,
-        "new_price": event.price,
-        "new_version": event.version,
-    }
-    if (await connection.execute(_apply_next_version(), params)).first() is not None:
+    if (await connection.execute(_apply_next_version(), _new_version(event))).first() is not None:
         return
-    local = (await connection.execute(_replica_version(), params)).scalar()
+    local = (await connection.execute(_replica_version(), {"ticket_id": event.id})).scalar()
     if is_next_version(local, event.version, what=f"ticket {event.id}"):
         # It was not the next version a moment ago: another delivery is applying it.
         raise RetryLater(f"ticket {event.id} v{event.version} is being applied elsewhere")
 
 
+async def tickets_updated(session: AsyncSession, events: Sequence[TicketUpdated]) -> None:
+    """ticket_updated for several updates in stream order (every order of a rush updates its
+    ticket): each applied if it is the next version, all in one round trip, then one read of
+    the versions. An update that has not reached the replica then was early (or is being
+    applied elsewhere): all of them wait, and each is then handled on its own."""
+    if len(events) == 1:
+        await ticket_updated(session, events[0])
+        return
+    connection = await session.connection()
+    await connection.execute(_apply_if_next_version(), [_new_version(e) for e in events])
+    ticket_ids = sorted({event.id for event in events})
+    versions = dict(
+        (await connection.execute(_replica_versions(), {"ticket_ids": ticket_ids})).all()
+    )
+    for event in events:
+        local = versions.get(event.id)
+        if local is None or local < event.version:
+            raise RetryLater(f"ticket {event.id} v{event.version} is not the next version here")
+
+
+def _new_version(event: TicketUpdated) -> dict[str, Any]:
+    return {
+        "ticket_id": event.id,
+        "new_title": event.title,
+        "new_price": event.price,
+        "new_version": event.version,
+    }
+
+
 @cache
 def _apply_next_version() -> ReturningUpdate[tuple[int]]:
+    return _apply_if_next_version().returning(TicketReplica.__table__.c.version)
+
+
+@cache
+def _apply_if_next_version() -> Update:
     tickets = TicketReplica.__table__.c
     return (
         update(TicketReplica)
@@ -276,7 +304,6 @@ def _apply_next_version() -> ReturningUpdate[tuple[int]]:
             price=bindparam("new_price"),
             version=bindparam("new_version"),
         )
-        .returning(tickets.version)
     )
 
 
@@ -284,6 +311,14 @@ def _apply_next_version() -> ReturningUpdate[tuple[int]]:
 def _replica_version() -> Select[int]:
     tickets = TicketReplica.__table__.c
     return select(tickets.version).where(tickets.id == bindparam("ticket_id"))
+
+
+@cache
+def _replica_versions() -> Select[Any]:
+    tickets = TicketReplica.__table__.c
+    return select(tickets.id, tickets.version).where(
+        tickets.id.in_(bindparam("ticket_ids", expanding=True))
+    )
 
 
 async def expire(session: AsyncSession, *, order_id: str) -> None:

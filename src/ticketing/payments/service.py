@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 
 from sqlalchemy import func, select
@@ -166,20 +167,25 @@ async def _refund(charges: Charges, payment: Payment, *, note: str) -> None:
     log.warning("payment %s for order %s refunded: %s", payment.stripe_id, payment.order_id, note)
 
 
-async def order_created(session: AsyncSession, event: OrderCreated) -> None:
-    """Add the order to the replica; one plain statement (every order of a rush comes here),
-    which leaves a replica already there as it is."""
+async def orders_created(session: AsyncSession, events: Sequence[OrderCreated]) -> None:
+    """Add the orders to the replica; one plain statement for all of them (every order of a
+    rush comes here), which leaves a replica already there as it is."""
     connection = await session.connection()
-    row = {
-        "id": event.id,
-        "user_id": event.user_id,
-        "ticket_id": event.ticket.id,
-        "price": event.ticket.price,
-        "status": event.status,
-        "expires_at": event.expires_at,
-        "version": event.version,
-    }
-    await connection.execute(insert_ignoring_duplicates(OrderReplica, connection.dialect.name), row)
+    rows = [
+        {
+            "id": event.id,
+            "user_id": event.user_id,
+            "ticket_id": event.ticket.id,
+            "price": event.ticket.price,
+            "status": event.status,
+            "expires_at": event.expires_at,
+            "version": event.version,
+        }
+        for event in events
+    ]
+    await connection.execute(
+        insert_ignoring_duplicates(OrderReplica, connection.dialect.name), rows
+    )
 
 
 async def _next_version(session: AsyncSession, order_id: str, version: int) -> OrderReplica | None:

@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ticketing.common.db import next_version
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
-from ticketing.common.events import TicketCreated, TicketUpdated
-from ticketing.common.messaging import RetryLater
-from ticketing.common.outbox import add_event, update_with_event_in
+from ticketing.common.events import OrderCreated, TicketCreated, TicketUpdated
+from ticketing.common.messaging import Delivered, RetryLater
+from ticketing.common.outbox import add_event, update_each_with_event_in, update_with_event_in
 from ticketing.tickets.models import ReleasedOrder, Ticket
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,81 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
     raise RetryLater(f"ticket {ticket_id} is still held by order {ticket.order_id}")
 
 
+async def reserve_all(session: AsyncSession, orders: list[Delivered[OrderCreated]]) -> None:
+    """order:created of several orders, one after another in the stream: what reserve does for
+    each in turn, in three statements instead of two each (the locks, the orders already
+    released, the holds with their events). A run of one goes through reserve."""
+    if len(orders) == 1:
+        event = orders[0].event
+        await reserve(session, ticket_id=event.ticket.id, order_id=event.id)
+        return
+    connection = await session.connection()
+    # Locked in the order of their ids: another batch locking some of the same cannot deadlock.
+    ticket_ids = sorted({order.event.ticket.id for order in orders})
+    locked = await connection.execute(_tickets_for_update(), {"ticket_ids": ticket_ids})
+    tickets = {row.id: dict(row._mapping) for row in locked}
+    # After the locks, as in reserve: a cancellation committed while we waited is seen, and
+    # none of these orders can be released before we commit (release locks the ticket first).
+    order_ids = [order.event.id for order in orders]
+    released = set(
+        (await connection.execute(_released_among(), {"order_ids": order_ids})).scalars()
+    )
+    holds: list[tuple[dict[str, Any], TicketUpdated, str | None]] = []
+    for order in orders:
+        ticket_id, order_id = order.event.ticket.id, order.event.id
+        ticket = tickets.get(ticket_id)
+        if ticket is None:
+            raise RetryLater(f"ticket {ticket_id} is unknown here")
+        if ticket["order_id"] == order_id or order_id in released:
+            continue  # already done, or cancelled before its creation came: nothing to hold
+        if ticket["order_id"] is not None:
+            raise RetryLater(f"ticket {ticket_id} is still held by order {ticket['order_id']}")
+        ticket.update(version=next_version(ticket["version"]), order_id=order_id)
+        params = {"ticket_id": ticket_id, "order_id": order_id}
+        holds.append((params, TicketUpdated(**ticket), order.correlation))
+    if holds:
+        await update_each_with_event_in(session, _hold(), holds)
+
+
 @cache
 def _ticket_for_update() -> Select[Any]:
     """What ticket:updated tells of a ticket (its fields are the columns' names), locked."""
+    return _ticket_fields().where(Ticket.__table__.c.id == bindparam("ticket_id")).with_for_update()
+
+
+@cache
+def _tickets_for_update() -> Select[Any]:
     tickets = Ticket.__table__.c
-    fields = (tickets[name] for name in TicketUpdated.model_fields)
-    return select(*fields).where(tickets.id == bindparam("ticket_id")).with_for_update()
+    return (
+        _ticket_fields()
+        .where(tickets.id.in_(bindparam("ticket_ids", expanding=True)))
+        .order_by(tickets.id)
+        .with_for_update()
+    )
+
+
+def _ticket_fields() -> Select[Any]:
+    tickets = Ticket.__table__.c
+    return select(*(tickets[name] for name in TicketUpdated.model_fields))
+
+
+@cache
+def _released_among() -> Select[Any]:
+    released = ReleasedOrder.__table__.c
+    return select(released.order_id).where(
+        released.order_id.in_(bindparam("order_ids", expanding=True))
+    )
+
+
+@cache
+def _hold() -> Update:
+    """A hold that reserve_all has checked: the ticket locked, free, its order not released."""
+    tickets = Ticket.__table__.c
+    return (
+        update(Ticket)
+        .where(tickets.id == bindparam("ticket_id"))
+        .values(order_id=bindparam("order_id"), version=tickets.version + 1)
+    )
 
 
 @cache
