@@ -77,7 +77,7 @@ def test_the_reservation_gathers_briefly_the_other_listeners_longer(
             ("expiration", ExpirationSettings),
         )
     }
-    assert gathers == {"orders": 0.05, "tickets": 0.01, "payments": 0.05, "expiration": 0.05}
+    assert gathers == {"orders": 0.05, "tickets": 0.015, "payments": 0.05, "expiration": 0.05}
     monkeypatch.setenv("TICKETING_LISTENER_GATHER_SECONDS", "0.2")
     settings = TicketsSettings(_env_file=None)  # type: ignore[call-arg]
     assert Runtime("tickets", settings, ()).listener.gather == 0.2
