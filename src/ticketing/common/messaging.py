@@ -161,35 +161,28 @@ class Publisher:
         await self.publish_raw(envelope.type, envelope.id, envelope.model_dump_json().encode())
 
 
+def _correlation_of(msg: Msg) -> str | None:
+    return (msg.headers or {}).get(NATS_CORRELATION_HEADER)
+
+
 @contextlib.contextmanager
-def _correlated_to(correlation: str | None) -> Iterator[None]:
-    token = correlation_id.set(correlation)
+def _correlated(msg: Msg) -> Iterator[None]:
+    """Work for an event runs under the correlation id of the request that caused it, so its
+    logs and the events it adds carry it on."""
+    token = correlation_id.set(_correlation_of(msg))
     try:
         yield
     finally:
         correlation_id.reset(token)
 
 
-def _correlation_of(msg: Msg) -> str | None:
-    return (msg.headers or {}).get(NATS_CORRELATION_HEADER)
-
-
-def _correlated(msg: Msg) -> contextlib.AbstractContextManager[None]:
-    """Work for an event runs under the correlation id of the request that caused it, so its
-    logs and the events it adds carry it on."""
-    return _correlated_to(_correlation_of(msg))
-
-
 @dataclass(frozen=True)
 class Delivered(Generic[E]):
-    """One event of those a batch handler takes at once, with its request's correlation id."""
+    """One event of those a batch handler takes at once, with the correlation id of the
+    request that caused it (for the events it adds: see update_each_with_event_in)."""
 
     event: E
     correlation: str | None
-
-    def correlated(self) -> contextlib.AbstractContextManager[None]:
-        """What is logged or written for this event inside carries its correlation id."""
-        return _correlated_to(self.correlation)
 
 
 def consumer_filter(prefix: str, event_types: Iterable[str]) -> str:
