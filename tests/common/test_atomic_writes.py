@@ -16,6 +16,7 @@ from ticketing.common.outbox import (
     OutboxEvent,
     add_event,
     insert_with_event,
+    insert_with_event_on_driver,
     update_with_event,
     update_with_event_in,
 )
@@ -144,3 +145,22 @@ async def test_an_update_in_a_session_keeps_the_order_of_the_events_before_it(
     assert handed == stored
     assert stored[0] == earlier.id
     assert len(stored) == 2
+
+
+async def test_a_row_written_on_the_driver_and_its_event_land_together_or_not_at_all(
+    db: Database,
+) -> None:
+    """The winning order's write: the same guarantees without SQLAlchemy's connection. A
+    refused row (a unique index) comes as IntegrityError, writes and hands on nothing, and
+    leaves the pool working."""
+    handed: list[str] = []
+    db.on_commit(lambda rows: handed.extend(row["event_id"] for row in rows))
+    row = {"id": 1, "key": "first", "replica": ""}
+    first = await insert_with_event_on_driver(db, Effect, row, ticket(1))
+    with pytest.raises(IntegrityError):
+        await insert_with_event_on_driver(db, Effect, {**row, "key": "second"}, ticket(2))
+    assert await effect_keys(db) == ["first"]
+    assert await stored_event_ids(db) == [first.id]
+    assert handed == [first.id]
+    second = await insert_with_event_on_driver(db, Effect, {**row, "id": 2}, ticket(3))
+    assert await stored_event_ids(db) == [first.id, second.id]

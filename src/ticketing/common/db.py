@@ -16,6 +16,7 @@ import asyncpg
 from sqlalchemy import DateTime, Insert, MetaData, Select, TypeDecorator, event, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -100,9 +101,11 @@ class Database:
         self._after_commit.append(hook)
 
     def _committed(self, session: Any) -> None:
-        self._run_commit_hooks(session.info.pop(OUTBOX_WRITTEN, None))
+        self.hand_on(session.info.pop(OUTBOX_WRITTEN, None))
 
-    def _run_commit_hooks(self, rows: OutboxRows | None) -> None:
+    def hand_on(self, rows: OutboxRows | None) -> None:
+        """Give the hooks the outbox rows a commit wrote (those of a block, or of a write on
+        the driver)."""
         if not rows:
             return
         for hook in self._after_commit:
@@ -136,7 +139,7 @@ class Database:
                 raise
             # Read here: once the block ends, the connection is committed and back in the pool.
             written = connection.info.pop(OUTBOX_WRITTEN, None)
-        self._run_commit_hooks(written)
+        self.hand_on(written)
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
@@ -159,7 +162,7 @@ class Database:
                 # rows go to the hooks either way. A broken connection must not hide that error.
                 with contextlib.suppress(Exception):
                     written = connection.info.pop(OUTBOX_WRITTEN, None)
-                self._run_commit_hooks(written)
+                self.hand_on(written)
 
     async def read_first(
         self, statement: Select[Any], params: dict[str, Any]
@@ -185,6 +188,26 @@ class Database:
             except _DEAD_CONNECTION:
                 log.warning("a pooled connection was dead; reading on another", exc_info=True)
         return await self._read_once(sql, args)
+
+    async def write_on_driver(self, statement: Insert, params: dict[str, Any]) -> None:
+        """One write that commits by itself, through the driver on a pooled connection as
+        read_first reads: for the hottest write, a rush's winning order (with its outbox row, in
+        one statement). Values go to the driver as they are, as in read_first. A constraint's
+        refusal comes as SQLAlchemy's IntegrityError, as from any other statement. PostgreSQL
+        only: SQLite writes through `autocommit`."""
+        sql, names, defaults = _compiled_for_driver(statement, self.engine.dialect)
+        args = [params[name] if name in params else defaults[name] for name in names]
+        pooled = await self.engine.raw_connection()
+        try:
+            driver: asyncpg.Connection = pooled.driver_connection
+            await driver.execute(sql, *args)
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise IntegrityError(sql, args, exc) from exc
+        except BaseException:
+            pooled.invalidate()  # as in _read_once: most likely the connection itself
+            raise
+        finally:
+            pooled.close()
 
     async def _read_once(self, sql: str, args: list[Any]) -> Mapping[str, Any] | None:
         pooled = await self.engine.raw_connection()
@@ -277,7 +300,7 @@ _DEAD_CONNECTION = (
 
 @cache
 def _compiled_for_driver(
-    statement: Select[Any], dialect: Dialect
+    statement: Select[Any] | Insert, dialect: Dialect
 ) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     """A statement's SQL in the driver's own placeholders ($1, $2...), its parameters' names in
     that order, and the values bound when it was built (literals such as a status)."""

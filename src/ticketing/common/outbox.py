@@ -173,6 +173,22 @@ async def insert_with_event(
     return envelope
 
 
+async def insert_with_event_on_driver(
+    db: Database, entity: type[DeclarativeBase], row: dict[str, Any], event: Event
+) -> Envelope:
+    """insert_with_event as a write of its own; on PostgreSQL through the driver itself
+    (`Database.write_on_driver`): a rush's winning order, its statement's SQLAlchemy layers
+    skipped. The outbox row is handed on once the statement has committed it."""
+    if db.is_sqlite:
+        async with db.autocommit() as connection:
+            return await insert_with_event(connection, entity, row, event)
+    envelope = Envelope.wrap(event)
+    outbox_row = _outbox_row(envelope)
+    await db.write_on_driver(_insert_with_outbox_row(entity), {**row, **_prefixed(outbox_row)})
+    db.hand_on([outbox_row])
+    return envelope
+
+
 async def update_with_event(
     connection: AsyncConnection, statement: Update, params: dict[str, Any], event: Event
 ) -> bool:

@@ -30,7 +30,7 @@ from ticketing.common.events import (
 )
 from ticketing.common.ids import new_id
 from ticketing.common.messaging import RetryLater, is_next_version
-from ticketing.common.outbox import add_event, insert_with_event, update_with_event
+from ticketing.common.outbox import add_event, insert_with_event_on_driver, update_with_event
 from ticketing.orders.models import Order, OrderStatus, TicketReplica
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,10 @@ async def create_order(
     """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins.
 
     Every attempt of a rush runs this, most of them to lose: a losing attempt costs one read,
-    on the driver's connection (`Database.read_first`). A winner then writes on a connection
-    without a transaction (`Database.autocommit`), each write one atomic statement with its
-    event; the read was never in a transaction with them: the partial unique index decides."""
+    on the driver's connection (`Database.read_first`). A winner then writes without a
+    transaction, each write one atomic statement with its event: an expired holder's
+    cancellation (`Database.autocommit`), then the order, through the driver as the read; the
+    read was never in a transaction with them: the partial unique index decides."""
     row = await db.read_first(_ticket_and_holder(), {"ticket_id": ticket_id})
     if row is None:
         raise NotFound("Ticket not found")
@@ -78,14 +79,14 @@ async def create_order(
     # Most attempts of a rush end here, decided on the holder's plain columns.
     if held and _still_holds(OrderStatus(row["holder_status"]), row["holder_expires_at"]):
         raise BadRequest(ALREADY_RESERVED)
-    async with db.autocommit() as connection:
-        if held:
+    if held:
+        async with db.autocommit() as connection:
             await _free_expired_hold(connection, row)
-        return await _insert_order(connection, user_id=user_id, ticket=row, ttl_seconds=ttl_seconds)
+    return await _insert_order(db, user_id=user_id, ticket=row, ttl_seconds=ttl_seconds)
 
 
 async def _insert_order(
-    connection: AsyncConnection, *, user_id: str, ticket: Mapping[str, Any], ttl_seconds: int
+    db: Database, *, user_id: str, ticket: Mapping[str, Any], ttl_seconds: int
 ) -> PlacedOrder:
     now = utcnow()
     order = PlacedOrder(
@@ -109,7 +110,7 @@ async def _insert_order(
     values = {"ticket_id": order.ticket.id, "created_at": now}
     try:
         # The partial unique index decides the race here.
-        await insert_with_event(connection, Order, {**_order_columns(order), **values}, created)
+        await insert_with_event_on_driver(db, Order, {**_order_columns(order), **values}, created)
     except IntegrityError:
         raise BadRequest(ALREADY_RESERVED) from None
     return order
