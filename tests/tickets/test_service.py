@@ -179,7 +179,9 @@ async def test_orders_created_together_skip_what_is_done_and_what_was_cancelled(
     holder = await _hold_with(db, held)
     gone = _created(cancelled_on)
     await _handle(db, service.release, cancelled_on, gone.id)  # cancelled before it came
+    before = len(await _events(db))
     await _reserve_all(db, _created(held, holder), gone, new := _created(free))
+    assert [e.data["orderId"] for e in (await _events(db))[before:]] == [new.id]  # one event
     assert [(t.order_id, t.version) for t in [await _ticket(db, i) for i in (held, free)]] == [
         (holder, 1),
         (new.id, 1),

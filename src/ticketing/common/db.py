@@ -178,8 +178,7 @@ class Database:
             async with self.engine.connect() as connection:
                 row = (await connection.execute(statement, params)).first()
             return None if row is None else row._mapping
-        sql, names, defaults = _compiled_for_driver(statement, self.engine.dialect)
-        args = [params[name] if name in params else defaults[name] for name in names]
+        sql, args = _driver_call(statement, self.engine.dialect, params)
         # A read changes nothing, so a connection found dead (the server restarted since it was
         # pooled) costs a retry on the next one, not an error: each pooled one may be dead.
         for _ in range(self.engine.pool.size()):  # type: ignore[attr-defined]
@@ -195,8 +194,8 @@ class Database:
         one statement). Values go to the driver as they are, as in read_first. A constraint's
         refusal comes as SQLAlchemy's IntegrityError, as from any other statement. PostgreSQL
         only: SQLite writes through `autocommit`."""
-        sql, names, defaults = _compiled_for_driver(statement, self.engine.dialect)
-        args = [params[name] if name in params else defaults[name] for name in names]
+        assert not self.is_sqlite, "SQLite writes through autocommit()"
+        sql, args = _driver_call(statement, self.engine.dialect, params)
         pooled = await self.engine.raw_connection()
         try:
             driver: asyncpg.Connection = pooled.driver_connection
@@ -296,6 +295,19 @@ _DEAD_CONNECTION = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.InternalClientError,
 )
+
+
+def _driver_call(
+    statement: Select[Any] | Insert, dialect: Dialect, params: dict[str, Any]
+) -> tuple[str, list[Any]]:
+    """A statement's SQL for the driver and its arguments in order: each from `params`, else the
+    value bound when the statement was built. One with neither is a mistake, not a NULL (as
+    SQLAlchemy would refuse it too)."""
+    sql, names, defaults = _compiled_for_driver(statement, dialect)
+    missing = [name for name in names if name not in params and defaults.get(name) is None]
+    if missing:
+        raise KeyError(f"no value for {', '.join(missing)}")
+    return sql, [params[name] if name in params else defaults[name] for name in names]
 
 
 @cache

@@ -282,7 +282,7 @@ class Listener:
         """Register the handler of one event type that takes several at once: those of a batch
         that come one after another (in stream order), so that it can write them in a few
         statements instead of a few each. An event handled on its own comes as a list of one.
-        """
+        Several run under no correlation id: the events they add take each Delivered's."""
 
         def register(fn: Callable[[AsyncSession, list[Delivered[E]]], Awaitable[None]]) -> Any:
             async def one(session: AsyncSession, event: E) -> None:
@@ -393,8 +393,9 @@ class Listener:
 
     async def _settle_batch(self, msgs: list[Msg]) -> None:
         """A batch in one transaction when all of it goes well (the common case: one commit
-        instead of one per event). Otherwise each event on its own, in lanes: events about
-        one ticket or order in their order, different ones side by side, so one slow
+        instead of one per event), and the events of a handler outside the database that
+        takes them together in one call. Otherwise each event on its own, in lanes: events
+        about one ticket or order in their order, different ones side by side, so one slow
         transaction does not hold up the rest (handlers already accept any order)."""
         ours: list[Msg] = []
         outside_db: list[Msg] = []

@@ -221,7 +221,10 @@ async def update_each_with_event_in(
     not find out which did, and hands every event on at the commit."""
     await write_queued(session)  # as in update_with_event_in: the outbox keeps their order
     connection = await session.connection()
-    rows = [_outbox_row(Envelope.wrap(event), correlation) for _, event, correlation in changes]
+    rows = [
+        _outbox_row_correlated(Envelope.wrap(event), correlation)
+        for _, event, correlation in changes
+    ]
     if connection.dialect.name == "postgresql":
         written = _update_with_outbox_rows(statement)
         await connection.execute(
@@ -231,7 +234,7 @@ async def update_each_with_event_in(
                 for (params, _, _), row in zip(changes, rows, strict=True)
             ],
         )
-    else:
+    else:  # SQLite gives each event a transaction of its own: only tests come here
         for params, _, _ in changes:
             await connection.execute(statement, params)
         await connection.execute(insert(OutboxEvent), rows)
@@ -310,15 +313,19 @@ def _outbox_row_from(written: CTE) -> Insert:
 _OUTBOX_COLUMNS = ("event_id", "type", "body", "created_at", "published_at", "correlation_id")
 
 
-def _outbox_row(envelope: Envelope, correlation: str | None = None) -> dict[str, Any]:
-    """The row of an event, with the correlation id given, else the current one."""
+def _outbox_row(envelope: Envelope) -> dict[str, Any]:
+    """The row of an event, with the correlation id of the work under way."""
+    return _outbox_row_correlated(envelope, correlation_id.get())
+
+
+def _outbox_row_correlated(envelope: Envelope, correlation: str | None) -> dict[str, Any]:
     return {
         "event_id": envelope.id,
         "type": envelope.type,
         "body": envelope.model_dump_json(),
         "created_at": utcnow(),
         "published_at": None,
-        "correlation_id": correlation or correlation_id.get(),
+        "correlation_id": correlation,
     }
 
 

@@ -124,7 +124,7 @@ async def reserve_all(session: AsyncSession, orders: list[Delivered[OrderCreated
         await reserve(session, ticket_id=event.ticket.id, order_id=event.id)
         return
     connection = await session.connection()
-    # Locked in the order of their ids: another batch locking some of the same cannot deadlock.
+    # Locked in the order of their ids: two runs of reservations alone cannot deadlock.
     ticket_ids = sorted({order.event.ticket.id for order in orders})
     locked = await connection.execute(_tickets_for_update(), {"ticket_ids": ticket_ids})
     tickets = {row.id: dict(row._mapping) for row in locked}
