@@ -290,17 +290,16 @@ def _insert_with_outbox_row(entity: type[DeclarativeBase]) -> Insert:
 
 
 @cache
-def _update_with_outbox_row(statement: Update) -> Insert:
-    """As above for an UPDATE: the outbox row is written when the update changed a row."""
-    return _outbox_row_from(statement.returning(literal_column("1")).cte("written")).returning(
-        OutboxEvent.seq
-    )
+def _update_with_outbox_rows(statement: Update) -> Insert:
+    """As above for an UPDATE: the outbox row is written when the update changed a row. For an
+    executemany, which takes no RETURNING."""
+    return _outbox_row_from(statement.returning(literal_column("1")).cte("written"))
 
 
 @cache
-def _update_with_outbox_rows(statement: Update) -> Insert:
-    """_update_with_outbox_row for an executemany, which takes no RETURNING."""
-    return _outbox_row_from(statement.returning(literal_column("1")).cte("written"))
+def _update_with_outbox_row(statement: Update) -> Insert:
+    """_update_with_outbox_rows for one row, saying whether it wrote the outbox row."""
+    return _update_with_outbox_rows(statement).returning(OutboxEvent.seq)
 
 
 def _outbox_row_from(written: CTE) -> Insert:
