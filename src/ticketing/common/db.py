@@ -196,28 +196,30 @@ class Database:
         only: SQLite writes through `autocommit`."""
         assert not self.is_sqlite, "SQLite writes through autocommit()"
         sql, args = _driver_call(statement, self.engine.dialect, params)
-        pooled = await self.engine.raw_connection()
         try:
-            driver: asyncpg.Connection = pooled.driver_connection
-            await driver.execute(sql, *args)
+            async with self._on_driver() as driver:
+                await driver.execute(sql, *args)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise IntegrityError(sql, args, exc) from exc
-        except BaseException:
-            pooled.invalidate()  # as in _read_once: most likely the connection itself
-            raise
-        finally:
-            pooled.close()
 
     async def _read_once(self, sql: str, args: list[Any]) -> Mapping[str, Any] | None:
+        async with self._on_driver() as driver:
+            record: Mapping[str, Any] | None = await driver.fetchrow(sql, *args)
+        return record
+
+    @asynccontextmanager
+    async def _on_driver(self) -> AsyncIterator[asyncpg.Connection]:
+        """The driver's own connection of a pooled one, back to the pool when the block ends.
+        A dropped connection, or one cancelled mid-statement (its protocol then still busy),
+        must not go back: after any failure but a constraint's refusal the next checkout opens
+        a new one. The statements are fixed, so a failure is rare and almost always the
+        connection."""
         pooled = await self.engine.raw_connection()
         try:
-            driver: asyncpg.Connection = pooled.driver_connection
-            record: Mapping[str, Any] | None = await driver.fetchrow(sql, *args)
-            return record
+            yield pooled.driver_connection
+        except asyncpg.IntegrityConstraintViolationError:
+            raise  # the statement's answer: the connection is as good as before
         except BaseException:
-            # A dropped connection, or one cancelled mid-statement (its protocol then still
-            # busy), must not go back into the pool: the next checkout opens a new one. The
-            # statement is fixed, so a failure here is rare and almost always the connection.
             pooled.invalidate()
             raise
         finally:
