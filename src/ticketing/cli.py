@@ -25,11 +25,11 @@ def up(
     ] = 1,
 ) -> None:
     """Run the whole platform, starting embedded parts for unset URLs."""
-    from ticketing.platform.up import PortBusyError, run_up
+    from ticketing.platform.up import ListenError, run_up
 
     try:
         run_up(host=host, port=port, log_level=log_level, workers=workers)
-    except PortBusyError as exc:
+    except ListenError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc
 

@@ -1,24 +1,63 @@
-"""The free-port check behind `ticketing up`'s "port in use" message."""
+"""How `ticketing up` claims its port: before any embedded part picks a free one."""
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import pytest
 
-from ticketing.platform.embedded import port_is_free
+from ticketing.platform import up
+from ticketing.platform.embedded import listening_socket
+
+
+@pytest.fixture(autouse=True)
+def _in_process_up(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """run_up in this process: its data under tmp_path, and pytest's logging left as it is."""
+    monkeypatch.setenv("TICKETING_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(up, "configure_logging", lambda **_: None)
 
 
 @pytest.mark.parametrize(
     ("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
 )
-def test_a_port_in_use_is_seen_as_busy_on_ipv4_and_ipv6(family: int, host: str) -> None:
+def test_a_port_in_use_is_refused_with_a_clear_message_on_ipv4_and_ipv6(
+    family: int, host: str
+) -> None:
     with socket.socket(family) as taken:
         taken.bind((host, 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert not port_is_free(host, port)
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        free = probe.getsockname()[1]
-    assert port_is_free(host, free)
+        with pytest.raises(up.ListenError, match=f"port {port} on .* already in use"):
+            up.run_up(host=host, port=port)
+    with listening_socket(host, port) as sock:  # free again once its holder closed it
+        assert sock.getsockname()[1] == port
+        assert sock.get_inheritable()  # request workers serve on this very socket
+
+
+def test_an_address_that_cannot_be_listened_on_is_named() -> None:
+    with pytest.raises(up.ListenError, match=r"cannot listen on 192\.0\.2\.1:"):
+        up.run_up(host="192.0.2.1", port=0)  # TEST-NET-1: never an address of this machine
+
+
+def test_the_port_is_held_before_any_embedded_server_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An embedded server binds a free port of its own; it must never be the gateway's."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen: list[BaseException] = []
+
+    def start_infrastructure(*_: Any) -> dict[str, Any]:
+        with socket.socket() as other, pytest.raises(OSError) as refused:
+            other.bind(("127.0.0.1", port))
+        seen.append(refused.value)
+        raise KeyboardInterrupt  # stop run_up here: the rest is the e2e tests' business
+
+    monkeypatch.setattr(up, "_start_infrastructure", start_infrastructure)
+    with pytest.raises(KeyboardInterrupt):
+        up.run_up(host="127.0.0.1", port=port)
+    assert len(seen) == 1
+    with listening_socket("127.0.0.1", port):  # and given back when run_up unwinds
+        pass

@@ -29,16 +29,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def port_is_free(host: str, port: int) -> bool:
-    """True when `host:port` can be bound, for an IPv4 or an IPv6 host."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound and listening on `host:port`, which child processes may inherit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def port_answers(host: str, port: int) -> bool:

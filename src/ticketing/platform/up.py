@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -27,15 +29,15 @@ from ticketing.platform.embedded import (
     EmbeddedNats,
     EmbeddedRedis,
     SmtpSink,
-    port_is_free,
+    listening_socket,
 )
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import create_sandbox_app
 
 
-class PortBusyError(RuntimeError):
-    pass
+class ListenError(RuntimeError):
+    """The gateway's address cannot be listened on (most often: the port is taken)."""
 
 
 Probe = Callable[[], str]
@@ -138,6 +140,17 @@ def _stripe_sandbox(
     return [(SANDBOX_PREFIX, app)]
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        return listening_socket(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"port {port} on {host} is already in use: is another `ticketing up` running?"
+            ) from exc
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
 def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -> None:
     """Start the platform and serve it until Ctrl-C; `workers` > 1 runs that many processes."""
     configure_logging(json_lines=False, level=log_level)
@@ -145,14 +158,12 @@ def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs to a file: keep each row on one line
-    if not port_is_free(host, port):
-        raise PortBusyError(
-            f"port {port} on {host} is already in use: is another `ticketing up` running?"
-        )
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     board = StatusBoard()
     with ExitStack() as stack:
+        # The port is ours before any embedded server picks a free one, which could be it.
+        sock = stack.enter_context(_listen(host, port))
         overrides = _start_infrastructure(stack, settings, board)
         if "TICKETING_PUBLIC_URL" not in os.environ:
             shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -166,34 +177,53 @@ def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -
             # in memory (the Stripe sandbox) runs once, here.
             from ticketing.platform.workers import WorkerPlan, run_workers
 
-            plan = WorkerPlan(host, port, workers, log_level, overrides, board, console, public_url)
+            plan = WorkerPlan(
+                host, port, sock, workers, log_level, overrides, board, console, public_url
+            )
             with contextlib.suppress(KeyboardInterrupt):
                 run_workers(plan)
             return
-        routes = _stripe_sandbox(host, port, overrides, board)
-        for spec in SERVICES.values():
-            app = spec.create_app(**overrides)
-            routes.append((spec.prefix, app))
-            where = f"{public_url}{spec.prefix}" if spec.prefix else "(no routes)"
-            board.add(f"{spec.name} service", where, "in process", _service(app))
-        config = uvicorn.Config(Gateway(routes), host=host, port=port, log_level=log_level.lower())
-        tune_for_serving()
-        # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
-        # included) it unwinds this block, so the embedded servers stop with us.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        # uvicorn's own loop choice (uvloop when installed), as `uvicorn.run` would make it.
-        with (
-            contextlib.suppress(KeyboardInterrupt),
-            asyncio.Runner(loop_factory=config.get_loop_factory()) as runner,
-        ):
-            runner.run(_serve(uvicorn.Server(config), board, console, public_url))
+        _serve_in_process(host, sock, log_level, overrides, board, console, public_url)
+
+
+def _serve_in_process(
+    host: str,
+    sock: socket.socket,
+    log_level: str,
+    overrides: dict[str, Any],
+    board: StatusBoard,
+    console: Console,
+    public_url: str,
+) -> None:
+    port = sock.getsockname()[1]
+    routes = _stripe_sandbox(host, port, overrides, board)
+    for spec in SERVICES.values():
+        app = spec.create_app(**overrides)
+        routes.append((spec.prefix, app))
+        where = f"{public_url}{spec.prefix}" if spec.prefix else "(no routes)"
+        board.add(f"{spec.name} service", where, "in process", _service(app))
+    config = uvicorn.Config(Gateway(routes), host=host, port=port, log_level=log_level.lower())
+    tune_for_serving()
+    # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
+    # included) it unwinds the caller's block, so the embedded servers stop with us.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # uvicorn's own loop choice (uvloop when installed), as `uvicorn.run` would make it.
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=config.get_loop_factory()) as runner,
+    ):
+        runner.run(_serve(uvicorn.Server(config), sock, board, console, public_url))
 
 
 async def _serve(
-    server: uvicorn.Server, board: StatusBoard, console: Console, public_url: str
+    server: uvicorn.Server,
+    sock: socket.socket,
+    board: StatusBoard,
+    console: Console,
+    public_url: str,
 ) -> None:
     """Serve until Ctrl-C; on a terminal the status table stays live above the logs."""
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     # uvicorn reports start-up only through this flag.
     while not server.started and not serving.done():  # noqa: ASYNC110
         await asyncio.sleep(0.05)

@@ -36,6 +36,7 @@ from ticketing.common.db import Database
 from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET
+from ticketing.platform.embedded import listening_socket
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import SandboxServer
@@ -53,6 +54,7 @@ class WorkerPlan:
 
     host: str
     port: int
+    sock: socket.socket  # bound before anything else started, so nothing else can take the port
     workers: int
     log_level: str
     overrides: dict[str, Any]
@@ -76,8 +78,7 @@ async def _supervise(plan: WorkerPlan, overrides: dict[str, Any]) -> None:
     sandbox = await _start_sandbox(local, overrides, board)
     try:
         await _prepare_databases(overrides)
-        sock = _bind(host, port)
-        pool = WorkerPool(sock, plan.log_level, overrides)
+        pool = WorkerPool(plan.sock, plan.log_level, overrides)
         pool.start(plan.workers)
         for index, role in enumerate(pool.roles):
             board.add(f"{role.name} worker", role.doing, "process", pool.probe(index))
@@ -85,7 +86,6 @@ async def _supervise(plan: WorkerPlan, overrides: dict[str, Any]) -> None:
             await _watch(pool, stop, board, plan.console, plan.public_url)
         finally:
             await asyncio.to_thread(pool.stop)
-            sock.close()
     finally:
         if sandbox is not None:
             await sandbox.stop()
@@ -121,16 +121,6 @@ async def _prepare_databases(overrides: dict[str, Any]) -> None:
             await db.create_all()
         finally:
             await db.dispose()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 @dataclass(frozen=True)
@@ -202,7 +192,7 @@ class WorkerPool:
 
     def _spawn(self, role: Role) -> BaseProcess:
         # An events worker serves nothing anyone calls: its own socket only runs the lifespans.
-        sock = self.sock if role is REQUESTS else _bind("127.0.0.1", 0)
+        sock = self.sock if role is REQUESTS else listening_socket("127.0.0.1", 0)
         overrides = {**self.overrides, "run_listeners": role.listens}
         if "TICKETING_DB_POOL_SIZE" not in os.environ:
             overrides["db_pool_size"] = self.pool_size
