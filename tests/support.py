@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,3 +96,19 @@ async def wait_healthy(base: str, proc: Running) -> None:
             return False
 
     await eventually(healthy, within=30, interval=0.1)
+
+
+ANNOUNCED = re.compile(r"The platform is at (\S+)(?: \(served on (\S+)\))?")
+
+
+async def wait_up(proc: Running) -> str:
+    """The address of a `ticketing up` started on --port 0 (it says which), once it serves."""
+
+    async def announced() -> str | None:
+        assert proc.process.poll() is None, proc.output()
+        found = ANNOUNCED.search(proc.output())
+        return (found.group(2) or found.group(1)) if found else None
+
+    base = await eventually(announced, within=60, interval=0.1)
+    await wait_healthy(base, proc)
+    return base

@@ -13,7 +13,7 @@ app = typer.Typer(help="ticketing: an event-driven ticket marketplace.", no_args
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the gateway.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port of the gateway (0: any free port).")] = 8000,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     workers: Annotated[
         int,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import uuid
@@ -13,8 +14,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.support import Running, clean_env, wait_healthy
-from ticketing.platform.embedded import free_port
+from tests.support import Running, clean_env, wait_up
 
 TTL = 8  # long enough to pay by hand in a test, short enough to watch an order expire
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
@@ -29,15 +29,10 @@ LAUNCH_ARGS = [
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `ticketing up` for the module, as a visitor would start it."""
     tmp = tmp_path_factory.mktemp("site")
-    port = free_port()
     env = clean_env(TICKETING_DATA_DIR=str(tmp / "data"), TICKETING_ORDER_TTL_SECONDS=str(TTL))
-    proc = Running(["up", "--port", str(port)], env, tmp / "up.log")
-    base = f"http://127.0.0.1:{port}"
+    proc = Running(["up", "--port", "0"], env, tmp / "up.log")
     try:
-        import asyncio
-
-        asyncio.run(wait_healthy(base, proc))
-        yield base
+        yield asyncio.run(wait_up(proc))
     finally:
         proc.interrupt()
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import Infra
-from tests.support import TICKETING, clean_env, eventually, wait_healthy
+from tests.support import TICKETING, clean_env, eventually, wait_healthy, wait_up
 from ticketing.common.mailbox import read_mailbox
 from ticketing.platform.embedded import SmtpSink, free_port, port_answers
 
@@ -20,11 +20,9 @@ from ticketing.platform.embedded import SmtpSink, free_port, port_answers
 async def test_up_serves_auth_on_embedded_defaults(
     launch: Any, tmp_path: Path, smtp_sink: SmtpSink
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_SMTP_URL=smtp_sink.url)
-    proc = launch("up", "--port", str(port), env=env)
-    await wait_healthy(base, proc)
+    proc = launch("up", "--port", "0", env=env)
+    base = await wait_up(proc)
     creds = {"email": "person@test.com", "password": "secret"}
     async with httpx.AsyncClient(base_url=base) as c:
         assert (await c.post("/api/users/signup", json=creds)).status_code == 201
@@ -36,10 +34,9 @@ async def test_up_serves_auth_on_embedded_defaults(
         ).status_code == 202
         assert (await c.get("/nowhere")).status_code == 404
     mail = await eventually(lambda: _mail(smtp_sink))
-    assert f"http://127.0.0.1:{port}/api/users/verify-magic-link?token=" in mail[0]["text"]
+    assert f"{base}/api/users/verify-magic-link?token=" in mail[0]["text"]
     out = proc.output()
     assert "NATS JetStream" in out and "embedded" in out
-    assert f"http://127.0.0.1:{port}" in out
     nats_port = _embedded_nats_port(out)
     assert proc.interrupt() == 0
     assert not port_answers("127.0.0.1", nats_port)  # the child nats-server stopped too
@@ -47,8 +44,8 @@ async def test_up_serves_auth_on_embedded_defaults(
     assert (tmp_path / "data" / "nats" / "jetstream").exists()
 
     # Data persists in the data dir across a restart.
-    proc = launch("up", "--port", str(port), env=env)
-    await wait_healthy(base, proc)
+    proc = launch("up", "--port", "0", env=env)
+    base = await wait_up(proc)
     async with httpx.AsyncClient(base_url=base) as c:
         assert (await c.post("/api/users/signin", json=creds)).status_code == 200
     assert proc.interrupt() == 0
@@ -69,8 +66,6 @@ async def test_up_uses_the_parts_named_by_url(
     launch: Any, tmp_path: Path, smtp_sink: SmtpSink, infra: Infra, namespace: str,
     settings_kwargs: dict[str, Any],
 ) -> None:  # fmt: skip
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = clean_env(
         TICKETING_DATA_DIR=str(tmp_path / "data"),
         TICKETING_SMTP_URL=smtp_sink.url,
@@ -80,8 +75,8 @@ async def test_up_uses_the_parts_named_by_url(
         TICKETING_NATS_STREAM=settings_kwargs["nats_stream"],
         TICKETING_NATS_SUBJECT_PREFIX=settings_kwargs["nats_subject_prefix"],
     )
-    proc = launch("up", "--port", str(port), env=env)
-    await wait_healthy(base, proc)
+    proc = launch("up", "--port", "0", env=env)
+    base = await wait_up(proc)
     async with httpx.AsyncClient(base_url=base) as c:
         response = await c.post(
             "/api/users/signup", json={"email": "u@test.com", "password": "pass"}
@@ -95,9 +90,8 @@ async def test_up_uses_the_parts_named_by_url(
 
 
 async def test_a_second_up_on_a_busy_port_says_so(launch: Any, tmp_path: Path) -> None:
-    port = free_port()
-    proc = launch("up", "--port", str(port), env=clean_env(TICKETING_DATA_DIR=str(tmp_path / "a")))
-    await wait_healthy(f"http://127.0.0.1:{port}", proc)
+    proc = launch("up", "--port", "0", env=clean_env(TICKETING_DATA_DIR=str(tmp_path / "a")))
+    port = httpx.URL(await wait_up(proc)).port
     second = subprocess.run(
         [*TICKETING, "up", "--port", str(port)],
         env=clean_env(TICKETING_DATA_DIR=str(tmp_path / "b")),
@@ -194,11 +188,9 @@ async def test_up_runs_the_reservation_flow_by_hand(
 ) -> None:
     """The README's curl walk-through, as HTTP calls against a real `ticketing up`, served by
     one process or by several sharing the port."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_SMTP_URL=smtp_sink.url)
-    proc = launch("up", "--port", str(port), "--workers", str(workers), env=env)
-    await wait_healthy(base, proc)
+    proc = launch("up", "--port", "0", "--workers", str(workers), env=env)
+    base = await wait_up(proc)
     children = psutil.Process(proc.process.pid).children(recursive=True)
     async with (
         httpx.AsyncClient(base_url=base) as seller,
@@ -243,11 +235,9 @@ async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(
     launch: Any, tmp_path: Path
 ) -> None:
     """Sign up, sell, buy, pay with tok_visa, see the order complete; another one expires."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_ORDER_TTL_SECONDS="3")
-    proc = launch("up", "--port", str(port), env=env)
-    await wait_healthy(base, proc)
+    proc = launch("up", "--port", "0", env=env)
+    base = await wait_up(proc)
     async with (
         httpx.AsyncClient(base_url=base) as seller,
         httpx.AsyncClient(base_url=base) as buyer,
@@ -310,14 +300,12 @@ def test_migrate_brings_a_service_database_to_head(settings_kwargs: dict[str, An
 async def test_up_behind_a_public_address_and_stopped_by_sigterm(
     launch: Any, tmp_path: Path
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = clean_env(
         TICKETING_DATA_DIR=str(tmp_path / "data"),
         TICKETING_PUBLIC_URL="https://tickets.example.invalid",
     )
-    proc = launch("up", "--port", str(port), env=env)
-    await wait_healthy(base, proc)
+    proc = launch("up", "--port", "0", env=env)
+    base = await wait_up(proc)
     async with httpx.AsyncClient(base_url=base) as browser:
         # The pages reach the APIs through this process, not through the public address.
         assert (await browser.get("/")).status_code == 200

@@ -115,7 +115,7 @@ SANDBOX_PREFIX = "/_stripe"
 
 
 def _stripe_sandbox(
-    host: str, port: int, overrides: dict[str, Any], board: StatusBoard
+    local: str, overrides: dict[str, Any], board: StatusBoard
 ) -> list[tuple[str | None, FastAPI]]:
     """Without a Stripe key, serve the local sandbox behind the gateway and point payments at it."""
     if os.environ.get("TICKETING_STRIPE_SECRET_KEY"):
@@ -123,7 +123,6 @@ def _stripe_sandbox(
             "Stripe", os.environ.get("TICKETING_STRIPE_API_BASE", "api.stripe.com"), "external"
         )
         return []
-    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     secret = os.environ.get("TICKETING_STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
     overrides.update(
         stripe_secret_key="sk_test_sandbox",
@@ -151,6 +150,13 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
+def _local_url(host: str, port: int) -> str:
+    """The gateway's address from this machine, wherever it listens."""
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -> None:
     """Start the platform and serve it until Ctrl-C; `workers` > 1 runs that many processes."""
     configure_logging(json_lines=False, level=log_level)
@@ -164,45 +170,49 @@ def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -
     with ExitStack() as stack:
         # The port is ours before any embedded server picks a free one, which could be it.
         sock = stack.enter_context(_listen(host, port))
+        local = _local_url(host, sock.getsockname()[1])  # the port chosen, for --port 0
         overrides = _start_infrastructure(stack, settings, board)
-        if "TICKETING_PUBLIC_URL" not in os.environ:
-            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            overrides["public_url"] = f"http://{shown}:{port}"
-        public_url = overrides.get("public_url", settings.public_url)
+        given = "TICKETING_PUBLIC_URL" in os.environ
+        public_url = overrides["public_url"] = settings.public_url if given else local
         # The web client reaches the APIs through this process, whatever the public address.
-        local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         overrides.setdefault("api_url", os.environ.get("TICKETING_API_URL") or local)
+        announcement = _announcement(public_url, local)
         if workers > 1:
             # Each worker is a whole platform process on the shared socket; what keeps state
             # in memory (the Stripe sandbox) runs once, here.
             from ticketing.platform.workers import WorkerPlan, run_workers
 
             plan = WorkerPlan(
-                host, port, sock, workers, log_level, overrides, board, console, public_url
+                local, sock, workers, log_level, overrides, board, console, announcement
             )
             with contextlib.suppress(KeyboardInterrupt):
                 run_workers(plan)
             return
-        _serve_in_process(host, sock, log_level, overrides, board, console, public_url)
+        _serve_in_process(local, sock, log_level, overrides, board, console, announcement)
+
+
+def _announcement(public_url: str, local: str) -> str:
+    """What the console says once the platform serves; tests read the address from it."""
+    served = "" if public_url == local else f" (served on {local})"
+    return f"The platform is at [bold]{public_url}[/bold]{served}  (Ctrl-C stops everything)"
 
 
 def _serve_in_process(
-    host: str,
+    local: str,
     sock: socket.socket,
     log_level: str,
     overrides: dict[str, Any],
     board: StatusBoard,
     console: Console,
-    public_url: str,
+    announcement: str,
 ) -> None:
-    port = sock.getsockname()[1]
-    routes = _stripe_sandbox(host, port, overrides, board)
+    routes = _stripe_sandbox(local, overrides, board)
     for spec in SERVICES.values():
         app = spec.create_app(**overrides)
         routes.append((spec.prefix, app))
-        where = f"{public_url}{spec.prefix}" if spec.prefix else "(no routes)"
+        where = f"{overrides['public_url']}{spec.prefix}" if spec.prefix else "(no routes)"
         board.add(f"{spec.name} service", where, "in process", _service(app))
-    config = uvicorn.Config(Gateway(routes), host=host, port=port, log_level=log_level.lower())
+    config = uvicorn.Config(Gateway(routes), log_level=log_level.lower())
     tune_for_serving()
     # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
     # included) it unwinds the caller's block, so the embedded servers stop with us.
@@ -212,7 +222,7 @@ def _serve_in_process(
         contextlib.suppress(KeyboardInterrupt),
         asyncio.Runner(loop_factory=config.get_loop_factory()) as runner,
     ):
-        runner.run(_serve(uvicorn.Server(config), sock, board, console, public_url))
+        runner.run(_serve(uvicorn.Server(config), sock, board, console, announcement))
 
 
 async def _serve(
@@ -220,21 +230,20 @@ async def _serve(
     sock: socket.socket,
     board: StatusBoard,
     console: Console,
-    public_url: str,
+    announcement: str,
 ) -> None:
     """Serve until Ctrl-C; on a terminal the status table stays live above the logs."""
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     # uvicorn reports start-up only through this flag.
     while not server.started and not serving.done():  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    message = f"The platform is at [bold]{public_url}[/bold]  (Ctrl-C stops everything)"
     if not console.is_terminal:
         console.print(board.render())
-        console.print(message)
+        console.print(announcement)
         await serving
         return
     with Live(board.render(), console=console, refresh_per_second=1) as live:
-        console.print(message)
+        console.print(announcement)
         while not serving.done():
             await asyncio.wait({serving}, timeout=1)
             live.update(board.render())

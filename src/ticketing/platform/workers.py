@@ -52,15 +52,14 @@ REQUEST_WORKER_NICENESS = 5
 class WorkerPlan:
     """What `ticketing up` decided: where to listen, how many workers, with which settings."""
 
-    host: str
-    port: int
+    local: str  # the gateway's address from this machine
     sock: socket.socket  # bound before anything else started, so nothing else can take the port
     workers: int
     log_level: str
     overrides: dict[str, Any]
     board: Any
     console: Console
-    public_url: str
+    announcement: str
 
 
 def run_workers(plan: WorkerPlan) -> None:
@@ -69,13 +68,12 @@ def run_workers(plan: WorkerPlan) -> None:
 
 async def _supervise(plan: WorkerPlan, overrides: dict[str, Any]) -> None:
     """`overrides` is the supervisor's own copy: the sandbox adds its URL and keys to it."""
-    host, port, board = plan.host, plan.port, plan.board
+    board = plan.board
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    sandbox = await _start_sandbox(local, overrides, board)
+    sandbox = await _start_sandbox(plan.local, overrides, board)
     try:
         await _prepare_databases(overrides)
         pool = WorkerPool(plan.sock, plan.log_level, overrides)
@@ -83,7 +81,7 @@ async def _supervise(plan: WorkerPlan, overrides: dict[str, Any]) -> None:
         for index, role in enumerate(pool.roles):
             board.add(f"{role.name} worker", role.doing, "process", pool.probe(index))
         try:
-            await _watch(pool, stop, board, plan.console, plan.public_url)
+            await _watch(pool, stop, board, plan.console, plan.announcement)
         finally:
             await asyncio.to_thread(pool.stop)
     finally:
@@ -237,16 +235,15 @@ class WorkerPool:
 
 
 async def _watch(
-    pool: WorkerPool, stop: asyncio.Event, board: Any, console: Console, public_url: str
+    pool: WorkerPool, stop: asyncio.Event, board: Any, console: Console, announcement: str
 ) -> None:
-    message = f"The platform is at [bold]{public_url}[/bold]  (Ctrl-C stops everything)"
     live: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if console.is_terminal:
         live = Live(board.render(), console=console, refresh_per_second=1)
     else:
         console.print(board.render())
     with live:
-        console.print(message)
+        console.print(announcement)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
