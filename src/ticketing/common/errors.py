@@ -95,13 +95,18 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
     return JSONResponse({"errors": list(first.values())}, status_code=400)
 
 
-async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    """A routing error (no such route, method not allowed) in the contract's shape."""
     messages = {404: "Not found", 405: "Method not allowed"}
     message = messages.get(exc.status_code) or str(exc.detail)
     return JSONResponse(
         error_body(message), status_code=exc.status_code, headers=getattr(exc, "headers", None)
     )
+
+
+async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return http_error_response(exc)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ticketing.common.errors import http_error_response
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.web.client import ApiUnavailable
 from ticketing.web.routes import router
@@ -59,8 +60,13 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
         return _page(app, request, 503, "Temporarily unavailable", message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: Exception) -> HTMLResponse:
+    async def _http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+        path = request.url.path
+        if isinstance(exc, StarletteHTTPException) and (path == "/api" or path.startswith("/api/")):
+            # Under /api no service took the path (the ingress sends the rest here): an API
+            # client gets the API's error body, not a page.
+            return http_error_response(exc)
         if status == 404:
             return _page(app, request, 404, "Page not found", "There is nothing here.")
         return _page(app, request, status, "Error", "Something went wrong.")

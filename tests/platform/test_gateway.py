@@ -1,0 +1,22 @@
+"""Routing by path through one port, as the Kubernetes ingress routes."""
+
+from __future__ import annotations
+
+from tests.conftest import Platform
+
+NOT_FOUND = {"errors": [{"message": "Not found", "field": None}]}
+
+
+async def test_an_api_path_no_service_serves_answers_in_the_api_error_shape(
+    platform: Platform,
+) -> None:
+    """The web client takes every path no service claims; under /api it answers as an API."""
+    await platform.start("web", "tickets")
+    async with platform.client() as browser:
+        for path in ("/api", "/api/nonexistent", "/api/ticketsX", "/api/userz/1"):
+            answer = await browser.get(path)
+            assert (answer.status_code, answer.json()) == (404, NOT_FOUND), path
+        assert (await browser.get("/api/tickets")).status_code == 200  # a service's own
+        page = await browser.get("/nowhere")
+        assert page.status_code == 404
+        assert page.headers["content-type"].startswith("text/html")
