@@ -14,6 +14,7 @@ from sqlalchemy import update
 
 from tests.conftest import Platform, new_user
 from tests.support import eventually, stream_envelopes
+from ticketing.common import messaging
 from ticketing.common.events import TicketCreated
 from ticketing.orders import service
 from ticketing.orders.models import Order, OrderStatus
@@ -125,6 +126,34 @@ async def test_an_unknown_ticket_is_404(orders: Platform) -> None:
         response = await order(c, str(uuid.uuid4()))
     assert response.status_code == 404
     assert response.json() == {"errors": [{"message": "Ticket not found", "field": None}]}
+
+
+async def test_a_ticket_ordered_before_it_reached_the_replica_is_waited_for(
+    orders: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buyer may order a ticket the moment it is listed, before ticket:created is here."""
+    # Long enough for the ticket to arrive however slow the machine: the wait ends when it does.
+    monkeypatch.setattr(messaging, "REPLICA_WAIT_SECONDS", 30.0)
+    waiting = asyncio.Event()
+    replicated = service.replicated
+
+    async def noting_the_wait(read: Any) -> Any:
+        waiting.set()
+        return await replicated(read)
+
+    monkeypatch.setattr(service, "replicated", noting_the_wait)
+    ticket_id = str(uuid.uuid4())
+    async with orders.client(new_user()) as c:
+        ordering = asyncio.create_task(order(c, ticket_id))
+        await asyncio.wait_for(waiting.wait(), timeout=10)
+        listed = TicketCreated(
+            id=ticket_id, version=0, title="Gig", price=Decimal("12"), user_id=new_user()
+        )
+        async with orders.runtime("orders").db.transaction() as session:
+            await service.ticket_created(session, listed)
+        response = await ordering
+    assert response.status_code == 201
+    assert response.json()["ticket"] == {"id": ticket_id, "title": "Gig", "price": 12, "version": 0}
 
 
 async def test_a_reserved_ticket_cannot_be_ordered_again(orders: Platform) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tests.conftest import Platform, new_user
 from tests.payments.conftest import WEBHOOK_SECRET, seed_order
 from tests.support import eventually, stream_envelopes
+from ticketing.common import messaging
 from ticketing.common.errors import NotFound
 from ticketing.common.events import Envelope, OrderCancelled, TicketRef
 from ticketing.payments import service
@@ -303,7 +304,7 @@ async def test_paying_at_once_waits_for_the_order_to_reach_the_replica(
 
     monkeypatch.setattr(service, "_payable", noting_a_miss)
     # Long enough for the order to arrive however slow the machine: the wait ends when it does.
-    monkeypatch.setattr(service, "REPLICA_WAIT_SECONDS", 30.0)
+    monkeypatch.setattr(messaging, "REPLICA_WAIT_SECONDS", 30.0)
     buyer_id = new_user()
     order_id = str(uuid.uuid4())
     async with shop.client(buyer_id) as buyer:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,6 +55,24 @@ class RetryLater(Exception):
     def __init__(self, reason: str, *, delay: float = 0.5) -> None:
         super().__init__(reason)
         self.delay = delay
+
+
+# A client may name what it was just told about (a ticket listed, an order placed) before the
+# event that brings it has reached this service's replica: a listener lets events gather for a
+# moment to share a transaction. What is not found is looked for again, this often, for this long.
+REPLICA_WAIT_SECONDS = 1.0
+REPLICA_POLL_SECONDS = 0.02
+
+
+async def replicated(read: Callable[[], Awaitable[H | None]]) -> H | None:
+    """What `read` finds in a replica, read again until it finds something or
+    REPLICA_WAIT_SECONDS have passed; None if it never did."""
+    deadline = time.monotonic() + REPLICA_WAIT_SECONDS
+    while True:
+        found = await read()
+        if found is not None or time.monotonic() >= deadline:
+            return found
+        await asyncio.sleep(REPLICA_POLL_SECONDS)
 
 
 def is_next_version(local: int | None, incoming: int, *, what: str) -> bool:

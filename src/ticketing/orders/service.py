@@ -29,7 +29,7 @@ from ticketing.common.events import (
     TicketUpdated,
 )
 from ticketing.common.ids import new_id
-from ticketing.common.messaging import RetryLater, is_next_version
+from ticketing.common.messaging import RetryLater, is_next_version, replicated
 from ticketing.common.outbox import add_event, insert_with_event_on_driver, update_with_event
 from ticketing.orders.models import Order, OrderStatus, TicketReplica
 
@@ -70,7 +70,11 @@ async def create_order(
     transaction, each write one atomic statement with its event: an expired holder's
     cancellation (`Database.autocommit`), then the order, through the driver as the read; the
     read was never in a transaction with them: the partial unique index decides."""
-    row = await db.read_first(_ticket_and_holder(), {"ticket_id": ticket_id})
+    params = {"ticket_id": ticket_id}
+    row = await db.read_first(_ticket_and_holder(), params)
+    if row is None:
+        # Listed a moment ago, perhaps, and on its way to the replica here.
+        row = await replicated(lambda: db.read_first(_ticket_and_holder(), params))
     if row is None:
         raise NotFound("Ticket not found")
     if row["user_id"] == user_id:

@@ -3,10 +3,8 @@ except `pay`, which must talk to Stripe between its transactions."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -24,7 +22,7 @@ from ticketing.common.errors import (
 )
 from ticketing.common.events import OrderCancelled, OrderCompleted, OrderCreated, PaymentCreated
 from ticketing.common.ids import is_id
-from ticketing.common.messaging import RetryLater, is_next_version
+from ticketing.common.messaging import RetryLater, is_next_version, replicated
 from ticketing.common.outbox import add_event
 from ticketing.payments.charges import CardDeclined, Charges
 from ticketing.payments.models import DeclinedAttempt, OrderReplica, Payment
@@ -32,11 +30,6 @@ from ticketing.payments.models import DeclinedAttempt, OrderReplica, Payment
 log = logging.getLogger(__name__)
 
 CANCELLED_NOTE = "Refunded: the order was cancelled before the payment completed"
-# A buyer may pay the moment the order's 201 arrives, before order:created has reached the
-# replica here (the listener lets events gather for a moment to share a transaction): an order
-# not found is looked for again, this often, until this long after the request came.
-REPLICA_WAIT_SECONDS = 1.0
-REPLICA_POLL_SECONDS = 0.02
 
 
 def cents(price: Decimal) -> int:
@@ -87,9 +80,12 @@ async def pay(
 
 
 async def _next_attempt(db: Database, *, order_id: str, user_id: str) -> tuple[int, int]:
-    """The amount to charge and the number of this attempt, once the order is payable."""
-    deadline = time.monotonic() + REPLICA_WAIT_SECONDS
-    while True:
+    """The amount to charge and the number of this attempt, once the order is payable.
+
+    A buyer may pay the moment the order's 201 arrives, before order:created has reached the
+    replica here: an order not found is looked for again for a moment."""
+
+    async def read() -> tuple[int, int] | None:
         try:
             async with db.transaction() as session:
                 order = await _payable(session, order_id=order_id, user_id=user_id)
@@ -98,9 +94,14 @@ async def _next_attempt(db: Database, *, order_id: str, user_id: str) -> tuple[i
                 )
                 return cents(order.price), int(declined or 0) + 1
         except NotFound:
-            if not is_id(order_id) or time.monotonic() >= deadline:
+            if not is_id(order_id):
                 raise
-        await asyncio.sleep(REPLICA_POLL_SECONDS)
+            return None
+
+    found = await replicated(read)
+    if found is None:
+        raise NotFound("Order not found")
+    return found
 
 
 async def _record_decline(db: Database, *, order_id: str, attempt: int, reason: str) -> None:

@@ -15,7 +15,7 @@ class PaymentsSettings(Settings):
     stripe_api_base: str | None = None
     stripe_webhook_secret: str = DEV_WEBHOOK_SECRET
     # The listener keeps the default gathering: a buyer who pays the moment the order's 201
-    # arrives waits for the replica instead (service.REPLICA_WAIT_SECONDS).
+    # arrives waits for the replica instead (messaging.REPLICA_WAIT_SECONDS).
 
     @model_validator(mode="after")
     def _refuse_dev_webhook_secret_in_production(self) -> PaymentsSettings:
