@@ -138,6 +138,23 @@ async def test_a_declined_card_is_402_and_a_new_card_can_still_pay(
     assert len(charges(sandbox)) == 1
 
 
+async def test_an_unknown_card_token_is_400_and_a_real_card_can_still_pay(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    """Stripe refuses a token it does not know: a wrong request, not a declined card."""
+    order = await seed_order(shop)
+    async with shop.client(order.user_id) as buyer:
+        refused = await pay(buyer, order.id, "tok_bogus")
+        assert refused.status_code == 400
+        assert refused.json() == {
+            "errors": [{"message": "Token is not a valid card token", "field": "token"}]
+        }
+        assert charges(sandbox) == []
+        paid = await pay(buyer, order.id, "tok_visa")
+    assert paid.status_code == 201
+    assert len(charges(sandbox)) == 1
+
+
 async def test_concurrent_retries_of_one_request_charge_once(
     shop: Platform, sandbox: SandboxServer
 ) -> None:

@@ -21,6 +21,16 @@ class CardDeclined(Exception):
         self.message = message
 
 
+class ChargeRefused(Exception):
+    """The provider refused the request itself (an unknown token, an amount out of its range):
+    the buyer's request was wrong, not the card."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
 class Charges:
     """The few Stripe calls payments makes, each with an idempotency key."""
 
@@ -41,7 +51,7 @@ class Charges:
     async def charge(
         self, *, amount_cents: int, token: str, order_id: str, idempotency_key: str
     ) -> str:
-        """Charge the card now; the PaymentIntent id, or CardDeclined."""
+        """Charge the card now; the PaymentIntent id, or CardDeclined, or ChargeRefused."""
         # Card tokens (tok_visa...) go in payment_method_data[card][token], which the API
         # accepts though the SDK's typed params leave it out; hence the cast.
         params = cast(
@@ -62,7 +72,9 @@ class Charges:
         except stripe.CardError as exc:
             raise CardDeclined(exc.user_message or "Your card was declined.") from exc
         except stripe.InvalidRequestError as exc:
-            raise CardDeclined(exc.user_message or "The card could not be charged.") from exc
+            if exc.code == "resource_missing" and "token" in (exc.param or ""):
+                raise ChargeRefused("Token is not a valid card token", field="token") from exc
+            raise ChargeRefused(exc.user_message or "The card could not be charged.") from exc
         except stripe.StripeError as exc:
             log.warning("stripe unavailable: %r", exc)
             raise ServiceUnavailable("The payment provider is unavailable; try again") from exc

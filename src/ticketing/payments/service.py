@@ -24,7 +24,7 @@ from ticketing.common.events import OrderCancelled, OrderCompleted, OrderCreated
 from ticketing.common.ids import is_id
 from ticketing.common.messaging import RetryLater, is_next_version, replicated
 from ticketing.common.outbox import add_event
-from ticketing.payments.charges import CardDeclined, Charges
+from ticketing.payments.charges import CardDeclined, ChargeRefused, Charges
 from ticketing.payments.models import DeclinedAttempt, OrderReplica, Payment
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,12 @@ async def pay(
             order_id=order_id,
             idempotency_key=f"order-{order_id}-attempt-{attempt}",
         )
-    except CardDeclined as declined_card:
-        await _record_decline(db, order_id=order_id, attempt=attempt, reason=declined_card.message)
-        raise PaymentRequired(declined_card.message) from None
+    except (CardDeclined, ChargeRefused) as failed:
+        # Counted as an attempt either way: the next one goes with a key of its own.
+        await _record_decline(db, order_id=order_id, attempt=attempt, reason=failed.message)
+        if isinstance(failed, ChargeRefused):
+            raise BadRequest(failed.message, field=failed.field) from None
+        raise PaymentRequired(failed.message) from None
     payment = await record_charge(db, charges, order_id=order_id, stripe_id=intent, amount=amount)
     if payment.status == "refunded":
         # The order was cancelled while the card was being charged; the payment record
