@@ -138,6 +138,17 @@ async def test_a_declined_card_is_402_and_a_new_card_can_still_pay(
     assert len(charges(sandbox)) == 1
 
 
+@pytest.mark.parametrize(("price", "cents"), [("0.50", 50), ("999999.99", 99999999)])
+async def test_the_prices_a_ticket_may_have_can_be_paid(
+    shop: Platform, sandbox: SandboxServer, price: str, cents: int
+) -> None:
+    """The tickets service lists prices within these bounds: the card can pay them all."""
+    order = await seed_order(shop, price=price)
+    async with shop.client(order.user_id) as buyer:
+        assert (await pay(buyer, order.id)).status_code == 201
+    assert [c["amount"] for c in charges(sandbox)] == [cents]
+
+
 async def test_an_unknown_card_token_is_400_and_a_real_card_can_still_pay(
     shop: Platform, sandbox: SandboxServer
 ) -> None:

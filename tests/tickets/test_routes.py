@@ -56,6 +56,16 @@ async def test_create_returns_the_ticket(tickets: Platform) -> None:
     uuid.UUID(body["id"])
 
 
+@pytest.mark.parametrize("price", ["0.50", "999999.99"])
+async def test_a_price_at_the_bounds_a_card_can_pay_is_listed(
+    tickets: Platform, price: str
+) -> None:
+    async with tickets.client(new_user()) as c:
+        response = await c.post("/api/tickets", json={"title": "Show", "price": price})
+    assert response.status_code == 201
+    assert response.json()["price"] == float(price)
+
+
 async def test_create_requires_a_session(tickets: Platform) -> None:
     async with tickets.client() as c:
         response = await c.post("/api/tickets", json=VALID)
@@ -78,7 +88,10 @@ async def test_create_requires_a_session(tickets: Platform) -> None:
         ({"title": "Show", "price": True}, "price", "Price must be greater than 0"),
         ({"title": "Show", "price": None}, "price", "Price must be greater than 0"),
         ({"title": "Show", "price": 1.234}, "price", "Price must have at most 2 decimal places"),
-        ({"title": "Show", "price": 1e12}, "price", "Price must be less than 1000000000"),
+        ({"title": "Show", "price": 1e12}, "price", "Price must be at most 999999.99"),
+        ({"title": "Show", "price": "1000000"}, "price", "Price must be at most 999999.99"),
+        ({"title": "Show", "price": 0.49}, "price", "Price must be at least 0.50"),
+        ({"title": "Show", "price": 0.01}, "price", "Price must be at least 0.50"),
     ],
 )
 async def test_create_validation(

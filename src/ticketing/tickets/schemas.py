@@ -12,7 +12,10 @@ from pydantic_core import PydanticCustomError
 from ticketing.common.events import CamelModel, Money
 from ticketing.common.text import is_clean_text
 
-MAX_PRICE = Decimal(1_000_000_000)
+# What a card payment can be (Stripe's bounds for USD): a ticket listed outside them could be
+# reserved but never paid for.
+MIN_PRICE = Decimal("0.50")
+MAX_PRICE = Decimal("999999.99")
 MAX_TITLE = 200
 
 
@@ -39,8 +42,10 @@ def _price(value: Any) -> Decimal:
         raise PydanticCustomError("price", message) from None
     if not price.is_finite() or price <= 0:
         raise PydanticCustomError("price", message)
-    if price >= MAX_PRICE:
-        raise PydanticCustomError("price", f"Price must be less than {MAX_PRICE}")
+    if price < MIN_PRICE:
+        raise PydanticCustomError("price", f"Price must be at least {MIN_PRICE}")
+    if price > MAX_PRICE:
+        raise PydanticCustomError("price", f"Price must be at most {MAX_PRICE}")
     if price != price.quantize(Decimal("0.01")):
         raise PydanticCustomError("price", "Price must have at most 2 decimal places")
     return price
