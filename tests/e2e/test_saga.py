@@ -153,3 +153,53 @@ async def test_an_expired_hold_is_superseded_and_the_ticket_follows(platform: Pl
     # The tickets service releases the stale hold (v2) and reserves for the new order (v3).
     held = await ticket_matching(platform, ticket["id"], version=3)
     assert held["orderId"] == fresh.json()["id"]
+
+
+async def test_an_order_placed_on_a_price_just_changed_is_cancelled_not_sold_at_the_old_one(
+    platform: Platform,
+) -> None:
+    """The seller changes the price while the old one is still in the orders replica, and a
+    buyer orders at the old one: the tickets service holds the ticket at the new price. Neither
+    side is held to a price it did not agree to: the order is cancelled, the ticket back on sale
+    at the seller's price."""
+    await platform.start("tickets", "orders")
+    seller = new_user()
+    ticket = await sell(platform, seller)
+    await eventually(lambda: _replica_at(platform, ticket["id"], 0))
+    # The orders service stops handling events: the edit stays on its way to the replica.
+    await platform.stop("orders")
+    await platform.start("orders", run_listeners=False)
+    async with platform.client(seller) as c:
+        edited = await c.put(f"/api/tickets/{ticket['id']}", json={"title": "Gig", "price": 70})
+        assert edited.status_code == 200
+    async with platform.client(new_user()) as buyer:
+        placed = (await buyer.post("/api/orders", json={"ticketId": ticket["id"]})).json()
+        assert (placed["status"], placed["ticket"]["price"]) == ("created", 20)
+        await ticket_matching(platform, ticket["id"], version=2, orderId=placed["id"], price=70)
+        # Events are handled again: the edit, then the hold at the new price.
+        await platform.stop("orders")
+        await platform.start("orders")
+
+        async def cancelled() -> bool:
+            shown = (await buyer.get(f"/api/orders/{placed['id']}")).json()
+            return bool(shown["status"] == "cancelled")
+
+        await eventually(cancelled)
+    await ticket_matching(platform, ticket["id"], version=3, orderId=None, price=70)
+    async with platform.client(new_user()) as next_buyer:
+        again = await next_buyer.post("/api/orders", json={"ticketId": ticket["id"]})
+    assert again.status_code == 201
+    assert again.json()["ticket"]["price"] == 70
+
+
+async def test_an_order_held_at_the_price_it_was_placed_at_stays(market: Platform) -> None:
+    """The same check leaves every ordinary hold alone."""
+    seller = new_user()
+    ticket = await sell(market, seller)
+    async with market.client(new_user()) as buyer:
+        placed = (await buy(buyer, ticket["id"])).json()
+        await ticket_matching(market, ticket["id"], version=1, orderId=placed["id"])
+        await eventually(lambda: _replica_at(market, ticket["id"], 1))
+        await eventually(lambda: consumer_settled(market.runtime("orders").bus, "orders"))
+        shown = (await buyer.get(f"/api/orders/{placed['id']}")).json()
+    assert shown["status"] == "created"

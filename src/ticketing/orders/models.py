@@ -57,6 +57,9 @@ class Order(OrdersBase):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     version: Mapped[int] = mapped_column()
+    # The ticket's price as the buyer was told it (and as payments charges it, from
+    # order:created); none for orders placed before it was kept.
+    price: Mapped[Decimal | None] = mapped_column(Numeric(12, 2), nullable=True)
 
     ticket: Mapped[TicketReplica] = relationship(lazy="joined")
 

@@ -127,6 +127,7 @@ def _order_columns(order: PlacedOrder) -> dict[str, Any]:
         "status": order.status,
         "expires_at": order.expires_at,
         "version": order.version,
+        "price": order.ticket.price,
     }
 
 
@@ -255,6 +256,7 @@ async def ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
     replica's version is read only when it is not."""
     connection = await session.connection()
     if (await connection.execute(_apply_next_version(), _new_version(event))).first() is not None:
+        await _refuse_holds_at_another_price(session, [event])
         return
     local = (await connection.execute(_replica_version(), {"ticket_id": event.id})).scalar()
     if is_next_version(local, event.version, what=f"ticket {event.id}"):
@@ -280,6 +282,43 @@ async def tickets_updated(session: AsyncSession, events: Sequence[TicketUpdated]
         local = versions.get(event.id)
         if local is None or local < event.version:
             raise RetryLater(f"ticket {event.id} v{event.version} is not the next version here")
+    await _refuse_holds_at_another_price(session, events)
+
+
+async def _refuse_holds_at_another_price(
+    session: AsyncSession, events: Sequence[TicketUpdated]
+) -> None:
+    """Cancel an unpaid order that the tickets service now holds its ticket for at a price other
+    than the one the order was placed at.
+
+    The seller may change the price the moment before a buyer orders, while the new price is
+    on its way to the replica here: the buyer was told (and would be charged) the old one, the
+    seller asked the new one. Neither is held to a price they did not agree to: the order is
+    cancelled, its ticket goes back on sale at the seller's price. A hold's event comes once
+    more for the sale, when the order is no longer unpaid."""
+    holds = {event.order_id: event for event in events if event.order_id is not None}
+    if not holds:
+        return
+    connection = await session.connection()
+    placed = await connection.execute(_unpaid_prices(), {"order_ids": sorted(holds)})
+    for order_id, price in placed.all():
+        held = holds[order_id]
+        if price is None or price == held.price:
+            continue
+        log.warning("order %s was placed at %s, its ticket %s is now %s: cancelled",
+                    order_id, price, held.id, held.price)  # fmt: skip
+        order = await session.get(Order, order_id)
+        if order is not None:
+            await _cancel(session, order)
+
+
+@cache
+def _unpaid_prices() -> Select[Any]:
+    orders = Order.__table__.c
+    return select(orders.id, orders.price).where(
+        orders.id.in_(bindparam("order_ids", expanding=True)),
+        orders.status == OrderStatus.CREATED.value,
+    )
 
 
 def _new_version(event: TicketUpdated) -> dict[str, Any]:
