@@ -59,20 +59,26 @@ class RetryLater(Exception):
 
 # A client may name what it was just told about (a ticket listed, an order placed) before the
 # event that brings it has reached this service's replica: a listener lets events gather for a
-# moment to share a transaction. What is not found is looked for again, this often, for this long.
+# moment to share a transaction. What is not found is looked for again for this long, soon at
+# first (the event is usually a few tens of milliseconds away), then less and less often: an id
+# that is simply unknown costs a handful of reads, not one every few milliseconds.
 REPLICA_WAIT_SECONDS = 1.0
-REPLICA_POLL_SECONDS = 0.02
+REPLICA_FIRST_POLL_SECONDS = 0.02
+REPLICA_LONGEST_POLL_SECONDS = 0.2
 
 
 async def replicated(read: Callable[[], Awaitable[H | None]]) -> H | None:
     """What `read` finds in a replica, read again until it finds something or
     REPLICA_WAIT_SECONDS have passed; None if it never did."""
     deadline = time.monotonic() + REPLICA_WAIT_SECONDS
+    pause = REPLICA_FIRST_POLL_SECONDS
     while True:
         found = await read()
-        if found is not None or time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if found is not None or left <= 0:
             return found
-        await asyncio.sleep(REPLICA_POLL_SECONDS)
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, REPLICA_LONGEST_POLL_SECONDS)
 
 
 def is_next_version(local: int | None, incoming: int, *, what: str) -> bool:
