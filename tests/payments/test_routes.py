@@ -20,6 +20,7 @@ from ticketing.common import messaging
 from ticketing.common.errors import NotFound
 from ticketing.common.events import Envelope, OrderCancelled, TicketRef
 from ticketing.payments import service
+from ticketing.payments.charges import Charges
 from ticketing.payments.models import OrderReplica, Payment
 from ticketing.platform.stripe_sandbox import SandboxServer, sign_payload
 
@@ -275,6 +276,28 @@ async def test_a_signed_webhook_records_the_payment_and_a_replay_is_harmless(
     # The synchronous path then finds the order paid.
     async with shop.client(order.user_id) as buyer:
         assert error(await pay(buyer, order.id)) == "This order has already been paid"
+
+
+@pytest.mark.parametrize(("amount", "currency"), [(50, "usd"), (2000, "eur")])
+async def test_a_charge_that_is_not_the_orders_price_does_not_pay_for_it(
+    shop: Platform, sandbox: SandboxServer, amount: int, currency: str
+) -> None:
+    """Anything on the account may create a PaymentIntent naming an order: its webhook pays for
+    the order only at the order's price, in usd; otherwise the charge is refunded."""
+    order = await seed_order(shop, price="20")
+    made: Charges = shop.apps["payments"].state.charges
+    intent = await made.charge(
+        amount_cents=amount, token="tok_visa", order_id=order.id, idempotency_key="elsewhere"
+    )
+    event = json.loads(webhook_body(intent, order.id, amount))
+    event["data"]["object"]["currency"] = currency
+    answer = await post_webhook(shop, json.dumps(event).encode(), WEBHOOK_SECRET)
+    assert answer.status_code == 200
+    [payment] = await payments(shop)
+    assert (payment.status, payment.note) == ("refunded", service.WRONG_AMOUNT_NOTE)
+    assert charges(sandbox)[0]["refunded"] is True
+    async with shop.client(order.user_id) as buyer:
+        assert (await pay(buyer, order.id)).status_code == 201  # still unpaid until now
 
 
 async def test_a_forged_webhook_is_rejected(shop: Platform) -> None:

@@ -59,12 +59,13 @@ async def stripe_webhook(
         intent = event["data"]["object"]
         order_id = (intent.get("metadata") or {}).get("orderId")
         if order_id:
-            await _record(runtime, charges, order_id, intent["id"], int(intent["amount"]))
+            amount = service.Amount(int(intent["amount"]), str(intent.get("currency")))
+            await _record(runtime, charges, order_id, intent["id"], amount)
     return {"received": True}
 
 
 async def _record(
-    runtime: Runtime, charges: Charges, order_id: str, stripe_id: str, amount: int
+    runtime: Runtime, charges: Charges, order_id: str, stripe_id: str, amount: service.Amount
 ) -> None:
     try:
         await service.record_charge(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 
 from sqlalchemy import func, select
@@ -30,6 +31,15 @@ from ticketing.payments.models import DeclinedAttempt, OrderReplica, Payment
 log = logging.getLogger(__name__)
 
 CANCELLED_NOTE = "Refunded: the order was cancelled before the payment completed"
+WRONG_AMOUNT_NOTE = "Refunded: the amount charged was not the order's price"
+
+
+@dataclass(frozen=True)
+class Amount:
+    """What a charge took: the order's price in cents, in usd, for a charge made here."""
+
+    cents: int
+    currency: str = "usd"
 
 
 def cents(price: Decimal) -> int:
@@ -74,7 +84,9 @@ async def pay(
         if isinstance(failed, ChargeRefused):
             raise BadRequest(failed.message, field=failed.field) from None
         raise PaymentRequired(failed.message) from None
-    payment = await record_charge(db, charges, order_id=order_id, stripe_id=intent, amount=amount)
+    payment = await record_charge(
+        db, charges, order_id=order_id, stripe_id=intent, amount=Amount(amount)
+    )
     if payment.status == "refunded":
         # The order was cancelled while the card was being charged; the payment record
         # keeps the refund and says why.
@@ -121,7 +133,7 @@ async def _record_decline(db: Database, *, order_id: str, attempt: int, reason: 
 
 
 async def record_charge(
-    db: Database, charges: Charges, *, order_id: str, stripe_id: str, amount: int
+    db: Database, charges: Charges, *, order_id: str, stripe_id: str, amount: Amount
 ) -> Payment:
     """Record a succeeded charge in its own transaction, from the request or a webhook."""
     # The same charge seen twice at once (a retried request, or its webhook): one insert wins,
@@ -133,7 +145,7 @@ async def record_charge(
 
 
 async def record_success(
-    session: AsyncSession, charges: Charges, *, order_id: str, stripe_id: str, amount: int
+    session: AsyncSession, charges: Charges, *, order_id: str, stripe_id: str, amount: Amount
 ) -> Payment:
     """Record a succeeded charge once, whether it is seen by the request or by a webhook.
 
@@ -151,9 +163,13 @@ async def record_success(
     if known is not None:
         return known
     paid_before = await _succeeded_payment(session, order_id)
-    payment = Payment(order_id=order_id, stripe_id=stripe_id, amount_cents=amount)
+    payment = Payment(order_id=order_id, stripe_id=stripe_id, amount_cents=amount.cents)
     session.add(payment)
-    if order.status == "cancelled":
+    if amount != Amount(cents(order.price)):
+        # Not a charge this service made (it charges the order's price): whatever made it on
+        # the account, it does not pay for the order.
+        await _refund(charges, payment, note=WRONG_AMOUNT_NOTE)
+    elif order.status == "cancelled":
         await _refund(charges, payment, note=CANCELLED_NOTE)
     elif paid_before is not None:
         await _refund(charges, payment, note="Refunded: the order was already paid")
