@@ -98,6 +98,7 @@ async def test_refusals_answer_as_the_route_does(platform: Platform, route_only:
         (new_user(), {"json": {"ticketId": 7}}),
         (new_user(), {"json": [held]}),
         (new_user(), {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+        (new_user(), {"content": _nested(100_000), "headers": JSON}),
         (new_user(), {"content": held.encode(), "headers": {"content-type": "text/plain"}}),
         (new_user(), {"content": f'{{"ticketId": "{held}"}}'.encode()}),  # no content type
         (
@@ -119,6 +120,14 @@ async def test_refusals_answer_as_the_route_does(platform: Platform, route_only:
         hot, route = await _both(platform, route_only, user_id, **request)
         assert hot.status_code in (400, 401, 404), request
         _same(hot, route)
+
+
+JSON = {"content-type": "application/json"}
+
+
+def _nested(depth: int) -> bytes:
+    """JSON nested deeper than a parser's recursion goes."""
+    return b"[" * depth + b"]" * depth
 
 
 async def test_attempts_answered_on_the_hot_path_are_counted(platform: Platform) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ticketing.common.body_limit import BodyLimit
 from ticketing.common.db import Database
 from ticketing.common.errors import install_error_handlers
 from ticketing.common.messaging import Bus, Listener, Publisher
@@ -124,6 +125,7 @@ def create_service_app(
     if hot_path is not None:
         app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it
     install_http_metrics(app, runtime.metrics)
+    app.add_middleware(BodyLimit)  # added last: outermost, before anything reads a body
     app.include_router(_ops_router(runtime))
     for router in routers:
         app.include_router(router)

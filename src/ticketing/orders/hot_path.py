@@ -79,7 +79,7 @@ def _well_formed(runtime: Runtime, scope: Scope, body: bytes) -> tuple[str, str]
         return None
     try:
         data: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         return None
     ticket_id = data.get("ticketId") if isinstance(data, dict) else None
     if not isinstance(ticket_id, str) or not is_id(ticket_id.strip()):

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ticketing.common.body_limit import BodyLimit
 from ticketing.common.errors import http_error_response
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.web.client import ApiUnavailable
@@ -38,6 +39,7 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.include_router(router)
     metrics = ServiceMetrics("web")
     install_http_metrics(app, metrics)
+    app.add_middleware(BodyLimit)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
