@@ -26,7 +26,9 @@ def test_defaults() -> None:
     assert settings.nats_subject_prefix == "ticketing"
 
 
-@pytest.mark.parametrize("key", [None, "", DEV_JWT_KEY, "too-short"])
+@pytest.mark.parametrize(
+    "key", [None, "", DEV_JWT_KEY, "too-short", "REPLACE_ME_with_a_key_of_at_least_32_chars"]
+)
 def test_production_refuses_a_missing_default_or_weak_jwt_key(key: str | None) -> None:
     with pytest.raises(ValidationError, match="TICKETING_JWT_KEY"):
         Settings(env="production", jwt_key=key)

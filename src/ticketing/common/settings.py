@@ -14,6 +14,14 @@ SUBJECT_PREFIX = "ticketing"
 MIN_JWT_KEY_LENGTH = 32  # HS256 wants a key at least as long as its digest
 
 
+# What the deployment's example secrets say instead of a secret (deploy/k8s).
+PLACEHOLDER = "REPLACE_ME"
+
+
+def is_placeholder(secret: str) -> bool:
+    return PLACEHOLDER in secret.upper()
+
+
 class InsecureSettingsError(ValueError):
     """Production was asked to start with a secret that is missing or the development default."""
 
@@ -62,7 +70,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_default_secrets_in_production(self) -> Settings:
         key = self.jwt_key or ""
-        if self.env == "production" and (key == DEV_JWT_KEY or len(key) < MIN_JWT_KEY_LENGTH):
+        weak = key == DEV_JWT_KEY or len(key) < MIN_JWT_KEY_LENGTH or is_placeholder(key)
+        if self.env == "production" and weak:
             raise InsecureSettingsError(
                 "TICKETING_JWT_KEY must be a secret of your own, at least "
                 f"{MIN_JWT_KEY_LENGTH} characters, when TICKETING_ENV=production"

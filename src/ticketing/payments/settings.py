@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
-from ticketing.common.settings import InsecureSettingsError, Settings
+from ticketing.common.settings import InsecureSettingsError, Settings, is_placeholder
 
 DEV_WEBHOOK_SECRET = "whsec_dev_only_insecure"
 
@@ -18,9 +18,20 @@ class PaymentsSettings(Settings):
     # arrives waits for the replica instead (messaging.REPLICA_WAIT_SECONDS).
 
     @model_validator(mode="after")
-    def _refuse_dev_webhook_secret_in_production(self) -> PaymentsSettings:
-        if self.env == "production" and self.stripe_webhook_secret == DEV_WEBHOOK_SECRET:
+    def _refuse_stand_in_secrets_in_production(self) -> PaymentsSettings:
+        if self.env != "production":
+            return self
+        secret = self.stripe_webhook_secret
+        stand_in = secret == DEV_WEBHOOK_SECRET or is_placeholder(secret)
+        if stand_in or not secret.startswith("whsec_"):
             raise InsecureSettingsError(
-                "TICKETING_STRIPE_WEBHOOK_SECRET must be set when TICKETING_ENV=production"
+                "TICKETING_STRIPE_WEBHOOK_SECRET must be the endpoint's signing secret (whsec_...)"
+                " when TICKETING_ENV=production"
+            )
+        key = self.stripe_secret_key or ""
+        if not key.startswith(("sk_", "rk_")) or is_placeholder(key):
+            raise InsecureSettingsError(
+                "TICKETING_STRIPE_SECRET_KEY must be the account's secret key (sk_... or rk_...)"
+                " when TICKETING_ENV=production"
             )
         return self
