@@ -35,7 +35,14 @@ async def test_up_serves_auth_on_embedded_defaults(
         assert (await c.get("/nowhere")).status_code == 404
     mail = await eventually(lambda: _mail(smtp_sink))
     assert f"{base}/api/users/verify-magic-link?token=" in mail[0]["text"]
+    link = next(w for w in mail[0]["text"].split() if "verify-magic-link?token=" in w)
+    token = link.split("token=", 1)[1]
+    async with httpx.AsyncClient() as visitor:
+        assert (await visitor.get(link)).status_code == 303
+    # The access log shows the visit, never the one-time secret that signs in.
+    await eventually(lambda: "verify-magic-link?token=[redacted]" in proc.output())
     out = proc.output()
+    assert token not in out
     assert "NATS JetStream" in out and "embedded" in out
     nats_port = _embedded_nats_port(out)
     assert proc.interrupt() == 0
