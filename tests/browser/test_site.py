@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -118,13 +119,20 @@ async def pay_with(page: Page, card: str) -> None:
     raise AssertionError("the order never became payable")
 
 
+async def sign_out(page: Page) -> None:
+    """Through the page a bookmarked or typed /auth/signout shows: signing out is a POST."""
+    await page.goto("/auth/signout")
+    await page.get_by_role("main").get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("link", name="Sign in")).to_be_visible()
+
+
 async def test_sell_sign_out_buy_and_pay(browser: Browser, site: str, shot: Shot) -> None:
     page = await new_page(browser, site)
     await page.goto("/")
     await shot(page, "home")
     await sign_up(page, shot, email())
     ticket_url = await sell(page, shot, "Arctic Monkeys, row 12", "85.50")
-    await page.get_by_role("link", name="Sign out").click()
+    await page.get_by_role("button", name="Sign out").click()
     await expect(page.get_by_role("link", name="Sign in")).to_be_visible()
 
     await sign_up(page, shot, email())
@@ -146,7 +154,7 @@ async def test_a_declined_card_shows_the_decline(browser: Browser, site: str, sh
     page = await new_page(browser, site, mobile=True)
     await sign_up(page, shot, email())
     ticket_url = await sell(page, shot, "Cup final", "40")
-    await page.goto("/auth/signout")
+    await sign_out(page)
     await sign_up(page, shot, email())
     await purchase(page, shot, ticket_url)
     await pay_with(page, "tok_chargeDeclined")
@@ -158,7 +166,7 @@ async def test_an_unpaid_order_expires(browser: Browser, site: str, shot: Shot) 
     page = await new_page(browser, site)
     await sign_up(page, shot, email())
     ticket_url = await sell(page, shot, "Jazz night", "25")
-    await page.goto("/auth/signout")
+    await sign_out(page)
     await sign_up(page, shot, email())
     await purchase(page, shot, ticket_url)
     await expect(page.get_by_text("Order expired")).to_be_visible(timeout=(TTL + 5) * 1000)
@@ -194,5 +202,25 @@ async def test_a_magic_link_from_the_mailbox_signs_in(
     mail = page.get_by_role("article").filter(has_text=address)
     await mail.get_by_role("link", name="Sign in to Ticketing").click()
     await expect(page.get_by_text(address)).to_be_visible()
-    await expect(page.get_by_role("link", name="Sign out")).to_be_visible()
+    await expect(page.get_by_role("button", name="Sign out")).to_be_visible()
     await shot(page, "signed-in-by-link")
+
+
+def test_a_form_posted_from_another_site_is_refused(site: str) -> None:
+    """Login CSRF: another site's form must not sign the visitor in as someone else."""
+    credentials = {"email": email(), "password": "secret-pass"}
+    with httpx.Client(base_url=site) as client:
+        for header in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://elsewhere.example"}):
+            refused = client.post("/auth/signup", data=credentials, headers=header)
+            assert refused.status_code == 403, header
+            assert "set-cookie" not in refused.headers
+        own = client.post(
+            "/auth/signup", data=credentials, headers={"Sec-Fetch-Site": "same-origin"}
+        )
+        assert own.status_code == 303 and "session=" in own.headers["set-cookie"]
+        # A link cannot sign anyone out: the page asks, and only its form does it.
+        assert client.get("/auth/signout").status_code == 200
+        assert client.get("/api/users/currentuser").json()["currentUser"] is not None
+        signed_out = client.post("/auth/signout", headers={"Origin": site})
+        assert signed_out.status_code == 303
+        assert client.get("/api/users/currentuser").json()["currentUser"] is None

@@ -18,6 +18,7 @@ from ticketing.common.errors import http_error_response
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.web.client import ApiUnavailable
 from ticketing.web.routes import router
+from ticketing.web.same_origin import SameOriginPosts
 from ticketing.web.settings import WebSettings
 
 HERE = Path(__file__).parent
@@ -39,6 +40,7 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.include_router(router)
     metrics = ServiceMetrics("web")
     install_http_metrics(app, metrics)
+    app.add_middleware(SameOriginPosts)
     app.add_middleware(BodyLimit)
 
     @app.get("/healthz", include_in_schema=False)

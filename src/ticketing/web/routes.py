@@ -86,7 +86,8 @@ async def magic_link(request: Request, visitor: VisitorDep) -> Response:
 @router.get("/auth/{mode}")
 async def auth_page(request: Request, visitor: VisitorDep, mode: str) -> Response:
     if mode == "signout":
-        return redirect("/", await visitor.api.call("POST", "/api/users/signout"))
+        # Signing out changes state: only a POST does it (a link on another site cannot).
+        return render(request, visitor, "signout.html")
     if mode not in ("signup", "signin"):
         return not_found(request, visitor, "Page")
     return render(request, visitor, "auth.html", mode=mode, errors={}, form={})
@@ -94,6 +95,8 @@ async def auth_page(request: Request, visitor: VisitorDep, mode: str) -> Respons
 
 @router.post("/auth/{mode}")
 async def auth_submit(request: Request, visitor: VisitorDep, mode: str) -> Response:
+    if mode == "signout":
+        return redirect("/", await visitor.api.call("POST", "/api/users/signout"))
     if mode not in ("signup", "signin"):
         return not_found(request, visitor, "Page")
     form = await _form(request)
