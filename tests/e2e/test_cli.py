@@ -322,3 +322,22 @@ async def test_up_behind_a_public_address_and_stopped_by_sigterm(
     proc.process.terminate()
     assert proc.process.wait(timeout=30) == 0
     assert not port_answers("127.0.0.1", nats_port)  # SIGTERM stops the children too
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_up_killed_outright_leaves_nothing_running(
+    launch: Any, tmp_path: Path, workers: int
+) -> None:
+    """SIGKILL (or the OOM killer) gives the supervisor no chance to stop its children: they
+    stop themselves, so nothing serves on, orphaned, holding the port a restart needs."""
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"))
+    proc = launch("up", "--port", "0", "--workers", str(workers), env=env)
+    port = httpx.URL(await wait_up(proc)).port
+    children = psutil.Process(proc.process.pid).children(recursive=True)
+    assert len(children) >= 2  # the embedded nats-server and valkey, and any workers
+    proc.process.kill()
+    proc.process.wait()
+    await eventually(lambda: not _running(children), within=30)
+    again = launch("up", "--port", str(port), env=env)  # the same port and data dir
+    await wait_healthy(f"http://127.0.0.1:{port}", again)
+    assert again.interrupt() == 0

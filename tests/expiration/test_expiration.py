@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Platform, new_user
@@ -107,6 +110,29 @@ async def test_a_job_that_cannot_reach_its_database_asks_arq_to_retry(tmp_path: 
     with pytest.raises(Retry):
         await expire_order({"runtime": Unreachable(), "job_try": 1}, str(uuid.uuid4()))
     await Unreachable.db.dispose()
+
+
+async def test_a_job_whose_database_hangs_asks_arq_to_retry_before_arq_times_it_out(
+    monkeypatch: Any,
+) -> None:
+    """arq ends a job it times out for good: the order would never expire."""
+    from arq import Retry
+
+    from ticketing.expiration import service
+
+    async def hanging(*_: Any, **__: Any) -> None:
+        await asyncio.Event().wait()
+
+    class Runtime:
+        class db:
+            @staticmethod
+            def autocommit() -> Any:
+                return contextlib.nullcontext(None)
+
+    monkeypatch.setattr(service, "announce_expiry", hanging)
+    monkeypatch.setattr(service, "ANNOUNCE_WITHIN_SECONDS", 0.05)
+    with pytest.raises(Retry):
+        await expire_order({"runtime": Runtime(), "job_try": 1}, str(uuid.uuid4()))
 
 
 async def test_a_job_is_scheduled_as_arq_itself_schedules_it(platform: Platform) -> None:

@@ -20,7 +20,12 @@ from ticketing.common.messaging import RetryLater
 from ticketing.expiration import service
 from ticketing.expiration.settings import ExpirationSettings
 
-JOB_TIMEOUT_SECONDS = 60
+# A job waits up to a second, then announces within service.ANNOUNCE_WITHIN_SECONDS or asks to
+# be run again: a job arq times out would be over for good. arq hands the job of a process
+# that died mid-job to another worker only once this, plus ten seconds, has passed: that long,
+# an order whose job was cut off stays unexpired (its ticket off sale). Running a job twice
+# is harmless: its announcement has an id of its own.
+JOB_TIMEOUT_SECONDS = 1 + service.ANNOUNCE_WITHIN_SECONDS + 4
 
 # arq's enqueue_job for several jobs: the same checks and writes for each, in one round trip
 # instead of three each (WATCH, EXISTS, then MULTI to EXEC). A script runs atomically: no second
@@ -76,8 +81,6 @@ class JobQueue:
             handle_signals=False,
             poll_delay=self.poll_seconds,
             max_jobs=self.max_jobs,
-            # A job waits up to a second, then writes one row. arq leaves the job of a process
-            # that died mid-job to others only once this (plus ten seconds) has passed.
             job_timeout=JOB_TIMEOUT_SECONDS,
             ctx={"runtime": runtime},
             keep_result=3600,

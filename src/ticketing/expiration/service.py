@@ -79,14 +79,21 @@ async def announce_expiry(connection: AsyncConnection, *, order_id: str) -> None
     await insert_event_once(connection, event, event_id=expiration_event_id(order_id))
 
 
+# How long a job may take to announce its expiry (a database that does not answer, a pool
+# with no connection free) before it lets arq run it again.
+ANNOUNCE_WITHIN_SECONDS = 5.0
+
+
 async def expire_order(ctx: dict[str, Any], order_id: str, expires_at: float | None = None) -> None:
     """arq entry point; `ctx["runtime"]` is the service's runtime. `expires_at` (a Unix time)
     is when to announce; jobs scheduled without it are due as they start."""
     if expires_at is not None:
         await asyncio.sleep(max(expires_at - time.time(), 0.0))
     try:
-        async with ctx["runtime"].db.autocommit() as connection:
-            await announce_expiry(connection, order_id=order_id)
+        # Bounded well within arq's job timeout: a job that arq times out is over for good.
+        async with asyncio.timeout(ANNOUNCE_WITHIN_SECONDS):
+            async with ctx["runtime"].db.autocommit() as connection:
+                await announce_expiry(connection, order_id=order_id)
     except Exception as exc:
         # arq retries only on Retry: anything else would end the job and strand the order.
         tries = int(ctx.get("job_try", 1))

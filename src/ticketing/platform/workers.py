@@ -36,7 +36,7 @@ from ticketing.common.db import Database
 from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET
-from ticketing.platform.embedded import listening_socket
+from ticketing.platform.embedded import listening_socket, stop_with_parent
 from ticketing.platform.gateway import Gateway
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import SandboxServer
@@ -196,7 +196,7 @@ class WorkerPool:
             overrides["db_pool_size"] = self.pool_size
         process = self._context.Process(
             target=serve_worker,
-            args=(sock, self.log_level, overrides, role),
+            args=(sock, self.log_level, overrides, role, os.getpid()),
             name=f"ticketing-{role.name}",
         )
         process.start()
@@ -254,9 +254,17 @@ async def _watch(
 
 
 def serve_worker(
-    sock: socket.socket, log_level: str, overrides: dict[str, Any], role: Role = REQUESTS
+    sock: socket.socket,
+    log_level: str,
+    overrides: dict[str, Any],
+    role: Role = REQUESTS,
+    supervisor: int | None = None,
 ) -> None:
-    """One worker process: every service behind the gateway, on the socket it was given."""
+    """One worker process: every service behind the gateway, on the socket it was given; it
+    stops when its supervisor is gone, however that went."""
+    stop_with_parent()()
+    if supervisor is not None and os.getppid() != supervisor:
+        return  # gone already, before the kernel was asked to tell us
     configure_logging(json_lines=False, level=log_level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     if not role.listens:
