@@ -13,6 +13,7 @@ from ticketing.common.auth import COOKIE_NAME, current_user
 from ticketing.common.ids import is_id
 from ticketing.common.mailbox import mailbox_dir, read_mailbox
 from ticketing.web.client import Api, ApiResult
+from ticketing.web.same_origin import from_another_site
 from ticketing.web.settings import WebSettings
 
 router = APIRouter(include_in_schema=False)
@@ -86,8 +87,11 @@ async def magic_link(request: Request, visitor: VisitorDep) -> Response:
 @router.get("/auth/{mode}")
 async def auth_page(request: Request, visitor: VisitorDep, mode: str) -> Response:
     if mode == "signout":
-        # Signing out changes state: only a POST does it (a link on another site cannot).
-        return render(request, visitor, "signout.html")
+        # A link or an image on another site must not sign anyone out: from there, the page
+        # asks first (its form posts from here).
+        if from_another_site(request.scope):
+            return render(request, visitor, "signout.html")
+        return redirect("/", await visitor.api.call("POST", "/api/users/signout"))
     if mode not in ("signup", "signin"):
         return not_found(request, visitor, "Page")
     return render(request, visitor, "auth.html", mode=mode, errors={}, form={})

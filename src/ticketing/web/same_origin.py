@@ -21,13 +21,15 @@ class SameOriginPosts:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and _cross_site(scope):
+        if scope["type"] == "http" and scope["method"] == "POST" and from_another_site(scope):
             await PlainTextResponse(REFUSED, status_code=403)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-def _cross_site(scope: Scope) -> bool:
+def from_another_site(scope: Scope) -> bool:
+    """What the browser says of a request's origin: another site's page (a form, a link, an
+    image). A request that says nothing (typed, bookmarked, not a browser) is not."""
     headers: dict[bytes, str] = {k: v.decode("latin-1") for k, v in scope["headers"]}
     fetch_site = headers.get(b"sec-fetch-site")
     if fetch_site is not None:
