@@ -315,3 +315,18 @@ async def test_a_completed_order_cannot_be_cancelled(orders: Platform) -> None:
         response = await buyer.delete(f"/api/orders/{created['id']}")
     assert response.status_code == 400
     assert response.json()["errors"][0]["message"] == "Cannot cancel a completed order"
+
+
+async def test_cancellations_at_the_same_moment_all_answer_204(orders: Platform) -> None:
+    """Each one that loses the race on the order's version reads it again: never a 500."""
+    buyer = new_user()
+    for _ in range(5):
+        ticket_id = await seed_ticket(orders)
+        async with orders.client(buyer) as c:
+            placed = (await order(c, ticket_id)).json()
+            answers = await asyncio.gather(
+                *(c.delete(f"/api/orders/{placed['id']}") for _ in range(4))
+            )
+            assert [a.status_code for a in answers] == [204] * 4
+            shown = (await c.get(f"/api/orders/{placed['id']}")).json()
+        assert (shown["status"], shown["version"]) == ("cancelled", 1)

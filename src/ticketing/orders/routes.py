@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from ticketing.common.app import Runtime, SessionDep, runtime_of
+from ticketing.common.app import Runtime, RuntimeDep, SessionDep, runtime_of
 from ticketing.common.auth import RequireUser
 from ticketing.common.ids import path_id
 from ticketing.orders import service
@@ -50,7 +50,11 @@ async def show_order(order_id: str, user: RequireUser, session: SessionDep) -> O
 
 
 @router.delete("/{order_id}", status_code=204)
-async def cancel_order(order_id: str, user: RequireUser, session: SessionDep) -> Response:
+async def cancel_order(order_id: str, user: RequireUser, runtime: RuntimeDep) -> Response:
     oid = path_id(order_id, what="Order")
-    await service.cancel_order(session, order_id=oid, user_id=user.id)
+    # Another cancellation, an expiry or a payment may change the order at the same moment:
+    # the version check then refuses this write, and the order is read again and decided anew.
+    await runtime.db.retrying(
+        lambda session: service.cancel_order(session, order_id=oid, user_id=user.id)
+    )
     return Response(status_code=204)
