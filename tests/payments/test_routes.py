@@ -182,6 +182,27 @@ async def test_concurrent_retries_of_one_request_charge_once(
     assert len(await payments(shop)) == 1
 
 
+async def test_two_cards_at_once_charge_once_and_the_other_is_told_why(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    """Two payments of one order at once with different cards share the attempt's key: Stripe
+    refuses the second while the first is under way, which is a lost race, not an outage."""
+    for _ in range(5):
+        order = await seed_order(shop)
+        async with shop.client(order.user_id) as buyer:
+            answers = await asyncio.gather(
+                pay(buyer, order.id, "tok_visa"), pay(buyer, order.id, "tok_mastercard")
+            )
+        statuses = sorted(a.status_code for a in answers)
+        assert statuses in ([201, 400], [201, 409]), [a.text for a in answers]
+        lost = next(a for a in answers if a.status_code != 201)
+        assert error(lost) in {
+            "This order has already been paid",
+            "A payment for this order is already under way",
+        }
+    assert len(charges(sandbox)) == 5
+
+
 async def test_a_retry_after_a_lost_response_reuses_the_charge(
     shop: Platform, sandbox: SandboxServer
 ) -> None:

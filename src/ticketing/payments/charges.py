@@ -9,7 +9,7 @@ import stripe
 from stripe._base_address import BaseAddresses
 from stripe.params import PaymentIntentCreateParams
 
-from ticketing.common.errors import ServiceUnavailable
+from ticketing.common.errors import Conflict, ServiceUnavailable
 from ticketing.payments.settings import PaymentsSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class Charges:
             )
         except stripe.CardError as exc:
             raise CardDeclined(exc.user_message or "Your card was declined.") from exc
+        except stripe.IdempotencyError as exc:
+            # The same attempt's key, sent again with another card while the first request
+            # is under way (two payments at once): that one decides.
+            raise Conflict("A payment for this order is already under way") from exc
         except stripe.InvalidRequestError as exc:
             if exc.code == "resource_missing" and "token" in (exc.param or ""):
                 raise ChargeRefused("Token is not a valid card token", field="token") from exc
