@@ -7,9 +7,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Platform, new_user
+from tests.conftest import Platform, new_user, payments_settings
 from tests.support import consumer_settled, eventually, stream_envelopes
 from ticketing.common.events import Envelope, OrderCancelled, TicketRef
+from ticketing.platform.stripe_sandbox import SandboxServer
 
 
 @pytest.fixture
@@ -203,3 +204,54 @@ async def test_an_order_held_at_the_price_it_was_placed_at_stays(market: Platfor
         await eventually(lambda: consumer_settled(market.runtime("orders").bus, "orders"))
         shown = (await buyer.get(f"/api/orders/{placed['id']}")).json()
     assert shown["status"] == "created"
+
+
+async def test_an_order_paid_before_its_hold_at_a_new_price_is_cancelled_and_refunded(
+    platform: Platform, sandbox: SandboxServer
+) -> None:
+    """As above, but the buyer pays the moment the 201 arrives, and the payment reaches the
+    orders service before the hold does (the seller's edit and the hold are published by
+    different processes). The order is completed only once its hold is seen at its price:
+    here it is cancelled instead, and the charge refunded."""
+    await platform.start("tickets", "orders")
+    await platform.start("payments", **payments_settings(sandbox))
+    seller = new_user()
+    ticket = await sell(platform, seller)
+    await eventually(lambda: _replica_at(platform, ticket["id"], 0))
+    # Neither the reservation nor the orders service's listener runs for now.
+    for name in ("tickets", "orders"):
+        await platform.stop(name)
+        await platform.start(name, run_listeners=False)
+    async with platform.client(seller) as c:
+        edited = await c.put(f"/api/tickets/{ticket['id']}", json={"title": "Gig", "price": 70})
+        assert edited.status_code == 200
+    async with platform.client(new_user()) as buyer:
+        placed = (await buyer.post("/api/orders", json={"ticketId": ticket["id"]})).json()
+
+        async def paid() -> httpx.Response | None:
+            answer = await buyer.post(
+                "/api/payments", json={"orderId": placed["id"], "token": "tok_visa"}
+            )
+            return answer if answer.status_code != 404 else None  # the replica's moment
+
+        assert (await eventually(paid)).status_code == 201
+        # The reservation runs (the hold at 70 is now behind the payment), then the orders
+        # service's listener.
+        await platform.stop("tickets")
+        await platform.start("tickets")
+        await ticket_matching(platform, ticket["id"], version=2, orderId=placed["id"], price=70)
+        await platform.stop("orders")
+        await platform.start("orders")
+
+        async def cancelled() -> bool:
+            shown = (await buyer.get(f"/api/orders/{placed['id']}")).json()
+            return bool(shown["status"] == "cancelled")
+
+        await eventually(cancelled)
+    await ticket_matching(platform, ticket["id"], version=3, orderId=None, price=70)
+    await eventually(lambda: _refunded(sandbox))
+
+
+def _refunded(sandbox: SandboxServer) -> bool:
+    [charge] = sandbox.app.state.sandbox.charges
+    return bool(charge["refunded"])

@@ -60,6 +60,9 @@ class Order(OrdersBase):
     # The ticket's price as the buyer was told it (and as payments charges it, from
     # order:created); none for orders placed before it was kept.
     price: Mapped[Decimal | None] = mapped_column(Numeric(12, 2), nullable=True)
+    # Whether the tickets service's hold of the ticket for this order, at that price, has been
+    # seen here: a payment completes the order only then. None for orders from before.
+    held: Mapped[bool | None] = mapped_column(nullable=True)
 
     ticket: Mapped[TicketReplica] = relationship(lazy="joined")
 

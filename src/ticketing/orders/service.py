@@ -128,6 +128,7 @@ def _order_columns(order: PlacedOrder) -> dict[str, Any]:
         "expires_at": order.expires_at,
         "version": order.version,
         "price": order.ticket.price,
+        "held": False,
     }
 
 
@@ -256,7 +257,7 @@ async def ticket_updated(session: AsyncSession, event: TicketUpdated) -> None:
     replica's version is read only when it is not."""
     connection = await session.connection()
     if (await connection.execute(_apply_next_version(), _new_version(event))).first() is not None:
-        await _refuse_holds_at_another_price(session, [event])
+        await _check_holds(session, [event])
         return
     local = (await connection.execute(_replica_version(), {"ticket_id": event.id})).scalar()
     if is_next_version(local, event.version, what=f"ticket {event.id}"):
@@ -282,34 +283,38 @@ async def tickets_updated(session: AsyncSession, events: Sequence[TicketUpdated]
         local = versions.get(event.id)
         if local is None or local < event.version:
             raise RetryLater(f"ticket {event.id} v{event.version} is not the next version here")
-    await _refuse_holds_at_another_price(session, events)
+    await _check_holds(session, events)
 
 
-async def _refuse_holds_at_another_price(
-    session: AsyncSession, events: Sequence[TicketUpdated]
-) -> None:
-    """Cancel an unpaid order that the tickets service now holds its ticket for at a price other
-    than the one the order was placed at.
+async def _check_holds(session: AsyncSession, events: Sequence[TicketUpdated]) -> None:
+    """The tickets service holds a ticket for an unpaid order: at the price the order was placed
+    at, the hold is noted (a payment may then complete the order); at another, the order is
+    cancelled.
 
     The seller may change the price the moment before a buyer orders, while the new price is
     on its way to the replica here: the buyer was told (and would be charged) the old one, the
     seller asked the new one. Neither is held to a price they did not agree to: the order is
-    cancelled, its ticket goes back on sale at the seller's price. A hold's event comes once
-    more for the sale, when the order is no longer unpaid."""
+    cancelled, its ticket goes back on sale at the seller's price, and a payment made meanwhile
+    is refunded (payments refunds a cancelled order's charge). That is why a payment waits for
+    the hold. A hold's event comes once more for the sale, when the order is no longer unpaid."""
     holds = {event.order_id: event for event in events if event.order_id is not None}
     if not holds:
         return
     connection = await session.connection()
     placed = await connection.execute(_unpaid_prices(), {"order_ids": sorted(holds)})
+    seen = []
     for order_id, price in placed.all():
-        held = holds[order_id]
-        if price is None or price == held.price:
+        hold = holds[order_id]
+        if price is None or price == hold.price:
+            seen.append(order_id)
             continue
         log.warning("order %s was placed at %s, its ticket %s is now %s: cancelled",
-                    order_id, price, held.id, held.price)  # fmt: skip
+                    order_id, price, hold.id, hold.price)  # fmt: skip
         order = await session.get(Order, order_id)
         if order is not None:
             await _cancel(session, order)
+    if seen:
+        await connection.execute(_note_held(), {"order_ids": seen})
 
 
 @cache
@@ -318,6 +323,17 @@ def _unpaid_prices() -> Select[Any]:
     return select(orders.id, orders.price).where(
         orders.id.in_(bindparam("order_ids", expanding=True)),
         orders.status == OrderStatus.CREATED.value,
+    )
+
+
+@cache
+def _note_held() -> Update:
+    """Not a change of the order (no new version, no event): what this service has seen."""
+    orders = Order.__table__.c
+    return (
+        update(Order)
+        .where(orders.id.in_(bindparam("order_ids", expanding=True)), orders.held.is_(False))
+        .values(held=True)
     )
 
 
@@ -398,6 +414,9 @@ async def complete(session: AsyncSession, *, order_id: str) -> None:
         if order.status is OrderStatus.CANCELLED:
             log.warning("payment for cancelled order %s: payments refunds it", order_id)
         return
+    if order.held is False:
+        # Paid the moment the 201 came: the hold may yet turn out to be at another price.
+        raise RetryLater(f"order {order_id} is paid, its ticket's hold not seen yet")
     order.status = OrderStatus.COMPLETE
     await session.flush()
     add_event(
