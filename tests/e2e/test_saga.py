@@ -180,12 +180,7 @@ async def test_an_order_placed_on_a_price_just_changed_is_cancelled_not_sold_at_
         # Events are handled again: the edit, then the hold at the new price.
         await platform.stop("orders")
         await platform.start("orders")
-
-        async def cancelled() -> bool:
-            shown = (await buyer.get(f"/api/orders/{placed['id']}")).json()
-            return bool(shown["status"] == "cancelled")
-
-        await eventually(cancelled)
+        await eventually(lambda: _status_is(buyer, placed["id"], "cancelled"))
     await ticket_matching(platform, ticket["id"], version=3, orderId=None, price=70)
     async with platform.client(new_user()) as next_buyer:
         again = await next_buyer.post("/api/orders", json={"ticketId": ticket["id"]})
@@ -242,14 +237,13 @@ async def test_an_order_paid_before_its_hold_at_a_new_price_is_cancelled_and_ref
         await ticket_matching(platform, ticket["id"], version=2, orderId=placed["id"], price=70)
         await platform.stop("orders")
         await platform.start("orders")
-
-        async def cancelled() -> bool:
-            shown = (await buyer.get(f"/api/orders/{placed['id']}")).json()
-            return bool(shown["status"] == "cancelled")
-
-        await eventually(cancelled)
+        await eventually(lambda: _status_is(buyer, placed["id"], "cancelled"))
     await ticket_matching(platform, ticket["id"], version=3, orderId=None, price=70)
     await eventually(lambda: _refunded(sandbox))
+
+
+async def _status_is(client: httpx.AsyncClient, order_id: str, status: str) -> bool:
+    return bool((await client.get(f"/api/orders/{order_id}")).json()["status"] == status)
 
 
 def _refunded(sandbox: SandboxServer) -> bool:
