@@ -249,3 +249,32 @@ async def _status_is(client: httpx.AsyncClient, order_id: str, status: str) -> b
 def _refunded(sandbox: SandboxServer) -> bool:
     [charge] = sandbox.app.state.sandbox.charges
     return bool(charge["refunded"])
+
+
+async def test_an_order_paid_before_its_hold_completes_when_the_hold_comes(
+    platform: Platform, sandbox: SandboxServer
+) -> None:
+    """The payment is noted, not retried until it gives up: the hold completes the order."""
+    await platform.start("orders")
+    await platform.start("payments", **payments_settings(sandbox))
+    await platform.start("tickets", run_listeners=False)  # no reservation for now
+    ticket = await sell(platform, new_user())
+    await eventually(lambda: _replica_at(platform, ticket["id"], 0))
+    async with platform.client(new_user()) as buyer:
+        placed = (await buyer.post("/api/orders", json={"ticketId": ticket["id"]})).json()
+
+        async def paid() -> httpx.Response | None:
+            answer = await buyer.post(
+                "/api/payments", json={"orderId": placed["id"], "token": "tok_visa"}
+            )
+            return answer if answer.status_code != 404 else None
+
+        assert (await eventually(paid)).status_code == 201
+        await eventually(lambda: consumer_settled(platform.runtime("orders").bus, "orders"))
+        assert await _status_is(buyer, placed["id"], "created")  # paid, the hold not seen yet
+        await platform.stop("tickets")
+        await platform.start("tickets")
+        await eventually(lambda: _status_is(buyer, placed["id"], "complete"))
+    sold = await ticket_matching(platform, ticket["id"], orderId=placed["id"], version=2)
+    assert sold["price"] == 20
+    assert not _refunded(sandbox)

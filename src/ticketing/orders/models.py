@@ -63,6 +63,8 @@ class Order(OrdersBase):
     # Whether the tickets service's hold of the ticket for this order, at that price, has been
     # seen here: a payment completes the order only then. None for orders from before.
     held: Mapped[bool | None] = mapped_column(nullable=True)
+    # A payment that came before the hold: the order completes as the hold is seen.
+    paid: Mapped[bool | None] = mapped_column(nullable=True)
 
     ticket: Mapped[TicketReplica] = relationship(lazy="joined")
 

@@ -129,6 +129,7 @@ def _order_columns(order: PlacedOrder) -> dict[str, Any]:
         "version": order.version,
         "price": order.ticket.price,
         "held": False,
+        "paid": False,
     }
 
 
@@ -176,18 +177,20 @@ async def _free_expired_hold(connection: AsyncConnection, row: Mapping[str, Any]
         raise BadRequest(ALREADY_RESERVED)
 
 
+def _update_unpaid(*conditions: Any) -> Update:
+    """An update of the unpaid order `order_id`, if `conditions` hold too."""
+    orders = Order.__table__.c
+    return update(Order).where(
+        orders.id == bindparam("order_id"), orders.status == OrderStatus.CREATED.value, *conditions
+    )
+
+
 @cache
 def _cancel_if_due() -> Update:
     """Cancel an order whose window has passed unpaid (`order_id`, `now`)."""
     orders = Order.__table__.c
-    return (
-        update(Order)
-        .where(
-            orders.id == bindparam("order_id"),
-            orders.status == OrderStatus.CREATED.value,
-            orders.expires_at <= bindparam("now"),
-        )
-        .values(status=OrderStatus.CANCELLED.value, version=orders.version + 1)
+    return _update_unpaid(orders.expires_at <= bindparam("now")).values(
+        status=OrderStatus.CANCELLED.value, version=orders.version + 1
     )
 
 
@@ -295,8 +298,9 @@ async def _check_holds(session: AsyncSession, events: Sequence[TicketUpdated]) -
     on its way to the replica here: the buyer was told (and would be charged) the old one, the
     seller asked the new one. Neither is held to a price they did not agree to: the order is
     cancelled, its ticket goes back on sale at the seller's price, and a payment made meanwhile
-    is refunded (payments refunds a cancelled order's charge). That is why a payment waits for
-    the hold. A hold's event comes once more for the sale, when the order is no longer unpaid."""
+    is refunded (payments refunds a cancelled order's charge). That is why a payment that came
+    first was only noted: the order completes here. A hold's event comes once more for the
+    sale, when the order is no longer unpaid."""
     holds = {event.order_id: event for event in events if event.order_id is not None}
     if not holds:
         return
@@ -313,8 +317,13 @@ async def _check_holds(session: AsyncSession, events: Sequence[TicketUpdated]) -
         order = await session.get(Order, order_id)
         if order is not None:
             await _cancel(session, order)
-    if seen:
-        await connection.execute(_note_held(), {"order_ids": seen})
+    if not seen:
+        return
+    noted = await connection.execute(_note_held(), {"order_ids": seen})
+    for order_id in [row.id for row in noted.all() if row.paid]:
+        order = await session.get(Order, order_id)
+        if order is not None:
+            await _complete(session, order)
 
 
 @cache
@@ -327,14 +336,24 @@ def _unpaid_prices() -> Select[Any]:
 
 
 @cache
-def _note_held() -> Update:
-    """Not a change of the order (no new version, no event): what this service has seen."""
+def _note_held() -> ReturningUpdate[Any]:
+    """Not a change of the order (no new version, no event): what this service has seen. Says
+    which were paid already. A row's lock orders it with _note_paid: one of the two sees the
+    other's write."""
     orders = Order.__table__.c
     return (
         update(Order)
         .where(orders.id.in_(bindparam("order_ids", expanding=True)), orders.held.is_(False))
         .values(held=True)
+        .returning(orders.id, orders.paid)
     )
+
+
+@cache
+def _note_paid() -> ReturningUpdate[tuple[str]]:
+    """A payment before the hold: noted, as _note_held notes the hold (no version, no event)."""
+    orders = Order.__table__.c
+    return _update_unpaid(orders.held.is_(False)).values(paid=True).returning(orders.id)
 
 
 def _new_version(event: TicketUpdated) -> dict[str, Any]:
@@ -415,8 +434,18 @@ async def complete(session: AsyncSession, *, order_id: str) -> None:
             log.warning("payment for cancelled order %s: payments refunds it", order_id)
         return
     if order.held is False:
-        # Paid the moment the 201 came: the hold may yet turn out to be at another price.
-        raise RetryLater(f"order {order_id} is paid, its ticket's hold not seen yet")
+        # Paid the moment the 201 came: the hold may yet turn out to be at another price. The
+        # hold, when it comes, completes the order (or cancels it, and payments refunds).
+        connection = await session.connection()
+        if (await connection.execute(_note_paid(), {"order_id": order_id})).first():
+            return
+        await session.refresh(order)  # held meanwhile: complete it here
+        if order.status is not OrderStatus.CREATED:
+            return
+    await _complete(session, order)
+
+
+async def _complete(session: AsyncSession, order: Order) -> None:
     order.status = OrderStatus.COMPLETE
     await session.flush()
     add_event(

@@ -1,4 +1,4 @@
-"""the price an order was placed at, and whether its hold was seen
+"""the price an order was placed at, whether its hold was seen, a payment before it
 
 Revision ID: e3a1c9d2b7f4
 Revises: cc5ee8d86ee7
@@ -22,9 +22,11 @@ def upgrade() -> None:
     # Nullable: orders placed before this revision have neither (nothing is checked for them).
     op.add_column("orders", sa.Column("price", sa.Numeric(precision=12, scale=2), nullable=True))
     op.add_column("orders", sa.Column("held", sa.Boolean(), nullable=True))
+    op.add_column("orders", sa.Column("paid", sa.Boolean(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("orders") as batch:
+        batch.drop_column("paid")
         batch.drop_column("held")
         batch.drop_column("price")
