@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import MetaData, inspect
+from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ticketing.common.migrate import upgrade
@@ -97,3 +97,53 @@ async def test_a_database_made_by_ticketing_up_is_adopted_not_recreated(
     finally:
         await engine.dispose()
     assert "alembic_version_tickets" in tables
+
+
+# Added to the orders table by the orders service's revision e3a1c9d2b7f4.
+NEWER_ORDER_COLUMNS = ("price", "held", "paid")
+
+
+async def _orders_table_from_before(url: str) -> None:
+    """The orders tables as a dev start of the version before those columns left them."""
+    from ticketing.common.db import Database
+
+    db = Database(url, metadata=SERVICES["orders"].metadata())
+    await db.create_all()
+    async with db.engine.begin() as conn:
+        for column in NEWER_ORDER_COLUMNS:
+            await conn.execute(text(f"ALTER TABLE orders DROP COLUMN {column}"))
+    await db.dispose()
+
+
+async def _order_columns(url: str) -> set[str]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            columns = await conn.run_sync(lambda c: inspect(c).get_columns("orders"))
+    finally:
+        await engine.dispose()
+    return {column["name"] for column in columns}
+
+
+@pytest.mark.parametrize("by", ["a dev start", "ticketing migrate"])
+async def test_a_dev_database_from_before_a_new_column_gets_it(settings: Settings, by: str) -> None:
+    from ticketing.common.db import Database
+
+    url = settings.service_database_url("orders")
+    await _orders_table_from_before(url)
+    assert not set(NEWER_ORDER_COLUMNS) & await _order_columns(url)
+    if by == "a dev start":
+        db = Database(url, metadata=SERVICES["orders"].metadata())
+        await db.create_all()
+        await db.dispose()
+    else:
+        config = SERVICES["orders"].alembic_config(url)
+        await asyncio.to_thread(upgrade, config)
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                diff = await conn.run_sync(lambda c: _diff(c, config.attributes["metadata"]))
+        finally:
+            await engine.dispose()
+        assert diff == []  # stamped at head, and it is head
+    assert set(NEWER_ORDER_COLUMNS) <= await _order_columns(url)

@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import DateTime, Insert, MetaData, Select, TypeDecorator, event, insert, text
+from sqlalchemy import (
+    DateTime,
+    Insert,
+    MetaData,
+    Select,
+    TypeDecorator,
+    event,
+    insert,
+    inspect,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +36,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.schema import CreateColumn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +87,26 @@ def note_outbox_row(info: dict[Any, Any], row: dict[str, Any]) -> None:
     info.setdefault(OUTBOX_WRITTEN, []).append(row)
 
 
+def add_missing_columns(connection: Any, metadata: MetaData) -> None:
+    """create_all makes missing tables only: add what a table of the models has and the
+    database's lacks. Only nullable columns can be added to rows that exist; anything else
+    needs a migration (`ticketing migrate`) or a fresh data dir."""
+    inspector = inspect(connection)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(
+                    f"table {table.name} lacks column {column.name}, which cannot be added to "
+                    "existing rows: run `ticketing migrate`, or start on a fresh data dir"
+                )
+            ddl = CreateColumn(column).compile(dialect=connection.dialect)
+            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+            log.info("added column %s.%s to an older table", table.name, column.name)
+
+
 class Database:
     """A service's engine and session factory, plus hooks run after a commit."""
 
@@ -112,11 +143,13 @@ class Database:
             hook(rows)
 
     async def create_all(self) -> None:
-        """Create the database if it is missing, then every table of this service."""
+        """Create the database if it is missing, then every table of this service, and add the
+        columns a newer version of a table has (dev: a data dir kept across an upgrade)."""
         await ensure_database(self.url)
         async with self.engine.begin() as conn:
             for md in self.metadata:
                 await conn.run_sync(md.create_all)
+                await conn.run_sync(add_missing_columns, md)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

@@ -12,7 +12,7 @@ from sqlalchemy import MetaData, inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ticketing.common import outbox  # noqa: F401 - defines the common tables on Base
-from ticketing.common.db import Base, ensure_database
+from ticketing.common.db import Base, add_missing_columns, ensure_database
 
 ENV_DIR = Path(__file__).parent / "alembic"
 
@@ -36,9 +36,21 @@ def upgrade(config: Config, revision: str = "head") -> None:
     asyncio.run(ensure_database(config.attributes["url"]))
     if asyncio.run(_made_by_create_all(config)):
         # `ticketing up` (dev) made these tables from the models, which the migrations test
-        # keeps equal to head: record that instead of creating them again.
+        # keeps equal to head, perhaps models older than head's: bring them level with the
+        # models (the columns since), then record head instead of creating them again.
+        asyncio.run(_level_with_the_models(config))
         command.stamp(config, "head")
     command.upgrade(config, revision)
+
+
+async def _level_with_the_models(config: Config) -> None:
+    engine = create_async_engine(config.attributes["url"])
+    try:
+        async with engine.begin() as conn:
+            for metadata in config.attributes["metadata"]:
+                await conn.run_sync(add_missing_columns, metadata)
+    finally:
+        await engine.dispose()
 
 
 async def _made_by_create_all(config: Config) -> bool:
