@@ -84,17 +84,30 @@ async def announce_expiry(connection: AsyncConnection, *, order_id: str) -> None
 ANNOUNCE_WITHIN_SECONDS = 5.0
 
 
+async def _announce(db: Any, order_id: str) -> None:
+    async with db.autocommit() as connection:
+        await announce_expiry(connection, order_id=order_id)
+
+
+def _left_behind(task: asyncio.Future[None]) -> None:
+    """An announcement the job stopped waiting for: how it ended, for the logs only."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("an abandoned announcement ended in %r", task.exception())
+
+
 async def expire_order(ctx: dict[str, Any], order_id: str, expires_at: float | None = None) -> None:
     """arq entry point; `ctx["runtime"]` is the service's runtime. `expires_at` (a Unix time)
     is when to announce; jobs scheduled without it are due as they start."""
     if expires_at is not None:
         await asyncio.sleep(max(expires_at - time.time(), 0.0))
+    announcing = asyncio.ensure_future(_announce(ctx["runtime"].db, order_id))
     try:
-        # Bounded well within arq's job timeout: a job that arq times out is over for good.
-        async with asyncio.timeout(ANNOUNCE_WITHIN_SECONDS):
-            async with ctx["runtime"].db.autocommit() as connection:
-                await announce_expiry(connection, order_id=order_id)
+        # Bounded well within arq's job timeout (a job that arq times out is over for good),
+        # however long the announcement takes to give up (a rollback waiting on a locked
+        # SQLite file): it is left to finish on its own; the job's next run announces once.
+        await asyncio.wait_for(asyncio.shield(announcing), ANNOUNCE_WITHIN_SECONDS)
     except Exception as exc:
+        announcing.add_done_callback(_left_behind)
         # arq retries only on Retry: anything else would end the job and strand the order.
         tries = int(ctx.get("job_try", 1))
         log.warning("expiring order %s failed (try %d): %r", order_id, tries, exc)
