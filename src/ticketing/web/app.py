@@ -40,7 +40,7 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.include_router(router)
     metrics = ServiceMetrics("web")
     install_http_metrics(app, metrics)
-    app.add_middleware(SameOriginPosts)
+    app.add_middleware(SameOriginPosts, public_url=settings.public_url)
     app.add_middleware(BodyLimit)
 
     @app.get("/healthz", include_in_schema=False)

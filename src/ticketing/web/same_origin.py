@@ -17,19 +17,24 @@ REFUSED = "This form can only be sent from this site's own pages."
 
 
 class SameOriginPosts:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, public_url: str = "") -> None:
         self.app = app
+        self.public = urlsplit(public_url).netloc if public_url else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and from_another_site(scope):
+        posted = scope["type"] == "http" and scope["method"] == "POST"
+        if posted and from_another_site(scope, also_ours=self.public):
             await PlainTextResponse(REFUSED, status_code=403)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-def from_another_site(scope: Scope) -> bool:
+def from_another_site(scope: Scope, *, also_ours: str = "") -> bool:
     """What the browser says of a request's origin: another site's page (a form, a link, an
-    image). A request that says nothing (typed, bookmarked, not a browser) is not."""
+    image). A request that says nothing (typed, bookmarked, not a browser) is not. Without
+    Sec-Fetch-Site (plain http away from localhost), Origin is compared with the addresses the
+    site goes by: the Host header, a proxy's X-Forwarded-Host, and `also_ours` (the public
+    address), default ports and case aside."""
     headers: dict[bytes, str] = {k: v.decode("latin-1") for k, v in scope["headers"]}
     fetch_site = headers.get(b"sec-fetch-site")
     if fetch_site is not None:
@@ -37,4 +42,16 @@ def from_another_site(scope: Scope) -> bool:
     origin = headers.get(b"origin")
     if origin is None:
         return False
-    return origin == "null" or urlsplit(origin).netloc != headers.get(b"host", "")
+    if origin == "null":
+        return True
+    parts = urlsplit(origin)
+    forwarded = headers.get(b"x-forwarded-host", "").split(",")[0].strip()
+    ours = {_authority(parts.scheme, a) for a in (headers.get(b"host", ""), forwarded, also_ours)}
+    return _authority(parts.scheme, parts.netloc) not in ours - {""}
+
+
+def _authority(scheme: str, netloc: str) -> str:
+    """host[:port] as compared: lower case, without the scheme's default port."""
+    netloc = netloc.strip().lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme.lower(), "")
+    return netloc.removesuffix(default) if default else netloc
