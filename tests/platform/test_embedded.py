@@ -61,3 +61,19 @@ def test_the_port_is_held_before_any_embedded_server_starts(
     assert len(seen) == 1
     with listening_socket("127.0.0.1", port):  # and given back when run_up unwinds
         pass
+
+
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),  # listening on IPv6 need not take IPv4 too
+        ("::1", "http://[::1]:8000"),
+        ("localhost", "http://localhost:8000"),
+    ],
+)
+def test_the_gateway_is_reached_from_this_machine_on_the_family_it_listens_on(
+    host: str, local: str
+) -> None:
+    assert up._local_url(host, 8000) == local

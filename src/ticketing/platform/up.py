@@ -152,8 +152,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _local_url(host: str, port: int) -> str:
     """The gateway's address from this machine, wherever it listens."""
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
+    # This machine's own address on the family listened on (:: may be IPv6 only).
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
