@@ -39,3 +39,12 @@ async def test_a_body_over_the_cap_is_413_whether_declared_or_streamed(
     for answer in (declared, streamed):
         assert (answer.status_code, answer.json()) == (413, TOO_LARGE)
     assert fine.status_code in (201, 400)
+
+
+async def test_a_refused_body_is_counted_as_a_413(shop: Platform) -> None:
+    big = b"x" * (MAX_BODY_BYTES + 1)
+    async with shop.client(new_user()) as client:
+        assert (await client.post("/api/tickets", content=big, headers=JSON)).status_code == 413
+    counted = shop.runtime("tickets").metrics.requests
+    samples = [s for metric in counted.collect() for s in metric.samples]
+    assert any(s.labels.get("status") == "413" and s.value >= 1 for s in samples)

@@ -124,8 +124,8 @@ def create_service_app(
     install_error_handlers(app)
     if hot_path is not None:
         app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it
+    app.add_middleware(BodyLimit)  # before anything reads a body; inside the metrics (a 413 counts)
     install_http_metrics(app, runtime.metrics)
-    app.add_middleware(BodyLimit)  # added last: outermost, before anything reads a body
     app.include_router(_ops_router(runtime))
     for router in routers:
         app.include_router(router)

@@ -22,8 +22,8 @@ class CardDeclined(Exception):
 
 
 class ChargeRefused(Exception):
-    """The provider refused the request itself (an unknown token, an amount out of its range):
-    the buyer's request was wrong, not the card."""
+    """The provider refused the request itself for what the buyer sent (a token it does not
+    know): the buyer's request was wrong, not the card."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -78,7 +78,10 @@ class Charges:
         except stripe.InvalidRequestError as exc:
             if exc.code == "resource_missing" and "token" in (exc.param or ""):
                 raise ChargeRefused("Token is not a valid card token", field="token") from exc
-            raise ChargeRefused(exc.user_message or "The card could not be charged.") from exc
+            # Nothing else the buyer sends reaches Stripe (prices are kept within what a card
+            # can pay): a refusal of the rest is this service's to fix, not the buyer's.
+            log.error("stripe refused the charge request: %r", exc)
+            raise ServiceUnavailable("The payment provider is unavailable; try again") from exc
         except stripe.StripeError as exc:
             log.warning("stripe unavailable: %r", exc)
             raise ServiceUnavailable("The payment provider is unavailable; try again") from exc

@@ -39,9 +39,9 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(router)
     metrics = ServiceMetrics("web")
-    install_http_metrics(app, metrics)
     app.add_middleware(SameOriginPosts, public_url=settings.public_url)
     app.add_middleware(BodyLimit)
+    install_http_metrics(app, metrics)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
