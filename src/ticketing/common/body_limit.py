@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ticketing.common.errors import error_body, error_response
 
 # Nothing any route takes comes near it (the largest is a Stripe webhook, a few kilobytes); the
 # Kubernetes ingress caps bodies at 1 MiB as well.
 MAX_BODY_BYTES = 1024 * 1024
-TOO_LARGE = {"errors": [{"message": "Request body too large", "field": None}]}
+TOO_LARGE_MESSAGE = "Request body too large"
+TOO_LARGE = error_body(TOO_LARGE_MESSAGE)
 
 
 class BodyLimit:
@@ -26,7 +27,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         if _declared_length(scope) > self.limit:
-            await _too_large(send)
+            await _too_large(scope, receive, send)
             return
         received, over, started = 0, False, False
 
@@ -53,7 +54,7 @@ class BodyLimit:
             if not over:
                 raise
         if over and not started:
-            await _too_large(send)
+            await _too_large(scope, receive, send)
 
 
 def _declared_length(scope: Scope) -> int:
@@ -63,12 +64,7 @@ def _declared_length(scope: Scope) -> int:
     return 0
 
 
-async def _too_large(send: Send) -> None:
-    payload = json.dumps(TOO_LARGE).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        (b"connection", b"close"),  # the rest of the body is not read
-    ]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = error_response(413, TOO_LARGE_MESSAGE)
+    response.headers["connection"] = "close"  # the rest of the body is not read
+    await response(scope, receive, send)

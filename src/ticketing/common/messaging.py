@@ -68,17 +68,17 @@ REPLICA_LONGEST_POLL_SECONDS = 0.2
 
 
 async def replicated(read: Callable[[], Awaitable[H | None]]) -> H | None:
-    """What `read` finds in a replica, read again until it finds something or
-    REPLICA_WAIT_SECONDS have passed; None if it never did."""
+    """After `read` found nothing: what it finds when run again, after a pause each time, until
+    it finds something or REPLICA_WAIT_SECONDS have passed; None if it never does. The first
+    read is the caller's, so that a hit (nearly every request) costs nothing more."""
     deadline = time.monotonic() + REPLICA_WAIT_SECONDS
     pause = REPLICA_FIRST_POLL_SECONDS
-    while True:
-        found = await read()
-        left = deadline - time.monotonic()
-        if found is not None or left <= 0:
-            return found
+    while (left := deadline - time.monotonic()) > 0:
         await asyncio.sleep(min(pause, left))
+        if (found := await read()) is not None:
+            return found
         pause = min(pause * 2, REPLICA_LONGEST_POLL_SECONDS)
+    return None
 
 
 def is_next_version(local: int | None, incoming: int, *, what: str) -> bool:

@@ -113,7 +113,7 @@ async def _next_attempt(db: Database, *, order_id: str, user_id: str) -> tuple[i
                 raise
             return None
 
-    found = await replicated(read)
+    found = await read() or await replicated(read)
     if found is None:
         raise NotFound("Order not found")
     return found
