@@ -229,6 +229,21 @@ async def test_up_runs_the_reservation_flow_by_hand(
     await eventually(lambda: not _running(children), within=5)
 
 
+async def test_up_with_workers_is_announced_once_every_worker_serves(
+    launch: Any, tmp_path: Path
+) -> None:
+    """The address is announced once every worker has started its services, as the status
+    table printed with it shows, not as soon as the processes exist."""
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), COLUMNS="200")
+    proc = launch("up", "--port", "0", "--workers", "2", env=env)
+    await wait_up(proc)
+    board = proc.output().split("The platform is at")[0]
+    workers = [row for row in board.splitlines() if row.startswith("│") and " worker " in row]
+    assert len(workers) == 4, board  # two events workers and two request workers
+    assert all("running (pid" in row for row in workers), board
+    assert proc.interrupt() == 0
+
+
 def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
     alive = []
     for process in processes:

@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import email
 import email.policy
 import json
 import logging
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
 
+from ticketing.platform.lifeline import stop_with_parent
+
 log = logging.getLogger(__name__)
-
-
-# prctl(2): have the kernel signal this process when the thread that started it exits.
-_PR_SET_PDEATHSIG = 1
-
-
-def stop_with_parent() -> Callable[[], None]:
-    """A function that, run in a child process, has it sent SIGTERM once its parent is gone
-    (Linux; elsewhere it does nothing). A parent killed outright (SIGKILL, the OOM killer) runs
-    no clean-up: without this its children would serve on, orphaned, holding the port and
-    the data dir that a restart needs. Resolved here, in the parent: between fork and exec the
-    child should do as little as it can."""
-    if not sys.platform.startswith("linux"):
-        return lambda: None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from contextlib import AsyncExitStack
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
@@ -69,3 +71,11 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+async def until_started(server: uvicorn.Server, serving: asyncio.Task[None]) -> bool:
+    """Whether `server` (serving in the task) started: True once it serves, False if it
+    stopped first. uvicorn reports start-up only through its flag."""
+    while not server.started and not serving.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    return server.started

@@ -31,7 +31,7 @@ from ticketing.platform.embedded import (
     SmtpSink,
     listening_socket,
 )
-from ticketing.platform.gateway import Gateway
+from ticketing.platform.gateway import Gateway, until_started
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import create_sandbox_app
 
@@ -234,9 +234,7 @@ async def _serve(
 ) -> None:
     """Serve until Ctrl-C; on a terminal the status table stays live above the logs."""
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    # uvicorn reports start-up only through this flag.
-    while not server.started and not serving.done():  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
+    await until_started(server, serving)
     if not console.is_terminal:
         console.print(board.render())
         console.print(announcement)

@@ -36,8 +36,9 @@ from ticketing.common.db import Database
 from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET
-from ticketing.platform.embedded import listening_socket, stop_with_parent
-from ticketing.platform.gateway import Gateway
+from ticketing.platform.embedded import listening_socket
+from ticketing.platform.gateway import Gateway, until_started
+from ticketing.platform.lifeline import worker_main
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import SandboxServer
 
@@ -161,6 +162,9 @@ MIN_POOL_SIZE = 2
 # when the request workers leave one. One that dies is replaced; meanwhile its services'
 # events wait in their durable consumers.
 EVENT_WORKERS = len(EVENT_ROLES)
+# A worker is told its role by its place here: unpickling a Role would import this module
+# before the worker has asked to stop with its supervisor (lifeline.worker_main).
+ROLES = (REQUESTS, *EVENT_ROLES)
 
 
 def pool_size_per_service(processes: int) -> int:
@@ -186,40 +190,51 @@ class WorkerPool:
         self.roles: list[Role] = []
         self.pool_size = MIN_POOL_SIZE
         self.processes: list[BaseProcess] = []
+        self.ready: list[Any] = []  # per process, an Event it sets once it serves
         self._context = multiprocessing.get_context("spawn")
 
-    def _spawn(self, role: Role) -> BaseProcess:
+    def _spawn(self, role: Role) -> tuple[BaseProcess, Any]:
         # An events worker serves nothing anyone calls: its own socket only runs the lifespans.
         sock = self.sock if role is REQUESTS else listening_socket("127.0.0.1", 0)
         overrides = {**self.overrides, "run_listeners": role.listens}
         if "TICKETING_DB_POOL_SIZE" not in os.environ:
             overrides["db_pool_size"] = self.pool_size
+        ready = self._context.Event()
         process = self._context.Process(
-            target=serve_worker,
-            args=(sock, self.log_level, overrides, role, os.getpid()),
+            target=worker_main,
+            args=(os.getpid(), sock, self.log_level, overrides, ROLES.index(role), ready),
             name=f"ticketing-{role.name}",
         )
         process.start()
         if sock is not self.sock:
             sock.close()  # the child has its own copy
-        return process
+        return process, ready
 
     def start(self, request_workers: int) -> None:
         self.roles = [*EVENT_ROLES, *[REQUESTS] * request_workers]
         self.pool_size = pool_size_per_service(len(self.roles))
-        self.processes = [self._spawn(role) for role in self.roles]
+        spawned = [self._spawn(role) for role in self.roles]
+        self.processes = [process for process, _ready in spawned]
+        self.ready = [ready for _process, ready in spawned]
 
     def replace_dead(self) -> None:
         for index, process in enumerate(self.processes):
             if not process.is_alive():
                 log.warning("%s worker exited with %s; starting another",
                             self.roles[index].name, process.exitcode)  # fmt: skip
-                self.processes[index] = self._spawn(self.roles[index])
+                self.processes[index], self.ready[index] = self._spawn(self.roles[index])
+
+    def serving(self) -> bool:
+        """Whether every worker has started: its services' start-up done, serving."""
+        return all(ready.is_set() for ready in self.ready)
 
     def probe(self, index: int) -> Any:
         def state() -> str:
             process = self.processes[index]
-            return f"running (pid {process.pid})" if process.is_alive() else "stopped"
+            if not process.is_alive():
+                return "stopped"
+            started = "running" if self.ready[index].is_set() else "starting"
+            return f"{started} (pid {process.pid})"
 
         return state
 
@@ -237,16 +252,22 @@ class WorkerPool:
 async def _watch(
     pool: WorkerPool, stop: asyncio.Event, board: Any, console: Console, announcement: str
 ) -> None:
+    """Keep the workers running until asked to stop; the platform is announced once every
+    worker serves (as `ticketing up` in one process announces once it serves)."""
     live: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if console.is_terminal:
         live = Live(board.render(), console=console, refresh_per_second=1)
-    else:
-        console.print(board.render())
+    announced = False
     with live:
-        console.print(announcement)
         while not stop.is_set():
+            if not announced and pool.serving():
+                if not isinstance(live, Live):
+                    console.print(board.render())
+                console.print(announcement)
+                announced = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+                # Often until announced, so that the announcement follows the start closely.
+                await asyncio.wait_for(stop.wait(), timeout=1.0 if announced else 0.05)
             if not stop.is_set():
                 pool.replace_dead()
             if isinstance(live, Live):
@@ -254,17 +275,11 @@ async def _watch(
 
 
 def serve_worker(
-    sock: socket.socket,
-    log_level: str,
-    overrides: dict[str, Any],
-    role: Role = REQUESTS,
-    supervisor: int | None = None,
+    sock: socket.socket, log_level: str, overrides: dict[str, Any], role_index: int, ready: Any
 ) -> None:
-    """One worker process: every service behind the gateway, on the socket it was given; it
-    stops when its supervisor is gone, however that went."""
-    stop_with_parent()()
-    if supervisor is not None and os.getppid() != supervisor:
-        return  # gone already, before the kernel was asked to tell us
+    """One worker process (started by lifeline.worker_main): every service behind the gateway,
+    on the socket it was given; `ready` is set once it serves."""
+    role = ROLES[role_index]
     configure_logging(json_lines=False, level=log_level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     if not role.listens:
@@ -274,4 +289,13 @@ def serve_worker(
     routes = [(spec.prefix, spec.create_app(**overrides)) for spec in specs]
     tune_for_serving()
     config = uvicorn.Config(Gateway(routes), log_level=log_level.lower())
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn's own loop choice (uvloop when installed), as `uvicorn.Server.run` makes it.
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(_serve(uvicorn.Server(config), sock, ready))
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket, ready: Any) -> None:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    if await until_started(server, serving):
+        ready.set()
+    await serving
