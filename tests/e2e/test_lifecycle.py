@@ -89,6 +89,20 @@ async def test_a_paid_order_completes_and_stays_complete_after_its_ttl(
     assert len(sandbox.app.state.sandbox.charges) == 1
 
 
+async def test_paying_the_moment_an_order_is_cancelled_is_refused_and_charges_nothing(
+    everything: Platform, sandbox: SandboxServer
+) -> None:
+    """Straight after the DELETE's 204, while the payments replica may not even have the order
+    yet: the contract's 400, and no card charged (and then refunded) on the way."""
+    async with everything.client(new_user()) as buyer:
+        _ticket_id, order_id = await sell_and_order(everything, buyer)
+        assert (await buyer.delete(f"/api/orders/{order_id}")).status_code == 204
+        paid = await buyer.post("/api/payments", json={"orderId": order_id, "token": "tok_visa"})
+    assert paid.status_code == 400
+    assert paid.json()["errors"][0]["message"] == "Cannot pay for a cancelled order"
+    assert len(sandbox.app.state.sandbox.charges) == 0
+
+
 async def _expiry_handled(platform: Platform) -> bool:
     """True once the orders service has handled an expiration:complete event."""
     metrics = platform.runtime("orders").metrics.events_handled

@@ -150,6 +150,19 @@ async def test_the_prices_a_ticket_may_have_can_be_paid(
     assert [c["amount"] for c in charges(sandbox)] == [cents]
 
 
+async def test_an_order_under_what_a_card_can_pay_is_refused_before_any_charge(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    order = await seed_order(shop, price="0.49")
+    async with shop.client(order.user_id) as buyer:
+        refused = await pay(buyer, order.id)
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "errors": [{"message": "A card can pay 0.50 or more, not less", "field": None}]
+    }
+    assert charges(sandbox) == []
+
+
 async def test_an_unknown_card_token_is_400_and_a_real_card_can_still_pay(
     shop: Platform, sandbox: SandboxServer
 ) -> None:

@@ -367,6 +367,31 @@ class Listener:
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    async def has_handled(self, event_type: str) -> bool:
+        """Whether this service has handled the last `event_type` event on the stream and every
+        event of its own before it (acked: its transaction committed), looked at again for up to
+        REPLICA_WAIT_SECONDS; False if not by then or if NATS could not tell. What a client was
+        told had happened elsewhere, in an answer that waited for its event to be on the
+        stream, has then taken effect here."""
+        try:
+            subject = subject_for(event_type, self.bus.prefix)
+            try:
+                last = await self.bus.js.get_last_msg(self.bus.stream, subject)
+            except NotFoundError:
+                return True  # never published
+
+            async def handled() -> bool | None:
+                info = await self.bus.js.consumer_info(self.bus.stream, self.service)
+                floor = info.ack_floor.stream_seq if info.ack_floor else None
+                return True if (floor or 0) >= (last.seq or 0) else None
+
+            return bool(await handled() or await replicated(handled))
+        except (nats.errors.Error, APIError, TimeoutError) as exc:
+            log.warning(
+                "%s could not tell whether %s was handled: %r", self.service, event_type, exc
+            )
+            return False
+
     async def stop(self) -> None:
         # The flag, not only the cancel: on Python 3.11 a fetch can swallow a cancellation
         # that lands as a message arrives, and the loop must still end.

@@ -57,4 +57,7 @@ async def cancel_order(order_id: str, user: RequireUser, runtime: RuntimeDep) ->
     await runtime.db.retrying(
         lambda session: service.cancel_order(session, order_id=oid, user_id=user.id)
     )
+    # As an order's 201: the 204 leaves once order:cancelled is on the stream, so that the
+    # services told of it next (a payment sent at once) can see it has been handled.
+    await runtime.relay.caught_up(within=PUBLISH_WAIT_SECONDS)
     return Response(status_code=204)

@@ -34,6 +34,11 @@ ChargesDep = Annotated[Charges, Depends(_charges)]
 async def create_payment(
     body: PaymentBody, user: RequireUser, runtime: RuntimeDep, charges: ChargesDep
 ) -> PaymentOut:
+    # An order its buyer was just told is cancelled (the DELETE's 204 waits for order:cancelled
+    # to be on the stream) reads cancelled here before a charge is decided, instead of being
+    # charged and then refunded. After a second the charge goes ahead: the cancellation, once
+    # handled, refunds it.
+    await runtime.listener.has_handled("order:cancelled")
     payment = await service.pay(
         runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token
     )

@@ -42,6 +42,11 @@ class Amount:
     currency: str = "usd"
 
 
+# The least Stripe charges in usd. A ticket may be listed for less (any price greater than 0),
+# and its order then cannot be paid by card: it is refused before any charge is tried.
+MIN_CHARGE_CENTS = 50
+
+
 def cents(price: Decimal) -> int:
     return int((price * 100).to_integral_value())
 
@@ -71,6 +76,8 @@ async def pay(
 ) -> Payment:
     """Charge the buyer for their order; a retried request reuses the attempt's key."""
     amount, attempt = await _next_attempt(db, order_id=order_id, user_id=user_id)
+    if amount < MIN_CHARGE_CENTS:
+        raise BadRequest(f"A card can pay {MIN_CHARGE_CENTS / 100:.2f} or more, not less")
     try:
         intent = await charges.charge(
             amount_cents=amount,

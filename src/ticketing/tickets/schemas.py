@@ -12,9 +12,9 @@ from pydantic_core import PydanticCustomError
 from ticketing.common.events import CamelModel, Money
 from ticketing.common.text import is_clean_text
 
-# What a card payment can be (Stripe's bounds for USD): a ticket listed outside them could be
-# reserved but never paid for.
-MIN_PRICE = Decimal("0.50")
+# The most a card payment can be (Stripe's bound for USD): a ticket listed above it could be
+# reserved but never paid for. (The least, 0.50, is the payments service's to refuse: the
+# contract lists any price greater than 0.)
 MAX_PRICE = Decimal("999999.99")
 MAX_TITLE = 200
 
@@ -42,8 +42,6 @@ def _price(value: Any) -> Decimal:
         raise PydanticCustomError("price", message) from None
     if not price.is_finite() or price <= 0:
         raise PydanticCustomError("price", message)
-    if price < MIN_PRICE:
-        raise PydanticCustomError("price", f"Price must be at least {MIN_PRICE}")
     if price > MAX_PRICE:
         raise PydanticCustomError("price", f"Price must be at most {MAX_PRICE}")
     if price != price.quantize(Decimal("0.01")):
