@@ -224,3 +224,22 @@ def test_a_form_posted_from_another_site_is_refused(site: str) -> None:
         signed_out = client.post("/auth/signout", headers={"Origin": site})
         assert signed_out.status_code == 303
         assert client.get("/api/users/currentuser").json()["currentUser"] is None
+
+
+def test_a_visitor_without_a_session_is_nobody_whoever_signed_in_before(site: str) -> None:
+    """The site calls the APIs through one HTTP client for every visitor: the session an answer
+    sets (a sign-up here) goes to that visitor's browser, never along with the next visitor's
+    calls."""
+    address = email()
+    same_origin = {"Sec-Fetch-Site": "same-origin"}
+    with httpx.Client(base_url=site) as someone:
+        credentials = {"email": address, "password": "secret-pass"}
+        assert someone.post("/auth/signup", data=credentials, headers=same_origin).is_redirect
+    with httpx.Client(base_url=site) as nobody:
+        assert address not in nobody.get("/").text
+        listed = nobody.post(
+            "/tickets/new", data={"title": "Not theirs", "price": "5"}, headers=same_origin
+        )
+        assert listed.is_redirect and listed.headers["location"].startswith("/auth/signin")
+        titles = [t["title"] for t in nobody.get("/api/tickets").json()]
+    assert "Not theirs" not in titles

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 
 import httpx
@@ -24,12 +25,21 @@ from ticketing.web.settings import WebSettings
 HERE = Path(__file__).parent
 
 
+def _keeps_no_cookies() -> CookieJar:
+    """The API client serves every visitor at once: a cookie an answer sets (the session, on a
+    sign-in) is handed to that visitor's browser and must not stay in the client, which would
+    send it along with the calls of every visitor who has none."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
 def create_app(settings: WebSettings | None = None) -> FastAPI:
     settings = settings or WebSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(base_url=settings.api_base, timeout=15) as http:
+        async with httpx.AsyncClient(
+            base_url=settings.api_base, timeout=15, cookies=_keeps_no_cookies()
+        ) as http:
             app.state.http = http
             yield
 
