@@ -74,8 +74,13 @@ class Running:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
+        # A session of its own, as a command typed in a terminal has a process group of its own.
         self.process = subprocess.Popen(
-            [*TICKETING, *args], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+            [*TICKETING, *args],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def output(self) -> str:
@@ -83,6 +88,11 @@ class Running:
 
     def interrupt(self) -> int:
         self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=30)
+
+    def ctrl_c(self) -> int:
+        """As Ctrl-C in a terminal: SIGINT to every process of the command's group at once."""
+        os.killpg(self.process.pid, signal.SIGINT)
         return self.process.wait(timeout=30)
 
 

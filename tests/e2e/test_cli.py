@@ -244,6 +244,21 @@ async def test_up_with_workers_is_announced_once_every_worker_serves(
     assert proc.interrupt() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_ctrl_c_stops_the_services_before_the_servers_they_use(
+    launch: Any, tmp_path: Path, workers: int
+) -> None:
+    """A terminal's Ctrl-C signals every process of its group at once. The embedded servers
+    are not in it: `ticketing up` stops them once its services have stopped, so no listener
+    loses its NATS connection (or anything else) on the way out."""
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"))
+    proc = launch("up", "--port", "0", "--workers", str(workers), env=env)
+    await wait_up(proc)
+    assert proc.ctrl_c() == 0
+    assert "Traceback" not in proc.output()
+    assert "ERROR" not in proc.output()
+
+
 def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
     alive = []
     for process in processes:

@@ -112,6 +112,9 @@ class ChildServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 preexec_fn=stop_with_parent(),  # one system call in the child, no locks taken
+                # Out of the terminal's process group: Ctrl-C there reaches `ticketing up` and
+                # its workers, which stop this server once they no longer use it, not at once.
+                process_group=0,
             )
         try:
             wait_for_port(self.host, self.port)
