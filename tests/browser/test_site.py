@@ -149,29 +149,57 @@ async def test_sell_sign_out_buy_and_pay(browser: Browser, site: str, shot: Shot
     await shot(page, "my-orders")
 
 
-async def test_a_declined_card_shows_the_decline(browser: Browser, site: str, shot: Shot) -> None:
-    page = await new_page(browser, site, mobile=True)
+async def someone_ordered(
+    browser: Browser, site: str, shot: Shot, title: str, price: str, *, mobile: bool = False
+) -> Page:
+    """A seller lists a ticket and signs out; a new buyer orders it: the buyer's order page."""
+    page = await new_page(browser, site, mobile=mobile)
     await sign_up(page, shot, email())
-    ticket_url = await sell(page, shot, "Cup final", "40")
+    ticket_url = await sell(page, shot, title, price)
     await sign_out(page)
     await sign_up(page, shot, email())
     await purchase(page, shot, ticket_url)
+    return page
+
+
+async def test_a_declined_card_shows_the_decline(browser: Browser, site: str, shot: Shot) -> None:
+    page = await someone_ordered(browser, site, shot, "Cup final", "40", mobile=True)
     await pay_with(page, "tok_chargeDeclined")
     await expect(page.get_by_text("Your card was declined.")).to_be_visible()
     await shot(page, "declined")
 
 
 async def test_an_unpaid_order_expires(browser: Browser, site: str, shot: Shot) -> None:
-    page = await new_page(browser, site)
-    await sign_up(page, shot, email())
-    ticket_url = await sell(page, shot, "Jazz night", "25")
-    await sign_out(page)
-    await sign_up(page, shot, email())
-    await purchase(page, shot, ticket_url)
+    page = await someone_ordered(browser, site, shot, "Jazz night", "25")
     await expect(page.get_by_text("Order expired")).to_be_visible(timeout=(TTL + 5) * 1000)
     await expect(page.get_by_role("button", name="Pay")).to_have_count(0)
     await expect(page.get_by_text("Status: cancelled")).to_be_visible(timeout=10_000)
     await shot(page, "expired")
+
+
+async def test_a_buyer_who_changes_their_mind_cancels_and_the_ticket_is_back(
+    browser: Browser, site: str, shot: Shot
+) -> None:
+    page = await someone_ordered(browser, site, shot, "Opera, box 3", "120")
+    await page.get_by_role("button", name="Cancel order").click()
+    await expect(page.get_by_text("Status: cancelled")).to_be_visible()
+    await expect(page.get_by_role("button", name="Pay")).to_have_count(0)
+    await shot(page, "cancelled")
+    await page.goto("/")
+    await expect(page.get_by_role("link", name=re.compile("Opera, box 3"))).to_be_visible()
+
+
+async def test_a_price_no_card_can_pay_is_refused_on_the_form(
+    browser: Browser, site: str, shot: Shot
+) -> None:
+    page = await new_page(browser, site)
+    await sign_up(page, shot, email())
+    await page.get_by_role("link", name="Sell a ticket").click()
+    await page.get_by_label("Title").fill("Raffle stub")
+    await page.get_by_label("Price").fill("0.49")
+    await page.get_by_role("button", name="Sell ticket").click()
+    await expect(page.get_by_text("Price must be at least 0.50")).to_be_visible()
+    await shot(page, "price-too-low")
 
 
 async def test_a_bad_sign_in_shows_the_error(browser: Browser, site: str, shot: Shot) -> None:
@@ -243,3 +271,18 @@ def test_a_visitor_without_a_session_is_nobody_whoever_signed_in_before(site: st
         assert listed.is_redirect and listed.headers["location"].startswith("/auth/signin")
         titles = [t["title"] for t in nobody.get("/api/tickets").json()]
     assert "Not theirs" not in titles
+
+
+def test_a_form_sent_after_the_session_ended_leads_to_sign_in(site: str) -> None:
+    """A session that ended in another tab: the pay and edit forms send the visitor to sign in,
+    not to a page that says the order does not exist or shows nothing."""
+    some_id = str(uuid.uuid4())
+    same_origin = {"Sec-Fetch-Site": "same-origin"}
+    with httpx.Client(base_url=site) as signed_out:
+        for path, form in (
+            (f"/orders/{some_id}/pay", {"token": "tok_visa"}),
+            (f"/orders/{some_id}/cancel", {}),
+            (f"/tickets/{some_id}", {"title": "Edited", "price": "10"}),
+        ):
+            sent = signed_out.post(path, data=form, headers=same_origin)
+            assert sent.is_redirect and sent.headers["location"] == "/auth/signin", path

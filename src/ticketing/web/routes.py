@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,6 +20,8 @@ from ticketing.web.settings import WebSettings
 router = APIRouter(include_in_schema=False)
 
 TEST_CARDS = [("tok_visa", "Visa, succeeds"), ("tok_chargeDeclined", "Visa, declined")]
+# Stripe's least charge in usd; the payments service refuses an order under it.
+LEAST_CARD_PAYMENT = Decimal("0.50")
 
 
 @dataclass
@@ -118,9 +121,25 @@ async def new_ticket(request: Request, visitor: VisitorDep) -> Response:
     return render(request, visitor, "ticket_new.html", errors={}, form={})
 
 
+def _below_what_a_card_pays(form: dict[str, str]) -> dict[str | None, str]:
+    """The API lists any price greater than 0; the site does not list a ticket its buyers
+    could not pay for by card."""
+    try:
+        price = Decimal(form.get("price", "").strip())
+    except InvalidOperation:
+        return {}  # the API says what is wrong with it
+    if 0 < price < LEAST_CARD_PAYMENT:
+        return {"price": f"Price must be at least {LEAST_CARD_PAYMENT}, the least a card can pay"}
+    return {}
+
+
 @router.post("/tickets/new")
 async def create_ticket(request: Request, visitor: VisitorDep) -> Response:
+    if visitor.user is None:
+        return redirect("/auth/signin")
     form = await _form(request)
+    if errors := _below_what_a_card_pays(form):
+        return render(request, visitor, "ticket_new.html", 400, errors=errors, form=form)
     body = {"title": form.get("title", ""), "price": form.get("price", "")}
     result = await visitor.api.call("POST", "/api/tickets", body)
     if result.ok:
@@ -152,13 +171,19 @@ async def show_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> 
 
 @router.post("/tickets/{ticket_id}")
 async def edit_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
+    if visitor.user is None:
+        return redirect("/auth/signin")
     if not is_id(ticket_id):
         return not_found(request, visitor, "Ticket")
     form = await _form(request)
+    if errors := _below_what_a_card_pays(form):
+        return await _ticket_page(request, visitor, ticket_id, 400, errors=errors, form=form)
     body = {"title": form.get("title", ""), "price": form.get("price", "")}
     result = await visitor.api.call("PUT", f"/api/tickets/{ticket_id}", body)
     if result.ok:
         return await _ticket_page(request, visitor, ticket_id, notice="Saved.")
+    if result.status == 401:  # the session ended meanwhile (the form is only the seller's)
+        return redirect("/auth/signin")
     return await _ticket_page(request, visitor, ticket_id, 400, errors=result.errors(), form=form)
 
 
@@ -192,6 +217,16 @@ async def _order(visitor: Visitor, order_id: str) -> dict[str, Any] | None:
     return dict(result.body) if result.ok else None
 
 
+async def _own_order(
+    request: Request, visitor: Visitor, order_id: str
+) -> dict[str, Any] | Response:
+    """The signed-in visitor's order, else the page to go to instead (sign-in, not found)."""
+    if visitor.user is None:
+        return redirect("/auth/signin")
+    order = await _order(visitor, order_id)
+    return order if order is not None else not_found(request, visitor, "Order")
+
+
 def _order_context(visitor: Visitor, order: dict[str, Any]) -> dict[str, Any]:
     return {
         "order": order,
@@ -202,11 +237,9 @@ def _order_context(visitor: Visitor, order: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/orders/{order_id}")
 async def show_order(request: Request, visitor: VisitorDep, order_id: str) -> Response:
-    if visitor.user is None:
-        return redirect("/auth/signin")
-    order = await _order(visitor, order_id)
-    if order is None:
-        return not_found(request, visitor, "Order")
+    order = await _own_order(request, visitor, order_id)
+    if isinstance(order, Response):
+        return order
     return render(request, visitor, "order.html", **_order_context(visitor, order))
 
 
@@ -219,11 +252,25 @@ async def order_status(request: Request, visitor: VisitorDep, order_id: str) -> 
     return render(request, visitor, "order_status.html", order=order, live=True)
 
 
+@router.post("/orders/{order_id}/cancel")
+async def cancel(request: Request, visitor: VisitorDep, order_id: str) -> Response:
+    order = await _own_order(request, visitor, order_id)
+    if isinstance(order, Response):
+        return order
+    result = await visitor.api.call("DELETE", f"/api/orders/{order_id}")
+    if result.ok:
+        return redirect(f"/orders/{order_id}")
+    problem = next(iter(result.errors().values()))  # paid meanwhile, say
+    order = await _order(visitor, order_id) or order
+    context = _order_context(visitor, order)
+    return render(request, visitor, "order.html", 400, problem=problem, **context)
+
+
 @router.post("/orders/{order_id}/pay")
 async def pay(request: Request, visitor: VisitorDep, order_id: str) -> Response:
-    order = await _order(visitor, order_id)
-    if order is None:
-        return not_found(request, visitor, "Order")
+    order = await _own_order(request, visitor, order_id)
+    if isinstance(order, Response):
+        return order
     form = await _form(request)
     body = {"orderId": order_id, "token": form.get("token", "")}
     result = await visitor.api.call("POST", "/api/payments", body)
