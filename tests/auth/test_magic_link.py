@@ -89,6 +89,24 @@ async def test_bad_or_missing_tokens_are_400(client: httpx.AsyncClient) -> None:
         assert "set-cookie" not in response.headers
 
 
+async def test_a_browser_opening_a_spent_link_gets_a_page_saying_what_to_do(
+    client: httpx.AsyncClient, smtp_sink: SmtpSink
+) -> None:
+    """Opened from an email, in a browser: still the 400, as a page; other clients, the JSON."""
+    await client.post("/api/users/magic-link", json={"email": "page@test.com"})
+    token = await _emailed_token(smtp_sink, "page@test.com")
+    url = f"/api/users/verify-magic-link?token={token}"
+    assert (await client.get(url)).status_code == 303
+    browser = {"accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    page = await client.get(url, headers=browser)
+    assert page.status_code == 400
+    assert page.headers["content-type"].startswith("text/html")
+    assert "This sign-in link is invalid, used or expired" in page.text
+    assert 'href="/auth/signin"' in page.text
+    assert "set-cookie" not in page.headers
+    assert (await client.get(url)).json()["errors"][0]["field"] == "token"
+
+
 async def test_token_is_stored_hashed(
     client: httpx.AsyncClient, auth_app: Any, smtp_sink: SmtpSink
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from ticketing.auth import service
 from ticketing.auth.mail import Mailer
@@ -128,15 +128,30 @@ async def request_magic_link(
     return {}
 
 
-@router.get("/verify-magic-link")
+# What a browser shows for a link that no longer works: it was opened from an email, so a page
+# that says what to do, not the contract's JSON (which every other client still gets).
+_SPENT_LINK_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Sign-in link</title><meta name="viewport" content="width=device-width, initial-scale=1">
+</head><body style="font-family: system-ui, sans-serif; max-width: 32rem; margin: 4rem auto">
+<h1>This sign-in link no longer works</h1><p>{message}. A link works once, for a short while.</p>
+<p><a href="/auth/signin">Ask for a new one</a></p></body></html>"""
+
+
+@router.get("/verify-magic-link", response_model=None)
 async def verify_magic_link(
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     token: Annotated[str | None, Query()] = None,
-) -> RedirectResponse:
-    if not token:
-        raise BadRequest("This sign-in link is invalid, used or expired", field="token")
-    user = await service.use_magic_link(session, token=token)
+) -> Response:
+    try:
+        if not token:
+            raise BadRequest("This sign-in link is invalid, used or expired", field="token")
+        user = await service.use_magic_link(session, token=token)
+    except BadRequest as refused:
+        if "text/html" not in request.headers.get("accept", ""):
+            raise
+        return HTMLResponse(_SPENT_LINK_PAGE.format(message=refused.message), status_code=400)
     response = RedirectResponse("/", status_code=303)
     sign_in(response, settings, user_id=user.id, email=user.email)
     return response
