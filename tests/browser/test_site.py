@@ -286,3 +286,13 @@ def test_a_form_sent_after_the_session_ended_leads_to_sign_in(site: str) -> None
         ):
             sent = signed_out.post(path, data=form, headers=same_origin)
             assert sent.is_redirect and sent.headers["location"] == "/auth/signin", path
+
+
+def test_every_page_names_an_icon_the_site_serves(site: str) -> None:
+    with httpx.Client(base_url=site) as visitor:
+        home = visitor.get("/")
+        icon = re.search(r'<link rel="icon" href="([^"]+)"', home.text)
+        assert icon, home.text
+        served = visitor.get(icon.group(1))
+    assert served.status_code == 200
+    assert served.headers["content-type"].startswith("image/svg+xml")
