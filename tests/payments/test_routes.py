@@ -166,7 +166,10 @@ async def test_an_order_under_what_a_card_can_pay_is_refused_before_any_charge(
 async def test_an_unknown_card_token_is_400_and_a_real_card_can_still_pay(
     shop: Platform, sandbox: SandboxServer
 ) -> None:
-    """Stripe refuses a token it does not know: a wrong request, not a declined card."""
+    """Stripe refuses a token it does not know: a wrong request, not a declined card. Nor is it
+    an attempt (Stripe keeps nothing under a key whose request it refused up front): the card
+    after it charges under the first attempt's key. Counted, a good card sent meanwhile (under
+    that key) and one sent after the refusal (under the next) would both charge."""
     order = await seed_order(shop)
     async with shop.client(order.user_id) as buyer:
         refused = await pay(buyer, order.id, "tok_bogus")
@@ -178,6 +181,8 @@ async def test_an_unknown_card_token_is_400_and_a_real_card_can_still_pay(
         paid = await pay(buyer, order.id, "tok_visa")
     assert paid.status_code == 201
     assert len(charges(sandbox)) == 1
+    keys = [key for _api_key, key in sandbox.app.state.sandbox.saved if order.id in key]
+    assert keys and all(f"order-{order.id}-attempt-1" in key for key in keys), keys
 
 
 async def test_concurrent_retries_of_one_request_charge_once(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -164,6 +165,22 @@ async def test_an_update_that_changes_nothing_is_a_new_version_too(tickets: Plat
     bus = tickets.runtime("tickets").bus
     updates = await eventually(lambda: _updates(bus, 1))
     assert [u.data["version"] for u in updates] == [1]
+
+
+async def test_edits_sent_at_once_each_land_or_are_told_to_try_again(tickets: Platform) -> None:
+    """A seller's edits of one ticket at the same moment: each is a new version in turn, or a
+    409 for one that lost every race; never a 500."""
+    async with tickets.client(new_user()) as c:
+        ticket = await create(c)
+        url = f"/api/tickets/{ticket['id']}"
+        edits = [c.put(url, json={"title": "Show", "price": 10 + n}) for n in range(20)]
+        answers = await asyncio.gather(*edits)
+        final = (await c.get(url)).json()
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 409}, [a.text for a in answers]
+    assert final["version"] == statuses.count(200)
+    for lost in (a for a in answers if a.status_code == 409):
+        assert lost.json()["errors"][0]["message"].endswith("please try again")
 
 
 async def _updates(bus: Any, n: int) -> list[Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -38,8 +40,13 @@ from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.schema import CreateColumn
 
+from ticketing.common.errors import Conflict
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Between the tries of a write that lost a race: at most this long times the try's number.
+RETRY_PAUSE_SECONDS = 0.01
+LOST_EVERY_RACE = "Changed by someone else at the same moment; please try again"
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -262,17 +269,20 @@ class Database:
         self,
         work: Callable[[AsyncSession], Awaitable[T]],
         *,
-        attempts: int = 5,
+        attempts: int = 8,
         retry_on: tuple[type[Exception], ...] = (StaleDataError,),
     ) -> T:
-        """Run `work` in a transaction, again from the start when a concurrent write won."""
+        """Run `work` in a transaction, again from the start when a concurrent write won; after
+        a pause at random, growing with each try, so that writers who collided do not collide
+        again in step. One that loses every time is told so (409), not given a 500."""
         for attempt in range(1, attempts + 1):
             try:
                 async with self.transaction() as session:
                     return await work(session)
             except retry_on:
                 if attempt == attempts:
-                    raise
+                    raise Conflict(LOST_EVERY_RACE) from None
+                await asyncio.sleep(random.uniform(0, RETRY_PAUSE_SECONDS * attempt))
         raise AssertionError("unreachable")
 
     async def ping(self) -> None:

@@ -85,12 +85,16 @@ async def pay(
             order_id=order_id,
             idempotency_key=f"order-{order_id}-attempt-{attempt}",
         )
-    except (CardDeclined, ChargeRefused) as failed:
-        # Counted as an attempt either way: the next one goes with a key of its own.
-        await _record_decline(db, order_id=order_id, attempt=attempt, reason=failed.message)
-        if isinstance(failed, ChargeRefused):
-            raise BadRequest(failed.message, field=failed.field) from None
-        raise PaymentRequired(failed.message) from None
+    except ChargeRefused as refused:
+        # Not an attempt: Stripe keeps no result under a key whose request it refused before
+        # charging, so the next request may use the key again. Counting it would give a
+        # request sent meanwhile with a good card (still charging under this key) a second
+        # charge under the next key.
+        raise BadRequest(refused.message, field=refused.field) from None
+    except CardDeclined as declined:
+        # An attempt: the decline is kept under its key, and the next card needs a key of its own.
+        await _record_decline(db, order_id=order_id, attempt=attempt, reason=declined.message)
+        raise PaymentRequired(declined.message) from None
     payment = await record_charge(
         db, charges, order_id=order_id, stripe_id=intent, amount=Amount(amount)
     )
