@@ -181,6 +181,10 @@ async def test_a_buyer_who_changes_their_mind_cancels_and_the_ticket_is_back(
     browser: Browser, site: str, shot: Shot
 ) -> None:
     page = await someone_ordered(browser, site, shot, "Opera, box 3", "120")
+    order_url = page.url
+    await page.get_by_role("link", name="My orders").click()
+    await expect(page.get_by_role("cell", name="awaiting payment")).to_be_visible()
+    await page.goto(order_url)
     await page.get_by_role("button", name="Cancel order").click()
     await expect(page.get_by_text("Status: cancelled")).to_be_visible()
     await expect(page.get_by_role("button", name="Pay")).to_have_count(0)
@@ -200,6 +204,13 @@ async def test_a_price_no_card_can_pay_is_refused_on_the_form(
     await page.get_by_role("button", name="Sell ticket").click()
     await expect(page.get_by_text("Price must be at least 0.50")).to_be_visible()
     await shot(page, "price-too-low")
+    await page.get_by_label("Price").fill("twenty")
+    await page.get_by_role("button", name="Sell ticket").click()
+    await expect(page.get_by_text("Price must be a number")).to_be_visible()
+    await page.get_by_label("Price").fill("25.5")
+    await page.get_by_role("button", name="Sell ticket").click()
+    await expect(page.get_by_role("heading", name="Raffle stub")).to_be_visible()
+    await expect(page.get_by_label("Price")).to_have_value("25.50")  # the seller's edit form
 
 
 async def test_a_bad_sign_in_shows_the_error(browser: Browser, site: str, shot: Shot) -> None:
@@ -279,13 +290,36 @@ def test_a_form_sent_after_the_session_ended_leads_to_sign_in(site: str) -> None
     some_id = str(uuid.uuid4())
     same_origin = {"Sec-Fetch-Site": "same-origin"}
     with httpx.Client(base_url=site) as signed_out:
-        for path, form in (
-            (f"/orders/{some_id}/pay", {"token": "tok_visa"}),
-            (f"/orders/{some_id}/cancel", {}),
-            (f"/tickets/{some_id}", {"title": "Edited", "price": "10"}),
+        for path, form, back_to in (
+            (f"/orders/{some_id}/pay", {"token": "tok_visa"}, f"/orders/{some_id}"),
+            (f"/orders/{some_id}/cancel", {}, f"/orders/{some_id}"),
+            (f"/tickets/{some_id}", {"title": "Edited", "price": "10"}, f"/tickets/{some_id}"),
         ):
             sent = signed_out.post(path, data=form, headers=same_origin)
-            assert sent.is_redirect and sent.headers["location"] == "/auth/signin", path
+            assert sent.is_redirect, path
+            location = httpx.URL(sent.headers["location"])
+            assert location.path == "/auth/signin" and location.params["next"] == back_to
+
+
+def test_sign_in_leads_back_to_the_page_that_asked_for_it_and_only_to_this_site(
+    site: str,
+) -> None:
+    address = email()
+    same_origin = {"Sec-Fetch-Site": "same-origin"}
+    with httpx.Client(base_url=site) as visitor:
+        credentials = {"email": address, "password": "secret-pass"}
+        visitor.post("/auth/signup", data=credentials, headers=same_origin)
+        visitor.post("/auth/signout", headers=same_origin)
+        page = visitor.get("/auth/signin", params={"next": "/orders"})
+        assert 'name="next" value="/orders"' in page.text
+        for asked, lands in (
+            ("/orders", "/orders"),
+            ("//evil.example/", "/"),
+            ("https://x.io", "/"),
+        ):
+            sent = {**credentials, "next": asked}
+            signed_in = visitor.post("/auth/signin", data=sent, headers=same_origin)
+            assert signed_in.is_redirect and signed_in.headers["location"] == lands, asked
 
 
 def test_every_page_names_an_icon_the_site_serves(site: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -61,13 +62,26 @@ def redirect(url: str, result: ApiResult | None = None) -> RedirectResponse:
     return response
 
 
+def sign_in_first(back_to: str) -> RedirectResponse:
+    """To the sign-in page, which sends the visitor back here once they are signed in."""
+    return redirect(f"/auth/signin?{urlencode({'next': back_to})}")
+
+
+def _local(path: str | None) -> str:
+    """Where to go after signing in: a path of this site only (no open redirect)."""
+    if path and path.startswith("/") and not path.startswith(("//", "/\\")):
+        return path
+    return "/"
+
+
 def not_found(request: Request, visitor: Visitor, what: str) -> HTMLResponse:
     return render(request, visitor, "error.html", 404, title=f"{what} not found",
                   message=f"This {what.lower()} does not exist.")  # fmt: skip
 
 
 async def _form(request: Request) -> dict[str, str]:
-    return {k: str(v) for k, v in (await request.form()).items()}
+    # Text fields only: a file sent in a multipart form is no title or price.
+    return {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
 
 
 @router.get("/")
@@ -97,7 +111,8 @@ async def auth_page(request: Request, visitor: VisitorDep, mode: str) -> Respons
         return redirect("/", await visitor.api.call("POST", "/api/users/signout"))
     if mode not in ("signup", "signin"):
         return not_found(request, visitor, "Page")
-    return render(request, visitor, "auth.html", mode=mode, errors={}, form={})
+    back_to = _local(request.query_params.get("next"))
+    return render(request, visitor, "auth.html", mode=mode, errors={}, form={"next": back_to})
 
 
 @router.post("/auth/{mode}")
@@ -110,24 +125,29 @@ async def auth_submit(request: Request, visitor: VisitorDep, mode: str) -> Respo
     body = {"email": form.get("email", ""), "password": form.get("password", "")}
     result = await visitor.api.call("POST", f"/api/users/{mode}", body)
     if result.ok:
-        return redirect("/", result)
-    return render(request, visitor, "auth.html", 400, mode=mode, errors=result.errors(), form=form)
+        return redirect(_local(form.get("next")), result)
+    status = 429 if result.status == 429 else 400  # too many tries: the page says so, as the API
+    return render(
+        request, visitor, "auth.html", status, mode=mode, errors=result.errors(), form=form
+    )
 
 
 @router.get("/tickets/new")
 async def new_ticket(request: Request, visitor: VisitorDep) -> Response:
     if visitor.user is None:
-        return redirect("/auth/signin")
+        return sign_in_first("/tickets/new")
     return render(request, visitor, "ticket_new.html", errors={}, form={})
 
 
-def _below_what_a_card_pays(form: dict[str, str]) -> dict[str | None, str]:
-    """The API lists any price greater than 0; the site does not list a ticket its buyers
-    could not pay for by card."""
+def _price_problem(form: dict[str, str]) -> dict[str | None, str]:
+    """What the site says of a price before the API is asked: that it is not a number at all,
+    or under what a card can pay (the API lists any price greater than 0, but the site does
+    not list a ticket its buyers could not pay for)."""
+    typed = form.get("price", "").strip()
     try:
-        price = Decimal(form.get("price", "").strip())
+        price = Decimal(typed)
     except InvalidOperation:
-        return {}  # the API says what is wrong with it
+        return {"price": "Price must be a number, like 25 or 25.50"} if typed else {}
     if 0 < price < LEAST_CARD_PAYMENT:
         return {"price": f"Price must be at least {LEAST_CARD_PAYMENT}, the least a card can pay"}
     return {}
@@ -136,16 +156,16 @@ def _below_what_a_card_pays(form: dict[str, str]) -> dict[str | None, str]:
 @router.post("/tickets/new")
 async def create_ticket(request: Request, visitor: VisitorDep) -> Response:
     if visitor.user is None:
-        return redirect("/auth/signin")
+        return sign_in_first("/tickets/new")
     form = await _form(request)
-    if errors := _below_what_a_card_pays(form):
+    if errors := _price_problem(form):
         return render(request, visitor, "ticket_new.html", 400, errors=errors, form=form)
     body = {"title": form.get("title", ""), "price": form.get("price", "")}
     result = await visitor.api.call("POST", "/api/tickets", body)
     if result.ok:
         return redirect(f"/tickets/{result.body['id']}")
     if result.status == 401:
-        return redirect("/auth/signin")
+        return sign_in_first("/tickets/new")
     return render(request, visitor, "ticket_new.html", 400, errors=result.errors(), form=form)
 
 
@@ -159,7 +179,8 @@ async def _ticket_page(
         return not_found(request, visitor, "Ticket")
     ticket = result.body
     context.setdefault("errors", {})
-    context.setdefault("form", {"title": ticket["title"], "price": ticket["price"]})
+    price = f"{Decimal(str(ticket['price'])):.2f}"  # as money is written: 25.50, not 25.5
+    context.setdefault("form", {"title": ticket["title"], "price": price})
     mine = visitor.user is not None and visitor.user["id"] == ticket["userId"]
     return render(request, visitor, "ticket.html", status, ticket=ticket, mine=mine, **context)
 
@@ -172,25 +193,25 @@ async def show_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> 
 @router.post("/tickets/{ticket_id}")
 async def edit_ticket(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
     if visitor.user is None:
-        return redirect("/auth/signin")
+        return sign_in_first(f"/tickets/{ticket_id}")
     if not is_id(ticket_id):
         return not_found(request, visitor, "Ticket")
     form = await _form(request)
-    if errors := _below_what_a_card_pays(form):
+    if errors := _price_problem(form):
         return await _ticket_page(request, visitor, ticket_id, 400, errors=errors, form=form)
     body = {"title": form.get("title", ""), "price": form.get("price", "")}
     result = await visitor.api.call("PUT", f"/api/tickets/{ticket_id}", body)
     if result.ok:
         return await _ticket_page(request, visitor, ticket_id, notice="Saved.")
     if result.status == 401:  # the session ended meanwhile (the form is only the seller's)
-        return redirect("/auth/signin")
+        return sign_in_first(f"/tickets/{ticket_id}")
     return await _ticket_page(request, visitor, ticket_id, 400, errors=result.errors(), form=form)
 
 
 @router.post("/tickets/{ticket_id}/purchase")
 async def purchase(request: Request, visitor: VisitorDep, ticket_id: str) -> Response:
     if visitor.user is None:
-        return redirect("/auth/signin")
+        return sign_in_first(f"/tickets/{ticket_id}")
     if not is_id(ticket_id):
         return not_found(request, visitor, "Ticket")
     result = await visitor.api.call("POST", "/api/orders", {"ticketId": ticket_id})
@@ -205,7 +226,7 @@ async def purchase(request: Request, visitor: VisitorDep, ticket_id: str) -> Res
 @router.get("/orders")
 async def orders(request: Request, visitor: VisitorDep) -> Response:
     if visitor.user is None:
-        return redirect("/auth/signin")
+        return sign_in_first("/orders")
     result = await visitor.api.call("GET", "/api/orders")
     return render(request, visitor, "orders.html", orders=result.body if result.ok else [])
 
@@ -222,7 +243,7 @@ async def _own_order(
 ) -> dict[str, Any] | Response:
     """The signed-in visitor's order, else the page to go to instead (sign-in, not found)."""
     if visitor.user is None:
-        return redirect("/auth/signin")
+        return sign_in_first(f"/orders/{order_id}")
     order = await _order(visitor, order_id)
     return order if order is not None else not_found(request, visitor, "Order")
 
