@@ -55,12 +55,23 @@ def serve(
         settings = spec.settings()
         settings.require_urls(*spec.needs)
     except ValueError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {refusal(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
     app = spec.factory()(settings)
     tune_for_serving()
     uvicorn.run(app, host=host, port=port, proxy_headers=True, log_config=None)
+
+
+def refusal(exc: ValueError) -> str:
+    """Why the settings were refused, one line each, without their values: pydantic's own
+    message shows what it was given, and a secret is among them."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    reasons = (str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
+    return "; ".join(reasons)
 
 
 @app.command()
@@ -83,7 +94,7 @@ def migrate(
         settings = spec.settings()
         settings.require_urls("database_url")
     except ValueError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {refusal(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     config = spec.alembic_config(settings.service_database_url(service))
     if new:

@@ -140,6 +140,27 @@ def test_serve_refuses_production_without_a_real_jwt_key() -> None:
     assert "TICKETING_JWT_KEY" in result.stderr
 
 
+def test_serve_refuses_productions_stand_in_stripe_secrets_without_showing_them() -> None:
+    """Refused in one line that names the setting; pydantic's own message would have printed
+    the settings it was given, the webhook secret among them."""
+    secret = "whsec_" + "s3cr3t" * 6
+    env = clean_env(
+        TICKETING_ENV="production",
+        TICKETING_JWT_KEY="k" * 40,
+        TICKETING_DATABASE_URL="sqlite+aiosqlite:///x.db",
+        TICKETING_NATS_URL="nats://127.0.0.1:4222",
+        TICKETING_STRIPE_SECRET_KEY="sk_test_sandbox",  # what `ticketing up` gives its sandbox
+        TICKETING_STRIPE_WEBHOOK_SECRET=secret,
+    )
+    result = subprocess.run(
+        [*TICKETING, "serve", "payments"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "TICKETING_STRIPE_SECRET_KEY must be the account's secret key" in result.stderr
+    assert "s3cr3t" not in result.stderr and "input_value" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 async def test_serve_runs_one_service_like_a_container(
     launch: Any, smtp_sink: SmtpSink, infra: Infra, settings_kwargs: dict[str, Any]
 ) -> None:

@@ -7,6 +7,8 @@ from pydantic import model_validator
 from ticketing.common.settings import InsecureSettingsError, Settings, is_placeholder
 
 DEV_WEBHOOK_SECRET = "whsec_dev_only_insecure"
+# The key `ticketing up` gives payments for its local Stripe sandbox.
+SANDBOX_SECRET_KEY = "sk_test_sandbox"
 
 
 class PaymentsSettings(Settings):
@@ -29,7 +31,7 @@ class PaymentsSettings(Settings):
                 " when TICKETING_ENV=production"
             )
         key = self.stripe_secret_key or ""
-        if not key.startswith(("sk_", "rk_")) or is_placeholder(key):
+        if not key.startswith(("sk_", "rk_")) or is_placeholder(key) or key == SANDBOX_SECRET_KEY:
             raise InsecureSettingsError(
                 "TICKETING_STRIPE_SECRET_KEY must be the account's secret key (sk_... or rk_...)"
                 " when TICKETING_ENV=production"

@@ -23,7 +23,7 @@ from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.common.mailbox import mailbox_dir
 from ticketing.common.settings import Settings
-from ticketing.payments.settings import DEV_WEBHOOK_SECRET
+from ticketing.payments.settings import DEV_WEBHOOK_SECRET, SANDBOX_SECRET_KEY
 from ticketing.platform.embedded import (
     ChildServer,
     EmbeddedNats,
@@ -125,7 +125,7 @@ def _stripe_sandbox(
         return []
     secret = os.environ.get("TICKETING_STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
     overrides.update(
-        stripe_secret_key="sk_test_sandbox",
+        stripe_secret_key=SANDBOX_SECRET_KEY,
         stripe_api_base=f"{local}{SANDBOX_PREFIX}",
         stripe_webhook_secret=secret,
     )

@@ -35,7 +35,7 @@ from rich.live import Live
 from ticketing.common.db import Database
 from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
-from ticketing.payments.settings import DEV_WEBHOOK_SECRET
+from ticketing.payments.settings import DEV_WEBHOOK_SECRET, SANDBOX_SECRET_KEY
 from ticketing.platform.embedded import listening_socket
 from ticketing.platform.gateway import Gateway, until_started
 from ticketing.platform.lifeline import worker_main
@@ -99,7 +99,7 @@ async def _start_sandbox(local: str, overrides: dict[str, Any], board: Any) -> S
     sandbox = SandboxServer(webhook_url=f"{local}/api/payments/webhook", webhook_secret=secret)
     await sandbox.start()
     overrides.update(
-        stripe_secret_key="sk_test_sandbox",
+        stripe_secret_key=SANDBOX_SECRET_KEY,
         stripe_api_base=sandbox.url,
         stripe_webhook_secret=secret,
     )
