@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel
+from sqlalchemy import text
 
 from tests.support import eventually
 from ticketing.common.app import Runtime, SessionDep, create_service_app
@@ -16,6 +18,7 @@ from ticketing.common.errors import Conflict
 from ticketing.common.events import ExpirationComplete
 from ticketing.common.outbox import add_event
 from ticketing.common.settings import Settings
+from ticketing.platform.embedded import free_port
 
 router = APIRouter(prefix="/api/probe")
 
@@ -28,6 +31,11 @@ class Body(BaseModel):
 @router.post("/items", status_code=201)
 async def create_item(body: Body, session: SessionDep) -> dict[str, str]:
     return {"ticketId": body.ticketId}
+
+
+@router.get("/one")
+async def one(session: SessionDep) -> dict[str, int]:
+    return {"one": int(await session.scalar(text("SELECT 1")) or 0)}
 
 
 @router.get("/mine")
@@ -130,6 +138,28 @@ async def test_an_unexpected_error_is_500_with_the_error_body(client: httpx.Asyn
     response = await client.get("/api/probe/boom")
     assert response.status_code == 500
     assert response.json() == {"errors": [{"message": "Something went wrong", "field": None}]}
+
+
+async def test_a_database_that_does_not_answer_is_503_not_500(
+    settings_kwargs: dict[str, Any],
+) -> None:
+    """Nothing listens where the database should be (production starts anyway and says it is
+    not ready): a request that needs it is told to come back, in the contract's shape."""
+    nowhere = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"
+    settings = Settings(
+        **{**settings_kwargs, "database_url": nowhere, "env": "production", "jwt_key": "k" * 40}
+    )
+    app = create_service_app("probe", settings, routers=[router])
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            response = await c.get("/api/probe/one")
+            ready = await c.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {
+        "errors": [{"message": "Service unavailable; please try again shortly", "field": None}]
+    }
+    assert ready.status_code == 503
 
 
 async def test_metrics_count_requests_by_route(client: httpx.AsyncClient) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import nats.errors
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -109,7 +111,23 @@ async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
     return http_error_response(exc)
 
 
+# A part this service depends on that did not answer (its database down or out of
+# connections, NATS unreachable): the request was fine, the service cannot serve it now.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    nats.errors.Error,
+    ConnectionError,
+    TimeoutError,
+)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, _UNAVAILABLE):
+        # One line: while a part is down, every request would print the same traceback.
+        log.warning("%s %s: unavailable: %r", request.method, request.url.path, exc)
+        return error_response(503, "Service unavailable; please try again shortly")
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "Something went wrong")
 
