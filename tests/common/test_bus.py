@@ -4,8 +4,10 @@ poison messages."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from nats.js.api import ConsumerConfig
@@ -32,6 +34,8 @@ from ticketing.common.messaging import (
     consumer_filter,
 )
 from ticketing.common.outbox import DeadLetter, InboxEntry
+from ticketing.common.settings import Settings
+from ticketing.platform.embedded import free_port
 
 MakeListener = Callable[..., Awaitable[Listener]]
 
@@ -602,3 +606,19 @@ async def test_a_batch_handler_that_fails_leaves_the_whole_batch_to_one_at_a_tim
     assert sorted(e.key for e in await effects(db)) == [
         "ticket-0", "ticket-1", "ticket-2", "updated-ticket-9"
     ]  # fmt: skip
+
+
+async def test_a_nats_that_does_not_answer_is_said_in_one_line_per_try(
+    settings_kwargs: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start (or while the server is away) every failed try is one warning naming the URL,
+    not nats-py's traceback; the start gives up with a clear error."""
+    nowhere = f"nats://127.0.0.1:{free_port()}"
+    settings = Settings(
+        **{**settings_kwargs, "nats_url": nowhere, "nats_connect_timeout_seconds": 1.5}
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(ConnectionError, match="did not answer"):
+        await Bus(settings).connect()
+    tries = [r for r in caplog.records if nowhere in r.getMessage()]
+    assert tries
+    assert not any(r.exc_info for r in caplog.records)

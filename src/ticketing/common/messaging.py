@@ -119,7 +119,10 @@ class Bus:
             # Reconnect forever once connected, but do not hang a start on an unreachable URL.
             self.nc = await asyncio.wait_for(
                 nats.connect(
-                    self.settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+                    self.settings.nats_url,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._on_error,
                 ),
                 timeout=self.settings.nats_connect_timeout_seconds,
             )
@@ -136,6 +139,11 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    async def _on_error(self, exc: Exception) -> None:
+        # One line per failed try: nats-py's own report is a traceback, twice a second while
+        # the server is away (at start, or until it is back).
+        log.warning("NATS at %s: %r", self.settings.nats_url, exc)
 
     async def close(self) -> None:
         # Listeners settle their own messages and publishes are awaited, so there is nothing
