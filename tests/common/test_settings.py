@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from ticketing.auth.settings import AuthSettings
 from ticketing.common.settings import DEV_JWT_KEY, Settings
+from ticketing.web.settings import WebSettings
 
 
 def test_reads_ticketing_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,3 +85,17 @@ def test_the_reservation_gathers_briefly_the_other_listeners_longer(
     monkeypatch.setenv("TICKETING_LISTENER_GATHER_SECONDS", "0.2")
     settings = TicketsSettings(_env_file=None)  # type: ignore[call-arg]
     assert Runtime("tickets", settings, ()).listener.gather == 0.2
+
+
+@pytest.mark.parametrize("settings_class", [AuthSettings, WebSettings])
+def test_production_needs_the_sites_address_where_links_are_made_with_it(
+    settings_class: type[Settings],
+) -> None:
+    """Auth's emailed links and the web client's pages carry it: the default (this machine)
+    would send buyers to 127.0.0.1."""
+    secure = {"env": "production", "jwt_key": "k" * 40}
+    with pytest.raises(ValueError, match="TICKETING_PUBLIC_URL"):
+        settings_class(**secure)
+    given = settings_class(**secure, public_url="https://tickets.example")
+    assert given.public_url == "https://tickets.example"
+    assert Settings(**secure).public_url  # a service that makes no links does without

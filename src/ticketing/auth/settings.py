@@ -6,6 +6,7 @@ from ticketing.common.settings import Settings
 
 
 class AuthSettings(Settings):
+    uses_public_url = True
     smtp_url: str | None = None
     mail_from: str = "Ticketing <no-reply@ticketing.local>"
     magic_link_ttl_seconds: int = 60

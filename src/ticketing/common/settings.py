@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,10 @@ class InsecureSettingsError(ValueError):
 
 class Settings(BaseSettings):
     """What every service reads; a service's own settings class adds its own fields."""
+
+    # A service whose answers carry the site's address (auth's emailed links, the web
+    # client's pages and API calls): production must be told it, not left on the default.
+    uses_public_url: ClassVar[bool] = False
 
     model_config = SettingsConfigDict(env_prefix="TICKETING_", extra="ignore")
 
@@ -76,7 +80,15 @@ class Settings(BaseSettings):
                 "TICKETING_JWT_KEY must be a secret of your own, at least "
                 f"{MIN_JWT_KEY_LENGTH} characters, when TICKETING_ENV=production"
             )
+        if self.env == "production" and self.uses_public_url and not self._given("public_url"):
+            raise InsecureSettingsError(
+                "TICKETING_PUBLIC_URL must be the site's address (links are made with it)"
+                " when TICKETING_ENV=production"
+            )
         return self
+
+    def _given(self, name: str) -> bool:
+        return name in self.model_fields_set
 
     @property
     def is_dev(self) -> bool:

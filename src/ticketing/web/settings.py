@@ -6,6 +6,7 @@ from ticketing.common.settings import Settings
 
 
 class WebSettings(Settings):
+    uses_public_url = True
     # Where the pages reach the APIs (the ingress in production); the public URL by default.
     api_url: str | None = None
     # With a publishable key the pay form uses Stripe's card element; without, the test cards.
