@@ -316,6 +316,8 @@ def test_sign_in_leads_back_to_the_page_that_asked_for_it_and_only_to_this_site(
             ("/orders", "/orders"),
             ("//evil.example/", "/"),
             ("https://x.io", "/"),
+            ("/\\evil.example", "/"),  # a backslash is a slash to a browser
+            ("/\t/evil.example", "/"),  # and a tab is dropped
         ):
             sent = {**credentials, "next": asked}
             signed_in = visitor.post("/auth/signin", data=sent, headers=same_origin)

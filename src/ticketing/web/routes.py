@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -68,10 +68,15 @@ def sign_in_first(back_to: str) -> RedirectResponse:
 
 
 def _local(path: str | None) -> str:
-    """Where to go after signing in: a path of this site only (no open redirect)."""
-    if path and path.startswith("/") and not path.startswith(("//", "/\\")):
-        return path
-    return "/"
+    """Where to go after signing in: a path of this site only (no open redirect). Browsers
+    drop tabs and newlines from a URL and read a backslash as a slash, so a path with any of
+    them, or that starts like another host's address, is not taken."""
+    if not path or not path.startswith("/") or path.startswith("//"):
+        return "/"
+    if "\\" in path or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        return "/"
+    parts = urlsplit(path)
+    return path if not parts.scheme and not parts.netloc else "/"
 
 
 def not_found(request: Request, visitor: Visitor, what: str) -> HTMLResponse:
