@@ -332,3 +332,15 @@ def test_every_page_names_an_icon_the_site_serves(site: str) -> None:
         served = visitor.get(icon.group(1))
     assert served.status_code == 200
     assert served.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_a_price_that_is_not_a_number_is_said_to_be_one(site: str) -> None:
+    same_origin = {"Sec-Fetch-Site": "same-origin"}
+    with httpx.Client(base_url=site) as seller:
+        credentials = {"email": email(), "password": "secret-pass"}
+        seller.post("/auth/signup", data=credentials, headers=same_origin)
+        for typed in ("NaN", "Infinity", "-inf", "twenty"):
+            form = {"title": "Show", "price": typed}
+            page = seller.post("/tickets/new", data=form, headers=same_origin)
+            assert page.status_code == 400, typed
+            assert "Price must be a number" in page.text, typed

@@ -113,11 +113,13 @@ async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 # A part this service depends on that did not answer (its database down or out of
 # connections, NATS unreachable): the request was fine, the service cannot serve it now.
+# (Not SQLAlchemy's InterfaceError, nor every NATS error: those include misuse, which must
+# stay a 500 with its traceback.)
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
-    nats.errors.Error,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection came free in time
+    nats.errors.NoServersError,
+    nats.errors.ConnectionClosedError,
     ConnectionError,
     TimeoutError,
 )

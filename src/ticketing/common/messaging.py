@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -91,6 +92,13 @@ def is_next_version(local: int | None, incoming: int, *, what: str) -> bool:
     return incoming == local + 1
 
 
+def _without_credentials(url: str | None) -> str:
+    """A server's address as a log may show it: no user or password (nats://u:p@host)."""
+    parts = urlsplit(url or "")
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
+
+
 class Bus:
     """One NATS connection with JetStream, and the stream every service shares."""
 
@@ -143,7 +151,7 @@ class Bus:
     async def _on_error(self, exc: Exception) -> None:
         # One line per failed try: nats-py's own report is a traceback, twice a second while
         # the server is away (at start, or until it is back).
-        log.warning("NATS at %s: %r", self.settings.nats_url, exc)
+        log.warning("NATS at %s: %r", _without_credentials(self.settings.nats_url), exc)
 
     async def close(self) -> None:
         # Listeners settle their own messages and publishes are awaited, so there is nothing
@@ -381,19 +389,23 @@ class Listener:
         REPLICA_WAIT_SECONDS; False if not by then or if NATS could not tell. What a client was
         told had happened elsewhere, in an answer that waited for its event to be on the
         stream, has then taken effect here."""
+        if not self.bus.is_connected:
+            return False  # NATS is away: no answer to wait for (a request would hang on it)
         try:
-            subject = subject_for(event_type, self.bus.prefix)
-            try:
-                last = await self.bus.js.get_last_msg(self.bus.stream, subject)
-            except NotFoundError:
-                return True  # never published
+            # A bound on the whole: each JetStream request may wait seconds for its answer.
+            async with asyncio.timeout(2 * REPLICA_WAIT_SECONDS):
+                subject = subject_for(event_type, self.bus.prefix)
+                try:
+                    last = await self.bus.js.get_last_msg(self.bus.stream, subject)
+                except NotFoundError:
+                    return True  # never published
 
-            async def handled() -> bool | None:
-                info = await self.bus.js.consumer_info(self.bus.stream, self.service)
-                floor = info.ack_floor.stream_seq if info.ack_floor else None
-                return True if (floor or 0) >= (last.seq or 0) else None
+                async def handled() -> bool | None:
+                    info = await self.bus.js.consumer_info(self.bus.stream, self.service)
+                    floor = info.ack_floor.stream_seq if info.ack_floor else None
+                    return True if (floor or 0) >= (last.seq or 0) else None
 
-            return bool(await handled() or await replicated(handled))
+                return bool(await handled() or await replicated(handled))
         except (nats.errors.Error, APIError, TimeoutError) as exc:
             log.warning(
                 "%s could not tell whether %s was handled: %r", self.service, event_type, exc

@@ -79,6 +79,10 @@ def _local(path: str | None) -> str:
     return path if not parts.scheme and not parts.netloc else "/"
 
 
+def _first_problem(result: ApiResult) -> str:
+    return next(iter(result.errors().values()), "Something went wrong; please try again.")
+
+
 def not_found(request: Request, visitor: Visitor, what: str) -> HTMLResponse:
     return render(request, visitor, "error.html", 404, title=f"{what} not found",
                   message=f"This {what.lower()} does not exist.")  # fmt: skip
@@ -152,6 +156,8 @@ def _price_problem(form: dict[str, str]) -> dict[str | None, str]:
     try:
         price = Decimal(typed)
     except InvalidOperation:
+        price = Decimal("NaN")
+    if not price.is_finite():  # "NaN" and "Infinity" parse, and compare with nothing
         return {"price": "Price must be a number, like 25 or 25.50"} if typed else {}
     if 0 < price < LEAST_CARD_PAYMENT:
         return {"price": f"Price must be at least {LEAST_CARD_PAYMENT}, the least a card can pay"}
@@ -222,7 +228,7 @@ async def purchase(request: Request, visitor: VisitorDep, ticket_id: str) -> Res
     result = await visitor.api.call("POST", "/api/orders", {"ticketId": ticket_id})
     if result.ok:
         return redirect(f"/orders/{result.body['id']}")
-    problem = next(iter(result.errors().values()))
+    problem = _first_problem(result)
     if result.status == 404:
         problem = "This ticket was listed a moment ago; please try again in a second."
     return await _ticket_page(request, visitor, ticket_id, 400, problem=problem)
@@ -286,7 +292,7 @@ async def cancel(request: Request, visitor: VisitorDep, order_id: str) -> Respon
     result = await visitor.api.call("DELETE", f"/api/orders/{order_id}")
     if result.ok:
         return redirect(f"/orders/{order_id}")
-    problem = next(iter(result.errors().values()))  # paid meanwhile, say
+    problem = _first_problem(result)  # paid meanwhile, say
     order = await _order(visitor, order_id) or order
     context = _order_context(visitor, order)
     return render(request, visitor, "order.html", 400, problem=problem, **context)
@@ -302,7 +308,7 @@ async def pay(request: Request, visitor: VisitorDep, order_id: str) -> Response:
     result = await visitor.api.call("POST", "/api/payments", body)
     if result.ok:
         return redirect(f"/orders/{order_id}")
-    problem = next(iter(result.errors().values()))
+    problem = _first_problem(result)
     if result.status == 404:
         problem = "Your order is still being set up; please try again in a second."
     context = _order_context(visitor, order)
