@@ -16,6 +16,10 @@ def money_to_json(amount: Decimal) -> int | float:
     return int(amount) if amount == amount.to_integral_value() else float(amount)
 
 
+# The least a card payment can be (Stripe's bound in usd). The contract lists a ticket at any
+# price greater than 0: payments refuses to charge an order under this, the site to list one.
+LEAST_CARD_PAYMENT = Decimal("0.50")
+
 # Money travels as a JSON number, as the HTTP contract shows it; Decimal keeps it exact inside.
 Money = Annotated[
     Decimal, PlainSerializer(money_to_json, return_type=int | float, when_used="json")

@@ -80,15 +80,13 @@ class Settings(BaseSettings):
                 "TICKETING_JWT_KEY must be a secret of your own, at least "
                 f"{MIN_JWT_KEY_LENGTH} characters, when TICKETING_ENV=production"
             )
-        if self.env == "production" and self.uses_public_url and not self._given("public_url"):
+        given = self.model_fields_set
+        if self.env == "production" and self.uses_public_url and "public_url" not in given:
             raise InsecureSettingsError(
                 "TICKETING_PUBLIC_URL must be the site's address (links are made with it)"
                 " when TICKETING_ENV=production"
             )
         return self
-
-    def _given(self, name: str) -> bool:
-        return name in self.model_fields_set
 
     @property
     def is_dev(self) -> bool:

@@ -78,8 +78,8 @@ class Charges:
         except stripe.InvalidRequestError as exc:
             if exc.code == "resource_missing" and "token" in (exc.param or ""):
                 raise ChargeRefused("Token is not a valid card token", field="token") from exc
-            # Nothing else the buyer sends reaches Stripe (prices are kept within what a card
-            # can pay): a refusal of the rest is this service's to fix, not the buyer's.
+            # Nothing else the buyer sends reaches Stripe (an order under the least a card can
+            # pay is refused before the charge): a refusal of the rest is this service's to fix.
             log.error("stripe refused the charge request: %r", exc)
             raise ServiceUnavailable("The payment provider is unavailable; try again") from exc
         except stripe.StripeError as exc:

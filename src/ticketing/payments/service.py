@@ -21,7 +21,13 @@ from ticketing.common.errors import (
     PaymentRequired,
     ServiceUnavailable,
 )
-from ticketing.common.events import OrderCancelled, OrderCompleted, OrderCreated, PaymentCreated
+from ticketing.common.events import (
+    LEAST_CARD_PAYMENT,
+    OrderCancelled,
+    OrderCompleted,
+    OrderCreated,
+    PaymentCreated,
+)
 from ticketing.common.ids import is_id
 from ticketing.common.messaging import RetryLater, is_next_version, replicated
 from ticketing.common.outbox import add_event
@@ -42,13 +48,12 @@ class Amount:
     currency: str = "usd"
 
 
-# The least Stripe charges in usd. A ticket may be listed for less (any price greater than 0),
-# and its order then cannot be paid by card: it is refused before any charge is tried.
-MIN_CHARGE_CENTS = 50
-
-
 def cents(price: Decimal) -> int:
     return int((price * 100).to_integral_value())
+
+
+# An order under it cannot be paid by card: it is refused before any charge is tried.
+MIN_CHARGE_CENTS = cents(LEAST_CARD_PAYMENT)
 
 
 async def _payable(session: AsyncSession, *, order_id: str, user_id: str) -> OrderReplica:
@@ -77,7 +82,7 @@ async def pay(
     """Charge the buyer for their order; a retried request reuses the attempt's key."""
     amount, attempt = await _next_attempt(db, order_id=order_id, user_id=user_id)
     if amount < MIN_CHARGE_CENTS:
-        raise BadRequest(f"A card can pay {MIN_CHARGE_CENTS / 100:.2f} or more, not less")
+        raise BadRequest(f"A card can pay {LEAST_CARD_PAYMENT} or more, not less")
     try:
         intent = await charges.charge(
             amount_cents=amount,

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from ticketing.common.auth import COOKIE_NAME, current_user
+from ticketing.common.events import LEAST_CARD_PAYMENT
 from ticketing.common.ids import is_id
 from ticketing.common.mailbox import mailbox_dir, read_mailbox
 from ticketing.web.client import Api, ApiResult
@@ -21,8 +22,6 @@ from ticketing.web.settings import WebSettings
 router = APIRouter(include_in_schema=False)
 
 TEST_CARDS = [("tok_visa", "Visa, succeeds"), ("tok_chargeDeclined", "Visa, declined")]
-# Stripe's least charge in usd; the payments service refuses an order under it.
-LEAST_CARD_PAYMENT = Decimal("0.50")
 
 
 @dataclass
