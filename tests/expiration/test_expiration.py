@@ -98,6 +98,20 @@ async def test_a_pending_job_survives_a_restart_of_the_service(platform: Platfor
     assert [e.data["orderId"] for e in published] == [order.id]
 
 
+async def test_a_job_stopped_mid_announcement_leaves_nothing_running(platform: Platform) -> None:
+    """The worker stopping cancels its jobs: an announcement under way ends with its job, not
+    after the service (and its database) stopped."""
+    await platform.start("expiration")
+    ctx = {"runtime": platform.runtime("expiration"), "job_try": 1}
+    job = asyncio.create_task(expire_order(ctx, str(uuid.uuid4())))
+    await asyncio.sleep(0)  # one turn of the loop: the job has started its announcement
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    left = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "_announce"]
+    assert left == []
+
+
 async def test_a_job_that_cannot_reach_its_database_asks_arq_to_retry(tmp_path: Any) -> None:
     import pytest
     from arq import Retry

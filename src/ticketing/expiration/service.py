@@ -106,6 +106,13 @@ async def expire_order(ctx: dict[str, Any], order_id: str, expires_at: float | N
         # however long the announcement takes to give up (a rollback waiting on a locked
         # SQLite file): it is left to finish on its own; the job's next run announces once.
         await asyncio.wait_for(asyncio.shield(announcing), ANNOUNCE_WITHIN_SECONDS)
+    except asyncio.CancelledError:
+        # The worker is stopping: an announcement under way ends first (within the bound), so
+        # that it does not outlive the service's database (an SQLite write left open would
+        # hold the file's lock against the next start); the job's next run announces once.
+        await asyncio.wait({announcing}, timeout=ANNOUNCE_WITHIN_SECONDS)
+        announcing.cancel()
+        raise
     except Exception as exc:
         announcing.add_done_callback(_left_behind)
         # arq retries only on Retry: anything else would end the job and strand the order.
