@@ -232,3 +232,32 @@ async def test_scheduling_before_the_queue_runs_asks_for_a_retry(platform: Platf
     queue = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
     with pytest.raises(RetryLater):
         await schedule_all(queue, events=[order_created(expires_in=60)])
+
+
+async def test_readiness_says_when_redis_is_down(platform: Platform, tmp_path: Any) -> None:
+    """The delayed jobs live in Redis: without it the service is not ready, whatever its
+    database and NATS say."""
+    import httpx
+
+    from ticketing.platform.embedded import EmbeddedRedis
+
+    redis_server = EmbeddedRedis(tmp_path / "valkey")
+    redis_server.start()
+    try:
+        await platform.start("expiration", redis_url=redis_server.url)
+        app = platform.apps["expiration"]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            ready = await client.get("/readyz")
+            assert (ready.status_code, ready.json()["redis"]) == (200, "ok")
+            redis_server.stop()
+
+            async def not_ready() -> httpx.Response | None:
+                response = await client.get("/readyz")
+                return response if response.status_code == 503 else None
+
+            down = await eventually(not_ready)
+    finally:
+        redis_server.stop()
+    assert down.json() == {"status": "unavailable", "database": "ok", "nats": "ok",
+                           "listener": "ok", "redis": "down"}  # fmt: skip

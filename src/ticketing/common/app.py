@@ -3,8 +3,9 @@ the database, the bus connection, the outbox relay and the service's listener.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Annotated, Protocol
 
@@ -92,6 +93,7 @@ def create_service_app(
     register_listeners: Callable[[Listener], None] | None = None,
     extra_lifespan: Callable[[Runtime], AbstractAsyncContextManager[None]] | None = None,
     hot_path: type[HotPath] | None = None,
+    ready_checks: Mapping[str, Callable[[], Awaitable[object]]] | None = None,
 ) -> FastAPI:
     """A service's FastAPI app; nothing connects until its lifespan starts.
 
@@ -100,6 +102,8 @@ def create_service_app(
     the app it wraps and the service's app, that answers some requests itself: inside the
     handling of unexpected errors (a 500 in the contract's shape) and the metrics, in front of
     the routes and of the handlers of domain errors (it renders those itself).
+    `ready_checks` are more parts /readyz reports on (each raises when its part is down), in
+    the processes that listen, where the extra parts run.
     """
     runtime = Runtime(name, settings, metadata)
     if register_listeners is not None:
@@ -126,7 +130,8 @@ def create_service_app(
         app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it
     app.add_middleware(BodyLimit)  # before anything reads a body; inside the metrics (a 413 counts)
     install_http_metrics(app, runtime.metrics)
-    app.include_router(_ops_router(runtime))
+    checks = ready_checks if ready_checks is not None and settings.run_listeners else {}
+    app.include_router(_ops_router(runtime, checks))
     for router in routers:
         app.include_router(router)
     return app
@@ -138,7 +143,12 @@ class HotPath(Protocol):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
 
-def _ops_router(runtime: Runtime) -> APIRouter:
+READY_CHECK_SECONDS = 2.0  # a part that does not answer in time is down, not a hung probe
+
+
+def _ops_router(
+    runtime: Runtime, extra_checks: Mapping[str, Callable[[], Awaitable[object]]]
+) -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
     @router.get("/healthz")
@@ -147,13 +157,12 @@ def _ops_router(runtime: Runtime) -> APIRouter:
 
     @router.get("/readyz")
     async def readyz() -> JSONResponse:
-        checks = {"database": "ok", "nats": "ok" if runtime.bus.is_connected else "down"}
+        checks = {"database": await _answers(runtime.db.ping)}
+        checks["nats"] = "ok" if runtime.bus.is_connected else "down"
         if runtime.listens:
             checks["listener"] = "ok" if runtime.listener.is_running else "down"
-        try:
-            await runtime.db.ping()
-        except Exception:
-            checks["database"] = "down"
+        for name, check in extra_checks.items():
+            checks[name] = await _answers(check)
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ready else "unavailable", **checks},
                             status_code=200 if ready else 503)  # fmt: skip
@@ -163,6 +172,14 @@ def _ops_router(runtime: Runtime) -> APIRouter:
         return runtime.metrics.render()
 
     return router
+
+
+async def _answers(check: Callable[[], Awaitable[object]]) -> str:
+    try:
+        await asyncio.wait_for(check(), READY_CHECK_SECONDS)
+    except Exception:  # whatever the part's client raises, the part is down
+        return "down"
+    return "ok"
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -21,4 +21,5 @@ def create_app(settings: ExpirationSettings | None = None) -> FastAPI:
         routers=[],
         register_listeners=lambda listener: listeners.register(listener, queue),
         extra_lifespan=queue.running,
+        ready_checks={"redis": queue.ping},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,11 +15,14 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_unix_ms
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from ticketing.common.app import Runtime
 from ticketing.common.messaging import RetryLater
 from ticketing.expiration import service
 from ticketing.expiration.settings import ExpirationSettings
+
+log = logging.getLogger(__name__)
 
 # A job waits up to a second, then announces within service.ANNOUNCE_WITHIN_SECONDS or asks to
 # be run again: a job arq times out would be over for good. arq hands the job of a process
@@ -45,6 +49,15 @@ for j = 1, (#KEYS - 1) / 2 do
 end
 return scheduled
 """
+
+
+async def _close(worker: Worker, pool: ArqRedis) -> None:
+    """Stop the worker; with Redis gone, stopping is all there is left to do."""
+    try:
+        await worker.close()  # deletes its health-check key: a round trip to Redis
+    except RedisError as exc:
+        log.warning("the job worker stopped without reaching Redis: %s", exc)
+        await pool.aclose()
 
 
 class JobQueue:
@@ -93,8 +106,14 @@ class JobQueue:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await worker.close()
+            await _close(worker, self.pool)
             self.pool = self._enqueue_each = None
+
+    async def ping(self) -> None:
+        """Raises unless the queue runs and Redis answers."""
+        if self.pool is None:
+            raise RetryLater("the job queue is not running")
+        await self.pool.ping()
 
     async def enqueue_each(self, jobs: Sequence[service.Deferred]) -> list[bool]:
         """Schedule jobs as arq's enqueue_job does, all in one round trip; says of each whether
