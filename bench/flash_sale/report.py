@@ -106,6 +106,10 @@ class Report:
             "expiry_lateness_p99_ms": ms(pct(self.expiry.lateness, 99)) if self.expiry else None,
             "errors_5xx": p.rush.errors_5xx + sum(1 for s in self.pay.statuses if s >= 500),
             "unexpected_answers": p.rush.unexpected + (c.rush.unexpected if c else 0),
+            "unexpected_statuses": {
+                "platform": p.rush.unexpected_statuses,
+                "ceiling": c.rush.unexpected_statuses if c else {},
+            },
             "cpu_seconds": {
                 "platform rush": _rounded(p.cpu),
                 "ceiling rush": _rounded(c.cpu) if c else None,
@@ -132,6 +136,8 @@ class Report:
             )
             if s[key]
         ]
+        if s["unexpected_answers"]:
+            problems.append(f"unexpected answers by status: {s['unexpected_statuses']}")
         if self.platform.rush.transport_errors:
             problems.append(f"transport errors = {self.platform.rush.transport_errors}")
         return problems

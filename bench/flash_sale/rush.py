@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -57,7 +58,13 @@ class RushResult:
     @property
     def unexpected(self) -> int:
         """Answers other than 201 and 'already reserved' (400)."""
-        return sum(1 for a in self.attempts if a.status not in (201, 400))
+        return sum(self.unexpected_statuses.values())
+
+    @property
+    def unexpected_statuses(self) -> dict[str, int]:
+        """How many of each unexpected answer, by status (0: no answer)."""
+        counts = Counter(str(a.status) for a in self.attempts if a.status not in (201, 400))
+        return dict(sorted(counts.items()))
 
 
 class Listing:
