@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 
@@ -15,6 +18,7 @@ from tests.conftest import Platform, new_user
 from tests.support import consumer_settled, eventually, stream_envelopes
 from ticketing.common.events import Envelope, OrderCreated
 from ticketing.expiration.service import Deferred, expiration_event_id, expire_order, job_id
+from ticketing.expiration.settings import ExpirationSettings
 
 
 def order_created(*, expires_in: float) -> OrderCreated:
@@ -49,17 +53,28 @@ async def test_an_order_expires_at_its_expires_at(platform: Platform) -> None:
     assert published[0].time >= order.expires_at
 
 
-async def test_scheduling_twice_runs_one_job(platform: Platform) -> None:
+async def test_a_second_delivery_of_an_order_leaves_its_job_as_it_was(platform: Platform) -> None:
     await platform.start("expiration")
     runtime = platform.runtime("expiration")
-    order = order_created(expires_in=0.5)
-    # Two deliveries of the same order (distinct event ids, as from two publishers).
+    order = order_created(expires_in=60)
     await runtime.publisher.publish(Envelope.wrap(order))
+    await eventually(lambda: job_scheduled(platform, order.id))
+    first = await _job_record(platform, order.id)
+    # The same order again (a distinct event id, as from a second publisher).
     await runtime.publisher.publish(Envelope.wrap(order))
-    await eventually(lambda: expirations(platform))
     await eventually(lambda: consumer_settled(runtime.bus, "expiration"))
-    await eventually(lambda: _relay_idle(platform))
-    assert len(await expirations(platform)) == 1
+    assert await _job_record(platform, order.id) == first  # not scheduled again
+
+
+async def _job_record(platform: Platform, order_id: str) -> tuple[bytes | None, float | None]:
+    """The job as arq stores it (its enqueue time inside) and when it is due."""
+    async with Redis.from_url(platform.settings.redis_url or "") as redis:
+        key = job_id(order_id)
+        body = await redis.get(f"arq:job:{key}")
+        due = await redis.zscore(
+            ExpirationSettings(**platform.settings_kwargs).expiration_queue, key
+        )
+    return body, due
 
 
 async def _relay_idle(platform: Platform) -> bool:
@@ -88,9 +103,10 @@ async def test_a_job_that_runs_twice_announces_once(platform: Platform) -> None:
 
 async def test_a_pending_job_survives_a_restart_of_the_service(platform: Platform) -> None:
     await platform.start("expiration")
-    order = order_created(expires_in=2)
+    order = order_created(expires_in=6)
     await platform.runtime("expiration").publisher.publish(Envelope.wrap(order))
     await eventually(lambda: job_scheduled(platform, order.id))
+    assert await expirations(platform) == []  # stopped before it is due
     await platform.stop("expiration")
     assert await job_scheduled(platform, order.id)  # the job lives in Redis, not the process
     await platform.start("expiration")
@@ -99,21 +115,27 @@ async def test_a_pending_job_survives_a_restart_of_the_service(platform: Platfor
 
 
 async def test_a_job_stopped_mid_announcement_leaves_nothing_running(platform: Platform) -> None:
-    """The worker stopping cancels its jobs: an announcement under way ends with its job, not
-    after the service (and its database) stopped."""
+    """The worker stopping cancels its jobs: an announcement under way ends with its job (it
+    lands), not after the service (and its database) stopped."""
     await platform.start("expiration")
     ctx = {"runtime": platform.runtime("expiration"), "job_try": 1}
-    job = asyncio.create_task(expire_order(ctx, str(uuid.uuid4())))
-    await asyncio.sleep(0)  # one turn of the loop: the job has started its announcement
+    order_id = str(uuid.uuid4())
+    job = asyncio.create_task(expire_order(ctx, order_id))
+    await asyncio.sleep(0)  # the job's first step, which starts its announcement, has run
+    assert _announcements() != []
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
-    left = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "_announce"]
-    assert left == []
+    assert _announcements() == []
+    published = await eventually(lambda: expirations(platform))
+    assert [e.data["orderId"] for e in published] == [order_id]
+
+
+def _announcements() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "_announce"]
 
 
 async def test_a_job_that_cannot_reach_its_database_asks_arq_to_retry(tmp_path: Any) -> None:
-    import pytest
     from arq import Retry
 
     from ticketing.common.db import Database
@@ -127,37 +149,51 @@ async def test_a_job_that_cannot_reach_its_database_asks_arq_to_retry(tmp_path: 
 
 
 async def test_a_job_whose_database_hangs_asks_arq_to_retry_before_arq_times_it_out(
-    monkeypatch: Any,
+    platform: Platform, monkeypatch: Any
 ) -> None:
-    """arq ends a job it times out for good: the order would never expire. The bound holds even
-    when giving up takes long too (a rollback waiting on a locked SQLite file)."""
+    """arq ends a job it times out for good: the order would never expire. A job whose database
+    does not answer (its outbox locked by another client) asks to run again within its bound,
+    inside arq's timeout; its announcement goes on and lands once the database answers."""
     from arq import Retry
 
-    from ticketing.expiration import service
+    from ticketing.expiration import jobs, service
 
-    answers = asyncio.Event()  # the database, which does not answer until the end
-
-    async def hanging(*_: Any, **__: Any) -> None:
-        try:
-            await answers.wait()
-        except asyncio.CancelledError:
-            await answers.wait()  # cancelling does not end it either
-            raise
-
-    class Runtime:
-        class db:
-            @staticmethod
-            def autocommit() -> Any:
-                return contextlib.nullcontext(None)
-
-    monkeypatch.setattr(service, "announce_expiry", hanging)
-    monkeypatch.setattr(service, "ANNOUNCE_WITHIN_SECONDS", 0.05)
-    with pytest.raises(Retry):
-        await expire_order({"runtime": Runtime(), "job_try": 1}, str(uuid.uuid4()))
-    # The announcement the job stopped waiting for is still under way: the database answers.
-    [left] = [t for t in asyncio.all_tasks() if "_announce" in t.get_coro().__qualname__]
-    answers.set()
+    assert service.ANNOUNCE_WITHIN_SECONDS < jobs.JOB_TIMEOUT_SECONDS
+    monkeypatch.setattr(service, "ANNOUNCE_WITHIN_SECONDS", 0.3)
+    await platform.start("expiration")
+    ctx = {"runtime": platform.runtime("expiration"), "job_try": 1}
+    order_id = str(uuid.uuid4())
+    async with _outbox_locked(platform.settings.service_database_url("expiration")):
+        with pytest.raises(Retry):
+            await expire_order(ctx, order_id)
+        [left] = _announcements()
+        assert not left.done()  # still waiting for the lock
     await left
+    published = await eventually(lambda: expirations(platform))
+    assert [e.data["orderId"] for e in published] == [order_id]
+
+
+@contextlib.asynccontextmanager
+async def _outbox_locked(database_url: str) -> AsyncIterator[None]:
+    """Another client holding the outbox table (PostgreSQL) or the whole file (SQLite)."""
+    if database_url.startswith("sqlite"):
+        path = database_url.split(":///", 1)[1]
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Off the loop: the service may be writing, and waits for its turn must not stop it.
+        await asyncio.to_thread(holder.execute, "BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        async with connection.transaction():
+            await connection.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await connection.close()
 
 
 async def test_a_job_is_scheduled_as_arq_itself_schedules_it(platform: Platform) -> None:
@@ -222,8 +258,6 @@ async def test_jobs_are_scheduled_together_each_once(platform: Platform) -> None
 
 
 async def test_scheduling_before_the_queue_runs_asks_for_a_retry(platform: Platform) -> None:
-    import pytest
-
     from ticketing.common.messaging import RetryLater
     from ticketing.expiration.jobs import JobQueue
     from ticketing.expiration.service import schedule_all
