@@ -61,10 +61,17 @@ async def test_creates_the_service_database_and_common_tables(
 
 
 async def test_create_all_twice_is_harmless(settings: Settings) -> None:
-    for _ in range(2):
+    """A second start keeps what the first one's tables hold."""
+    event = ExpirationComplete(order_id="o-1")
+    for start in ("first", "second"):
         db = Database(settings.service_database_url("probe"))
         await db.create_all()
+        async with db.autocommit() as connection:
+            if start == "first":
+                await insert_event_once(connection, event, event_id="e-kept")
+            kept = await connection.scalar(text("SELECT count(*) FROM outbox"))
         await db.dispose()
+        assert kept == 1
 
 
 async def test_a_plain_transaction_hands_the_relay_only_the_outbox_rows_it_committed(
@@ -168,17 +175,20 @@ async def test_read_first_cancelled_mid_statement_leaves_the_pool_usable(
         pytest.skip("the read runs through the driver on PostgreSQL only")
     db = one_connection
     read = asyncio.create_task(db.read_first(select(func.pg_sleep(bindparam("s"))), {"s": 30}))
-    await eventually(lambda: _running("pg_sleep"))
+    await eventually(lambda: _running("pg_sleep", database=db.engine.url.database or ""))
     read.cancel()
     with pytest.raises(asyncio.CancelledError):
         await read
     assert await db.read_first(_outbox_read(), {"event_id": "missing"}) is None
 
 
-async def _running(fragment: str) -> bool:
+async def _running(fragment: str, *, database: str) -> bool:
+    """Whether this test's statement runs (not another worker's, in a database of its own)."""
     async with _admin() as admin:
         found = await admin.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1",
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE state = 'active' AND datname = $1 AND query LIKE $2",
+            database,
             f"%{fragment}%$1%",
         )
     return bool(found)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -49,9 +51,17 @@ def _diff(connection: Any, metadata: list[MetaData]) -> list[Any]:
 
 
 async def test_upgrading_twice_is_harmless(settings: Settings) -> None:
-    config = SERVICES["orders"].alembic_config(settings.service_database_url("orders"))
+    url = settings.service_database_url("orders")
+    config = SERVICES["orders"].alembic_config(url)
     await asyncio.to_thread(upgrade, config)
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(_KEPT_ROW)
+    finally:
+        await engine.dispose()
     await asyncio.to_thread(upgrade, config)
+    assert await _kept_row_and_revision(url, "alembic_version_orders") == (1, _head(config))
 
 
 @pytest.mark.parametrize("service", WITH_DATABASE)
@@ -87,16 +97,34 @@ async def test_a_database_made_by_ticketing_up_is_adopted_not_recreated(
     url = settings.service_database_url("tickets")
     db = Database(url, metadata=spec.metadata())
     await db.create_all()  # what a dev start does
+    async with db.transaction() as session:
+        await session.execute(_KEPT_ROW)
     await db.dispose()
     config = spec.alembic_config(url)
     await asyncio.to_thread(upgrade, config)
+    assert await _kept_row_and_revision(url, "alembic_version_tickets") == (1, _head(config))
+
+
+# A row written before an upgrade, which the upgrade must leave where it is.
+_KEPT_ROW = text(
+    "INSERT INTO inbox (consumer, event_id, handled_at) VALUES ('kept', 'e-1', :at)"
+).bindparams(at=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+async def _kept_row_and_revision(url: str, version_table: str) -> tuple[int, str | None]:
+    """How many rows written before an upgrade are still there, and the revision stamped."""
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
-            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+            kept = await conn.scalar(text("SELECT count(*) FROM inbox WHERE consumer = 'kept'"))
+            revision = await conn.scalar(text(f"SELECT version_num FROM {version_table}"))
     finally:
         await engine.dispose()
-    assert "alembic_version_tickets" in tables
+    return int(kept or 0), revision
+
+
+def _head(config: Any) -> str | None:
+    return ScriptDirectory.from_config(config).get_current_head()
 
 
 # Added to the orders table by the orders service's revision e3a1c9d2b7f4.
