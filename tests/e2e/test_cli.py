@@ -78,7 +78,7 @@ async def test_up_uses_the_parts_named_by_url(
         TICKETING_SMTP_URL=smtp_sink.url,
         TICKETING_DATABASE_URL=settings_kwargs["database_url"],
         TICKETING_NATS_URL=infra.nats_url,
-        TICKETING_REDIS_URL="redis://127.0.0.1:6379/0",
+        TICKETING_REDIS_URL=infra.redis_url,
         TICKETING_NATS_STREAM=settings_kwargs["nats_stream"],
         TICKETING_NATS_SUBJECT_PREFIX=settings_kwargs["nats_subject_prefix"],
     )
@@ -90,10 +90,26 @@ async def test_up_uses_the_parts_named_by_url(
         )
         assert response.status_code == 201
     out = proc.output()
-    assert infra.nats_url in out
+    assert infra.nats_url in out and infra.redis_url in out
     assert "external" in out
-    assert not (tmp_path / "data" / "nats").exists()  # no embedded server was started
+    # No embedded server was started, and the user is in the database the URL names.
+    assert list((tmp_path / "data").iterdir()) == []
+    assert await _users(settings_kwargs["database_url"].format(service="auth")) == ["u@test.com"]
     assert proc.interrupt() == 0
+
+
+async def _users(database_url: str) -> list[str]:
+    from sqlalchemy import text
+
+    from ticketing.common.db import Database
+
+    db = Database(database_url)
+    try:
+        async with db.engine.connect() as connection:
+            emails = await connection.scalars(text("SELECT email FROM users"))
+            return list(emails)
+    finally:
+        await db.dispose()
 
 
 async def test_a_second_up_on_a_busy_port_says_so(launch: Any, tmp_path: Path) -> None:
