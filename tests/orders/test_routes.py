@@ -41,6 +41,18 @@ async def order(client: httpx.AsyncClient, ticket_id: str) -> httpx.Response:
     return await client.post("/api/orders", json={"ticketId": ticket_id})
 
 
+@pytest.mark.parametrize("spelling", [str.upper, lambda i: i.replace("-", ""), "{{{}}}".format])
+async def test_another_spelling_of_a_ticket_id_names_the_same_ticket(
+    orders: Platform, spelling: Any
+) -> None:
+    """As in a path, where /api/tickets/<id without hyphens> is the same ticket."""
+    ticket_id = await seed_ticket(orders)
+    async with orders.client(new_user()) as c:
+        response = await order(c, spelling(ticket_id))
+    assert response.status_code == 201
+    assert response.json()["ticket"]["id"] == ticket_id
+
+
 async def test_create_returns_the_order(orders: Platform) -> None:
     ticket_id = await seed_ticket(orders, price="20.5")
     buyer = new_user()

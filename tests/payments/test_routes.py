@@ -351,6 +351,44 @@ async def test_a_forged_webhook_is_rejected(shop: Platform) -> None:
     assert await payments(shop) == []
 
 
+_SUCCEEDED = "payment_intent.succeeded"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        [],
+        None,
+        {"type": _SUCCEEDED},
+        {"type": _SUCCEEDED, "data": []},
+        {"type": _SUCCEEDED, "data": {"object": "pi_1"}},
+        {"type": _SUCCEEDED, "data": {"object": {"amount": 2000, "currency": "usd"}}},
+        {"type": _SUCCEEDED, "data": {"object": {"id": "pi_1", "amount": "1", "currency": "usd"}}},
+        {"type": _SUCCEEDED, "data": {"object": {"id": "pi_1", "amount": 1, "metadata": "x"}}},
+    ],
+)  # fmt: skip
+async def test_a_signed_webhook_that_is_not_a_stripe_event_is_400(
+    shop: Platform, event: Any
+) -> None:
+    """Signed with the right secret (the dev one is public) but not shaped as Stripe's."""
+    response = await post_webhook(shop, json.dumps(event).encode(), WEBHOOK_SECRET)
+    assert response.status_code == 400
+    assert list(response.json()) == ["errors"]
+    assert await payments(shop) == []
+
+
+@pytest.mark.parametrize("order_id", ["not-an-id", "", 7])
+async def test_a_succeeded_intent_naming_no_order_of_ours_is_acknowledged(
+    shop: Platform, order_id: Any
+) -> None:
+    event = json.loads(webhook_body("pi_elsewhere", "x"))
+    event["data"]["object"]["metadata"] = {"orderId": order_id}
+    response = await post_webhook(shop, json.dumps(event).encode(), WEBHOOK_SECRET)
+    expected = 200 if isinstance(order_id, str) else 400  # Stripe's metadata are strings
+    assert response.status_code == expected
+    assert await payments(shop) == []
+
+
 async def test_a_token_that_is_not_a_token_is_400(shop: Platform, sandbox: SandboxServer) -> None:
     order = await seed_order(shop)
     body = '{"orderId": "ID", "token": "tok_\\ud800"}'.replace("ID", order.id).encode()

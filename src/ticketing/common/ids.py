@@ -23,11 +23,18 @@ def is_id(value: str) -> bool:
     return True
 
 
+def canonical_id(value: str) -> str:
+    """An id as the services store it (lower case, hyphens, no braces): its other spellings
+    name the same id. Anything else lower-cased, to be unknown later."""
+    value = value.strip()
+    return str(uuid.UUID(value)) if is_id(value) else value.lower()
+
+
 def path_id(value: str, *, what: str = "Resource") -> str:
     """The canonical form of an id taken from a path; 404 when it cannot be an id at all."""
     if not is_id(value):
         raise NotFound(f"{what} not found")
-    return str(uuid.UUID(value))
+    return canonical_id(value)
 
 
 def id_field_validator(label: str, *, check_format: bool = True) -> Callable[[Any], str]:
@@ -41,6 +48,6 @@ def id_field_validator(label: str, *, check_format: bool = True) -> Callable[[An
             raise PydanticCustomError(label, f"{label} must be provided")
         if check_format and not is_id(value.strip()):
             raise PydanticCustomError(label, f"{label} must be a valid id")
-        return value.strip().lower()
+        return canonical_id(value)
 
     return check

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ticketing.common.app import Runtime
 from ticketing.common.auth import COOKIE_NAME, verify_token
 from ticketing.common.errors import DomainError, error_response
-from ticketing.common.ids import is_id
+from ticketing.common.ids import canonical_id, is_id
 from ticketing.orders.routes import create_order, place, router
 
 
@@ -84,7 +84,7 @@ def _well_formed(runtime: Runtime, scope: Scope, body: bytes) -> tuple[str, str]
     ticket_id = data.get("ticketId") if isinstance(data, dict) else None
     if not isinstance(ticket_id, str) or not is_id(ticket_id.strip()):
         return None
-    return claims.id, ticket_id.strip().lower()  # as OrderBody's validator leaves it
+    return claims.id, canonical_id(ticket_id)  # as OrderBody's validator leaves it
 
 
 def _is_json(content_type: bytes) -> bool:

@@ -8,14 +8,16 @@ from typing import Annotated, Any
 
 import stripe
 from fastapi import APIRouter, Depends, Header, Request
+from pydantic import ValidationError
 
 from ticketing.common.app import Runtime, RuntimeDep
 from ticketing.common.auth import RequireUser
 from ticketing.common.errors import BadRequest, ServiceUnavailable
+from ticketing.common.ids import canonical_id, is_id
 from ticketing.common.messaging import RetryLater
 from ticketing.payments import service
 from ticketing.payments.charges import Charges
-from ticketing.payments.schemas import PaymentBody, PaymentOut
+from ticketing.payments.schemas import PaymentBody, PaymentOut, SucceededIntent
 from ticketing.payments.settings import PaymentsSettings
 
 log = logging.getLogger(__name__)
@@ -56,17 +58,40 @@ async def stripe_webhook(
     settings: PaymentsSettings = request.app.state.settings
     payload = await request.body()
     try:
-        stripe.Webhook.construct_event(payload, stripe_signature, settings.stripe_webhook_secret)
-        event = json.loads(payload)
+        text = payload.decode()
+        stripe.WebhookSignature.verify_header(
+            text, stripe_signature, settings.stripe_webhook_secret
+        )
     except (ValueError, stripe.SignatureVerificationError):
         raise BadRequest("Invalid webhook signature") from None
+    event = _parsed(text)  # not through the SDK, which assumes a well-formed event
     if event.get("type") == "payment_intent.succeeded":
-        intent = event["data"]["object"]
-        order_id = (intent.get("metadata") or {}).get("orderId")
-        if order_id:
-            amount = service.Amount(int(intent["amount"]), str(intent.get("currency")))
-            await _record(runtime, charges, order_id, intent["id"], amount)
+        intent = _succeeded_intent(event)
+        order_id = canonical_id(intent.metadata.get("orderId", ""))
+        # An intent naming no order of ours (made elsewhere on the account) has nothing to pay.
+        if is_id(order_id):
+            amount = service.Amount(intent.amount, intent.currency)
+            await _record(runtime, charges, order_id, intent.id, amount)
     return {"received": True}
+
+
+def _parsed(text: str) -> dict[str, Any]:
+    try:
+        event = json.loads(text)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        raise BadRequest("A webhook carries a Stripe event object")
+    return event
+
+
+def _succeeded_intent(event: dict[str, Any]) -> SucceededIntent:
+    data = event.get("data")
+    intent = data.get("object") if isinstance(data, dict) else None
+    try:
+        return SucceededIntent.model_validate(intent)
+    except ValidationError:
+        raise BadRequest("A payment_intent.succeeded event carries its payment intent") from None
 
 
 async def _record(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, StrictInt
 from pydantic_core import PydanticCustomError
 
 from ticketing.common.ids import id_field_validator
@@ -34,3 +34,12 @@ class PaymentBody(BaseModel):
 
 class PaymentOut(BaseModel):
     id: str
+
+
+class SucceededIntent(BaseModel):
+    """The part of a payment_intent.succeeded event that records a payment."""
+
+    id: str
+    amount: StrictInt
+    currency: str
+    metadata: dict[str, str] = {}
