@@ -36,7 +36,7 @@ async def test_signup_returns_201_user_and_cookie(client: httpx.AsyncClient) -> 
     assert cookie.startswith("session=")
     lowered = cookie.lower()
     assert "httponly" in lowered
-    assert "samesite=lax" in lowered
+    assert "SameSite=Lax" in cookie  # as the contract spells it
     assert "path=/" in lowered
     assert "secure" not in lowered  # dev serves plain http
 
@@ -211,6 +211,27 @@ async def test_signin_is_rate_limited_per_email(
     assert limited.status_code == 429
     assert messages(limited) == ["Too many attempts; please wait a minute and try again"]
     assert other_email.status_code == 400
+
+
+async def test_signing_in_often_is_not_counted_against_the_limits(
+    auth_settings: AuthSettings,
+) -> None:
+    """The limits are for guesses: a sign-in that works takes its attempt back."""
+    settings = auth_settings.model_copy(
+        update={"signin_limit_per_email": 3, "signin_limit_per_client": 3}
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            assert (await c.post("/api/users/signup", json=CREDS)).status_code == 201
+            right = [(await c.post("/api/users/signin", json=CREDS)).status_code for _ in range(6)]
+            wrong = {**CREDS, "password": "nope"}
+            guesses = [
+                (await c.post("/api/users/signin", json=wrong)).status_code for _ in range(4)
+            ]
+    assert right == [200] * 6
+    assert guesses == [400, 400, 400, 429]
 
 
 async def test_signin_is_rate_limited_per_client(auth_settings: AuthSettings) -> None:

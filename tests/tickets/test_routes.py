@@ -232,7 +232,7 @@ async def test_a_sold_ticket_cannot_be_edited(tickets: Platform) -> None:
         response = await c.put(f"/api/tickets/{ticket['id']}", json={"title": "X", "price": 1})
         shown = (await c.get(f"/api/tickets/{ticket['id']}")).json()
     assert response.status_code == 400
-    assert response.json()["errors"][0]["message"] == "Cannot edit a sold ticket"
+    assert response.json()["errors"][0]["message"] == "Cannot edit a reserved ticket"
     assert shown["version"] == 2  # reserved, then sold
 
 

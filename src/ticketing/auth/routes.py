@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -38,6 +39,14 @@ SettingsDep = Annotated[AuthSettings, Depends(_settings)]
 MailerDep = Annotated[Mailer, Depends(_mailer)]
 
 
+@dataclass(frozen=True)
+class Counted:
+    """The keys an attempt was counted against, and in which window."""
+
+    keys: list[str]
+    window: int
+
+
 async def _rate_limit(
     runtime: RuntimeDep,
     request: Request,
@@ -46,17 +55,18 @@ async def _rate_limit(
     email: str,
     per_client: int,
     per_email: int,
-) -> None:
+) -> Counted:
+    """Count the attempt against the client and the email; 429 when either is over its limit."""
     settings: AuthSettings = request.app.state.settings
     client = request.client.host if request.client else "unknown"
     limits = {f"{action}:client:{client}": per_client, f"{action}:email:{email}": per_email}
+    window = service.current_window(settings.rate_limit_window_seconds)
     # Its own transaction: the count must stick even when the attempt itself fails.
     async with runtime.db.transaction() as session:
-        over = await service.over_limit(
-            session, limits=limits, window_seconds=settings.rate_limit_window_seconds
-        )
+        over = await service.over_limit(session, limits=limits, window=window)
     if over:
         raise TooManyRequests("Too many attempts; please wait a minute and try again")
+    return Counted(list(limits), window)
 
 
 @router.post("/signup", status_code=201)
@@ -77,11 +87,14 @@ async def signin(
     settings: SettingsDep,
     response: Response,
 ) -> UserOut:
-    await _rate_limit(
+    counted = await _rate_limit(
         runtime, request, action="signin", email=body.email,
         per_client=settings.signin_limit_per_client, per_email=settings.signin_limit_per_email,
     )  # fmt: skip
     user = await service.signin(session, email=body.email, password=body.password)
+    # Counted first, so that guesses sent at once are all counted; one that signs in was no
+    # guess, and someone who signs in often is not locked out for it.
+    await service.uncount_attempt(session, keys=counted.keys, window=counted.window)
     sign_in(response, settings, user_id=user.id, email=user.email)
     return UserOut(id=user.id, email=user.email)
 

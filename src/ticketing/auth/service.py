@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
@@ -100,9 +101,13 @@ async def use_magic_link(session: AsyncSession, *, token: str) -> User:
     return user
 
 
-async def count_attempt(session: AsyncSession, *, key: str, window_seconds: int) -> int:
-    """Count one attempt for `key` in the current fixed window; returns the window's count."""
-    window = int(datetime.now(UTC).timestamp()) // window_seconds
+def current_window(window_seconds: int) -> int:
+    """The fixed window of rate limiting that now falls in."""
+    return int(datetime.now(UTC).timestamp()) // window_seconds
+
+
+async def count_attempt(session: AsyncSession, *, key: str, window: int) -> int:
+    """Count one attempt for `key` in `window`; returns the window's count."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = (
@@ -118,9 +123,18 @@ async def count_attempt(session: AsyncSession, *, key: str, window_seconds: int)
     return count
 
 
-async def over_limit(session: AsyncSession, *, limits: dict[str, int], window_seconds: int) -> bool:
+async def over_limit(session: AsyncSession, *, limits: dict[str, int], window: int) -> bool:
     """Count an attempt against each key; True when any key is over its limit."""
     over = False
     for key, limit in limits.items():
-        over |= await count_attempt(session, key=key, window_seconds=window_seconds) > limit
+        over |= await count_attempt(session, key=key, window=window) > limit
     return over
+
+
+async def uncount_attempt(session: AsyncSession, *, keys: Iterable[str], window: int) -> None:
+    """Take back an attempt counted in `window` (one that turned out not to be a guess)."""
+    await session.execute(
+        update(RateLimitWindow)
+        .where(RateLimitWindow.key.in_(list(keys)), RateLimitWindow.window == window)
+        .values(count=RateLimitWindow.count - 1)
+    )

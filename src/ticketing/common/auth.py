@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import jwt
 from fastapi import Depends, Request, Response
@@ -58,6 +58,11 @@ def _verified(key: str, token: str) -> tuple[UserClaims, int] | None:
         return None
 
 
+# Starlette writes the attribute as given and types it in lower case; the contract spells it
+# "SameSite=Lax", as browsers and RFC 6265 do.
+_LAX = cast(Literal["lax"], "Lax")
+
+
 def set_session_cookie(response: Response, settings: Settings, token: str) -> None:
     response.set_cookie(
         COOKIE_NAME,
@@ -65,14 +70,14 @@ def set_session_cookie(response: Response, settings: Settings, token: str) -> No
         max_age=settings.jwt_ttl_seconds,
         path="/",
         httponly=True,
-        samesite="lax",
+        samesite=_LAX,
         secure=not settings.is_dev,
     )
 
 
 def clear_session_cookie(response: Response, settings: Settings) -> None:
     response.delete_cookie(
-        COOKIE_NAME, path="/", httponly=True, samesite="lax", secure=not settings.is_dev
+        COOKIE_NAME, path="/", httponly=True, samesite=_LAX, secure=not settings.is_dev
     )
 
 

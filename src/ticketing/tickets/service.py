@@ -77,9 +77,7 @@ async def update_ticket(
     ticket = await get_ticket(session, ticket_id)
     if ticket.user_id != user_id:
         raise NotAuthorized()
-    if ticket.sold:
-        raise BadRequest("Cannot edit a sold ticket")
-    if ticket.order_id is not None:
+    if ticket.order_id is not None:  # held, or sold: either way the contract's one message
         raise BadRequest("Cannot edit a reserved ticket")
     ticket.title = title
     ticket.price = price
