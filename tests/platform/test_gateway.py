@@ -20,3 +20,8 @@ async def test_an_api_path_no_service_serves_answers_in_the_api_error_shape(
         page = await browser.get("/nowhere")
         assert page.status_code == 404
         assert page.headers["content-type"].startswith("text/html")
+        json_please = await browser.get("/nowhere", headers={"accept": "application/json"})
+        assert (json_please.status_code, json_please.json()) == (404, NOT_FOUND)
+        wrong_method = await browser.delete("/", headers={"accept": "application/json"})
+        assert wrong_method.status_code == 405
+        assert list(wrong_method.json()) == ["errors"]

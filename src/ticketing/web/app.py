@@ -77,15 +77,21 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     async def _http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
         path = request.url.path
-        if isinstance(exc, StarletteHTTPException) and (path == "/api" or path.startswith("/api/")):
-            # Under /api no service took the path (the ingress sends the rest here): an API
-            # client gets the API's error body, not a page.
+        api_path = path == "/api" or path.startswith("/api/")
+        if isinstance(exc, StarletteHTTPException) and (api_path or _wants_json(request)):
+            # Under /api no service took the path (the ingress sends the rest here), or the
+            # client asked for JSON: an API client gets the API's error body, not a page.
             return http_error_response(exc)
         if status == 404:
             return _page(app, request, 404, "Page not found", "There is nothing here.")
         return _page(app, request, status, "Error", "Something went wrong.")
 
     return app
+
+
+def _wants_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
 
 
 def _page(app: FastAPI, request: Request, status: int, title: str, message: str) -> HTMLResponse:
