@@ -183,3 +183,16 @@ async def test_metrics_count_events_published_from_the_outbox(
         return line in (await client.get("/metrics")).text
 
     await eventually(counted)
+
+
+async def test_the_openapi_document_says_400_in_the_error_shape_not_422(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    create = document["paths"]["/api/probe/items"]["post"]["responses"]
+    assert set(create) == {"201", "400"}
+    assert create["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
+    assert "422" not in str(document)
+    assert "HTTPValidationError" not in document["components"]["schemas"]

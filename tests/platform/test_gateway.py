@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.conftest import Platform
 
 NOT_FOUND = {"errors": [{"message": "Not found", "field": None}]}
@@ -25,3 +27,15 @@ async def test_an_api_path_no_service_serves_answers_in_the_api_error_shape(
         wrong_method = await browser.delete("/", headers={"accept": "application/json"})
         assert wrong_method.status_code == 405
         assert list(wrong_method.json()) == ["errors"]
+
+
+async def test_no_service_documents_a_422(settings_kwargs: dict[str, Any]) -> None:
+    """Validation is a 400 everywhere (the contract), and so the documents say."""
+    from ticketing.platform.services import SERVICES
+
+    stripe = {"stripe_secret_key": "sk_test_sandbox", "stripe_api_base": "http://127.0.0.1:9"}
+    for name, spec in SERVICES.items():
+        app = spec.create_app(**settings_kwargs, **stripe)  # built, not started: no part needed
+        document = app.openapi()
+        assert "422" not in str(document["paths"]), name
+        assert "ErrorBody" in document["components"]["schemas"], name

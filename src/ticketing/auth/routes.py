@@ -150,7 +150,12 @@ _SPENT_LINK_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"
 <p><a href="/auth/signin">Ask for a new one</a></p></body></html>"""
 
 
-@router.get("/verify-magic-link", response_model=None)
+@router.get(
+    "/verify-magic-link",
+    response_model=None,
+    status_code=303,
+    responses={303: {"description": "Signed in: the session cookie is set, on to /"}},
+)
 async def verify_magic_link(
     request: Request,
     session: SessionDep,

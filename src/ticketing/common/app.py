@@ -20,6 +20,7 @@ from ticketing.common.db import Database
 from ticketing.common.errors import install_error_handlers
 from ticketing.common.messaging import Bus, Listener, Publisher
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
+from ticketing.common.openapi import install_contract_openapi
 from ticketing.common.outbox import OutboxRelay
 from ticketing.common.settings import Settings
 
@@ -126,6 +127,7 @@ def create_service_app(
     app.state.settings = settings
     app.state.runtime = runtime
     install_error_handlers(app)
+    install_contract_openapi(app)
     if hot_path is not None:
         app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it
     app.add_middleware(BodyLimit)  # before anything reads a body; inside the metrics (a 413 counts)

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ticketing.common.body_limit import BodyLimit
 from ticketing.common.errors import http_error_response
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
+from ticketing.common.openapi import install_contract_openapi
 from ticketing.web.client import ApiUnavailable
 from ticketing.web.routes import router
 from ticketing.web.same_origin import SameOriginPosts
@@ -44,6 +45,7 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
             yield
 
     app = FastAPI(title="ticketing web", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_contract_openapi(app)
     app.state.settings = settings
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
