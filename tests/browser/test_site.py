@@ -17,7 +17,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.support import Running, clean_env, wait_up
 
-TTL = 8  # long enough to pay by hand in a test, short enough to watch an order expire
+TTL = 12  # long enough to pay by hand in a test, short enough to watch an order expire
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LAUNCH_ARGS = [

@@ -309,7 +309,8 @@ async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(
     launch: Any, tmp_path: Path
 ) -> None:
     """Sign up, sell, buy, pay with tok_visa, see the order complete; another one expires."""
-    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_ORDER_TTL_SECONDS="3")
+    # Long enough to pay on a loaded machine, short enough to watch the other order expire.
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_ORDER_TTL_SECONDS="6")
     proc = launch("up", "--port", "0", env=env)
     base = await wait_up(proc)
     async with (

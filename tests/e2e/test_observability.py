@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from tests.conftest import Platform, new_user
 from tests.support import eventually
+from ticketing.common.db import utcnow
+from ticketing.common.ids import new_id
 from ticketing.common.logs import CorrelationFilter
+from ticketing.common.outbox import OutboxEvent
 
 
 @pytest.fixture
@@ -78,6 +83,29 @@ async def test_outbox_and_listener_metrics_are_exposed(platform: Platform) -> No
         return 'ticketing_listener_lag_seconds{type="ticket:created"}' in text
 
     await eventually(lag_seen)
-    text = runtime.metrics.render().body.decode()
-    assert "ticketing_outbox_backlog" in text
-    assert "ticketing_outbox_oldest_age_seconds" in text
+
+
+async def test_the_outbox_backlog_metrics_measure_what_is_left_unpublished(
+    platform: Platform,
+) -> None:
+    await platform.start("tickets")
+    runtime = platform.runtime("tickets")
+    # A row no publish takes (its type makes no valid NATS subject), as one whose publishes
+    # keep failing: pending for the last half minute.
+    stuck = OutboxEvent(
+        event_id=new_id(),
+        type="stuck event",
+        body="{}",
+        created_at=utcnow() - timedelta(seconds=30),
+    )
+    async with runtime.db.transaction() as session:
+        session.add(stuck)
+
+    async def measured() -> str | None:
+        text = runtime.metrics.render().body.decode()
+        return text if "\nticketing_outbox_backlog 1.0\n" in text else None
+
+    text = await eventually(measured)
+    oldest = re.search(r"^ticketing_outbox_oldest_age_seconds (\S+)$", text, re.MULTILINE)
+    assert oldest is not None
+    assert float(oldest.group(1)) >= 30
