@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from sqlalchemy import event, select
@@ -14,6 +16,7 @@ from ticketing.common.events import Envelope, TicketCreated
 from ticketing.common.messaging import Bus, Publisher
 from ticketing.common.outbox import OutboxEvent, OutboxRelay, add_event
 from ticketing.common.settings import Settings
+from ticketing.platform.embedded import EmbeddedNats
 
 
 def ticket(n: int) -> TicketCreated:
@@ -155,20 +158,28 @@ async def test_caught_up_holds_no_one_when_the_publish_fails_or_no_relay_runs(
 
 
 async def test_caught_up_holds_no_one_once_the_relay_stops(
-    db: Database, bus: Bus, relays: asyncio.Queue[OutboxRelay]
+    db: Database, settings: Settings, relays: asyncio.Queue[OutboxRelay], tmp_path: Path
 ) -> None:
-    """Rows still queued when the relay stops are the sweep's: a waiter is let go at once."""
-
-    class Stalled(Publisher):
-        async def publish_raw(self, *_args: object, **_kwargs: object) -> None:
-            await asyncio.Event().wait()  # never answers
-
-    relay = start_relay(db, Stalled(bus), relays, sweeps=False)
-    async with db.transaction() as session:
-        add_event(session, ticket(1))
-    waiter = asyncio.create_task(relay.caught_up(within=60))
-    await relay.stop()
-    assert await asyncio.wait_for(waiter, 10)
+    """Rows still queued when the relay stops are the sweep's: a waiter is let go at once,
+    even while a publish waits on a NATS that does not answer (a server stopped mid-way)."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    stalled = Bus(settings.model_copy(update={"nats_url": server.url}))
+    try:
+        await stalled.connect()
+        relay = start_relay(db, Publisher(stalled), relays, sweeps=False)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        async with db.transaction() as session:
+            add_event(session, ticket(1))
+        waiter = asyncio.create_task(relay.caught_up(within=60))
+        await relay.stop()
+        assert await asyncio.wait_for(waiter, 10)
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)
+        await stalled.close()
+        server.stop()
 
 
 async def test_an_event_whose_prompt_publish_fails_goes_out_on_a_sweep(
@@ -227,19 +238,27 @@ async def test_a_row_published_before_a_crash_is_not_published_twice(
     assert [e.id for e in await stream_envelopes(bus)] == [envelope.id]
 
 
-async def test_two_relays_publish_each_event_once(
+async def test_two_processes_relaying_one_database_leave_each_event_once_on_the_stream(
     db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
 ) -> None:
-    start_relay(db, publisher, relays)
-    start_relay(db, publisher, relays)
-    ids = []
-    for n in range(30):
-        async with db.transaction() as session:
-            ids.append(add_event(session, ticket(n)).id)
-    published = await eventually(lambda: _all_published(bus, 30))
-    await eventually(lambda: _none_pending(db))
-    assert sorted(e.id for e in published) == sorted(ids)
-    assert len(await stream_envelopes(bus)) == 30
+    """Each process publishes its own commits and sweeps for what is left: a row the other
+    process also took goes out twice at most, and the stream (its Nats-Msg-Id) keeps one."""
+    other = Database(str(db.engine.url.render_as_string(hide_password=False)))
+    try:
+        start_relay(db, publisher, relays)
+        start_relay(other, publisher, relays)
+        ids = []
+        for n in range(30):
+            async with (db if n % 2 else other).transaction() as session:
+                ids.append(add_event(session, ticket(n)).id)
+        published = await eventually(lambda: _all_published(bus, 30))
+        await eventually(lambda: _none_pending(db))
+        assert sorted(e.id for e in published) == sorted(ids)
+        assert len(await stream_envelopes(bus)) == 30
+    finally:
+        while not relays.empty():  # stopped before the database they use is disposed
+            await relays.get_nowait().stop()
+        await other.dispose()
 
 
 async def test_prune_forgets_only_old_published_events_and_old_inbox_entries(
