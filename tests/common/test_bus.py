@@ -121,10 +121,12 @@ async def test_in_a_batch_each_handler_reads_what_others_committed_meanwhile(
         session.add(shared)
     seen: list[str] = []
     held: list[Effect] = []
+    sessions: set[int] = set()
 
     def setup(listener: Listener) -> None:
         @listener.on(TicketCreated)
         async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            sessions.add(id(session))
             row = await session.get(Effect, shared.id)
             assert row is not None
             seen.append(row.key)
@@ -141,6 +143,7 @@ async def test_in_a_batch_each_handler_reads_what_others_committed_meanwhile(
     await make_listener(setup)
     await eventually(lambda: _at_least(db, 3))
     assert seen == ["before", "after"]
+    assert len(sessions) == 1  # the two shared the batch's transaction
 
 
 async def test_one_failing_event_does_not_hold_back_its_batch(
@@ -622,5 +625,6 @@ async def test_a_nats_that_does_not_answer_is_said_in_one_line_per_try(
         await Bus(settings).connect()
     tries = [r for r in caplog.records if f"nats://127.0.0.1:{port}" in r.getMessage()]
     assert tries
+    assert all(r.levelno == logging.WARNING and "\n" not in r.getMessage() for r in tries)
     assert not any(r.exc_info for r in caplog.records)
     assert not any("hunter2" in r.getMessage() for r in caplog.records)  # no credentials

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from tests.conftest import Platform, new_user
 from tests.support import consumer_settled, eventually, stream_envelopes
 from ticketing.common.events import Envelope, OrderCreated
+from ticketing.expiration.jobs import JobQueue
 from ticketing.expiration.service import Deferred, expiration_event_id, expire_order, job_id
 from ticketing.expiration.settings import ExpirationSettings
 
@@ -196,65 +197,68 @@ async def _outbox_locked(database_url: str) -> AsyncIterator[None]:
         await connection.close()
 
 
-async def test_a_job_is_scheduled_as_arq_itself_schedules_it(platform: Platform) -> None:
+@pytest.fixture
+async def own_queue(platform: Platform) -> AsyncIterator[JobQueue]:
+    """A running queue of the test's own beside the service's; its keys (those of jobs whose
+    ids hold its name) are gone from Redis after the test."""
+    await platform.start("expiration")
+    queue = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
+    async with queue.running(platform.runtime("expiration")):
+        yield queue
+    async with Redis.from_url(platform.settings.redis_url or "") as redis:
+        keys = [key async for key in redis.scan_iter(match=f"*{queue.name}*")]
+        await redis.delete(*keys)
+
+
+async def test_a_job_is_scheduled_as_arq_itself_schedules_it(own_queue: JobQueue) -> None:
     """The one-round-trip enqueue writes what arq's enqueue_job writes, and refuses as it does:
     an id already scheduled, or whose job has run (its result kept)."""
     from arq.jobs import Job, JobStatus
 
-    from ticketing.expiration.jobs import JobQueue
-
-    await platform.start("expiration")
-    runtime = platform.runtime("expiration")
-    ours = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
-    async with ours.running(runtime):
-        assert ours.pool is not None
-        due = datetime.now(UTC) + timedelta(hours=1)
-        ids = (f"ours:{uuid.uuid4()}", f"arq:{uuid.uuid4()}")
-        job = Deferred("expire_order", ("o-1", 7.5), ids[0], due)
-        assert await ours.enqueue_each([job]) == [True]
-        assert await ours.enqueue_each([job]) == [False]
-        await ours.pool.enqueue_job(
-            "expire_order", "o-1", 7.5, _job_id=ids[1], _queue_name=ours.name, _defer_until=due
-        )
-        infos = [await Job(i, ours.pool, _queue_name=ours.name).info() for i in ids]
-        assert all(info is not None for info in infos)
-        mine, theirs = infos
-        assert mine is not None and theirs is not None
-        assert (mine.function, mine.args, mine.kwargs, mine.job_try, mine.score) == (
-            theirs.function, theirs.args, theirs.kwargs, theirs.job_try, theirs.score
-        )  # fmt: skip
-        assert await Job(ids[0], ours.pool, _queue_name=ours.name).status() == JobStatus.deferred
-        ttls = [await ours.pool.pttl(f"arq:job:{i}") for i in ids]
-        assert abs(ttls[0] - ttls[1]) < 60_000  # both expire a day after they are due
-        await ours.pool.set(f"arq:result:{ids[0]}", b"done")
-        await ours.pool.delete(f"arq:job:{ids[0]}")
-        assert await ours.enqueue_each([job]) == [False]
+    ours = own_queue
+    assert ours.pool is not None
+    due = datetime.now(UTC) + timedelta(hours=1)
+    ids = (f"{ours.name}:ours", f"{ours.name}:arq")
+    job = Deferred("expire_order", ("o-1", 7.5), ids[0], due)
+    assert await ours.enqueue_each([job]) == [True]
+    assert await ours.enqueue_each([job]) == [False]
+    await ours.pool.enqueue_job(
+        "expire_order", "o-1", 7.5, _job_id=ids[1], _queue_name=ours.name, _defer_until=due
+    )
+    infos = [await Job(i, ours.pool, _queue_name=ours.name).info() for i in ids]
+    assert all(info is not None for info in infos)
+    mine, theirs = infos
+    assert mine is not None and theirs is not None
+    assert (mine.function, mine.args, mine.kwargs, mine.job_try, mine.score) == (
+        theirs.function, theirs.args, theirs.kwargs, theirs.job_try, theirs.score
+    )  # fmt: skip
+    assert await Job(ids[0], ours.pool, _queue_name=ours.name).status() == JobStatus.deferred
+    ttls = [await ours.pool.pttl(f"arq:job:{i}") for i in ids]
+    assert abs(ttls[0] - ttls[1]) < 60_000  # both expire a day after they are due
+    await ours.pool.set(f"arq:result:{ids[0]}", b"done")
+    await ours.pool.delete(f"arq:job:{ids[0]}")
+    assert await ours.enqueue_each([job]) == [False]
 
 
-async def test_jobs_are_scheduled_together_each_once(platform: Platform) -> None:
+async def test_jobs_are_scheduled_together_each_once(own_queue: JobQueue) -> None:
     """Several in one call, each due when it says; an id already scheduled, or twice in the
     call, is scheduled once."""
     from arq.jobs import Job
 
-    from ticketing.expiration.jobs import JobQueue
-
-    await platform.start("expiration")
-    runtime = platform.runtime("expiration")
-    ours = JobQueue(f"q-{uuid.uuid4().hex}", platform.settings.redis_url or "", 0.05, 10)
-    async with ours.running(runtime):
-        assert ours.pool is not None
-        now = datetime.now(UTC)
-        jobs = [
-            Deferred("expire_order", (f"o-{n}",), f"id-{uuid.uuid4()}", now + timedelta(hours=n))
-            for n in (1, 2, 3)
-        ]
-        assert await ours.enqueue_each(jobs[:1]) == [True]
-        assert await ours.enqueue_each([*jobs, jobs[1]]) == [False, True, True, False]
-        for n, job in enumerate(jobs, start=1):
-            info = await Job(job.job_id, ours.pool, _queue_name=ours.name).info()
-            assert info is not None
-            assert info.args == (f"o-{n}",)
-            assert abs(info.score - (now + timedelta(hours=n)).timestamp() * 1000) < 1
+    ours = own_queue
+    assert ours.pool is not None
+    now = datetime.now(UTC)
+    jobs = [
+        Deferred("expire_order", (f"o-{n}",), f"{ours.name}:{n}", now + timedelta(hours=n))
+        for n in (1, 2, 3)
+    ]
+    assert await ours.enqueue_each(jobs[:1]) == [True]
+    assert await ours.enqueue_each([*jobs, jobs[1]]) == [False, True, True, False]
+    for n, job in enumerate(jobs, start=1):
+        info = await Job(job.job_id, ours.pool, _queue_name=ours.name).info()
+        assert info is not None
+        assert info.args == (f"o-{n}",)
+        assert abs(info.score - (now + timedelta(hours=n)).timestamp() * 1000) < 1
 
 
 async def test_scheduling_before_the_queue_runs_asks_for_a_retry(platform: Platform) -> None:
@@ -295,3 +299,25 @@ async def test_readiness_says_when_redis_is_down(platform: Platform, tmp_path: A
         redis_server.stop()
     assert down.json() == {"status": "unavailable", "database": "ok", "nats": "ok",
                            "listener": "ok", "redis": "down"}  # fmt: skip
+
+
+async def test_orders_go_on_expiring_after_redis_restarts(
+    platform: Platform, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """arq's worker stops for good at its first Redis error: the service starts another."""
+    from ticketing.platform.embedded import EmbeddedRedis
+
+    redis_server = EmbeddedRedis(tmp_path / "valkey")
+    redis_server.start()
+    try:
+        await platform.start("expiration", redis_url=redis_server.url)
+        with caplog.at_level("WARNING", logger="ticketing.expiration.jobs"):
+            redis_server.stop()
+            await eventually(lambda: "the job worker lost Redis" in caplog.text)
+        redis_server.start()  # the same port and files
+        order = order_created(expires_in=2)
+        await platform.runtime("expiration").publisher.publish(Envelope.wrap(order))
+        published = await eventually(lambda: expirations(platform), within=20)
+    finally:
+        redis_server.stop()
+    assert [e.data["orderId"] for e in published] == [order.id]

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # an order whose job was cut off stays unexpired (its ticket off sale). Running a job twice
 # is harmless: its announcement has an id of its own.
 JOB_TIMEOUT_SECONDS = 1 + service.ANNOUNCE_WITHIN_SECONDS + 4
+# A pause before a worker that stopped is replaced: Redis away, each try fails at once.
+WORKER_RESTART_SECONDS = 1.0
 
 # arq's enqueue_job for several jobs: the same checks and writes for each, in one round trip
 # instead of three each (WATCH, EXISTS, then MULTI to EXEC). A script runs atomically: no second
@@ -49,6 +51,14 @@ for j = 1, (#KEYS - 1) / 2 do
 end
 return scheduled
 """
+
+
+async def _cancel_jobs(worker: Worker) -> None:
+    """Stop what a worker that has itself stopped still runs, as its close would."""
+    running = [job for job in worker.tasks.values() if not job.done()]
+    for job in running:
+        job.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
 
 
 async def _close(worker: Worker, pool: ArqRedis) -> None:
@@ -87,7 +97,38 @@ class JobQueue:
         """Connect, and run a worker in this process for as long as the service runs."""
         self.pool = await create_pool(RedisSettings.from_dsn(self.redis_url))
         self._enqueue_each = self.pool.register_script(_ENQUEUE_EACH)
-        worker = Worker(
+        workers: list[Worker] = []
+        task = asyncio.create_task(self._keep_working(runtime, workers), name="expiration-worker")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for earlier in workers[:-1]:
+                await _cancel_jobs(earlier)
+            if workers:
+                await _close(workers[-1], self.pool)
+            self.pool = self._enqueue_each = None
+
+    async def _keep_working(self, runtime: Runtime, workers: list[Worker]) -> None:
+        """arq's worker stops for good at its first Redis error (a restart, a network blip), and
+        every order due after it would stay unexpired: another one starts, until the service
+        stops. Jobs the stopped one had started go on (each announces once, whoever runs it)."""
+        while True:
+            worker = self._worker(runtime)
+            workers.append(worker)
+            try:
+                await worker.async_run()
+            except RedisError as exc:
+                log.warning("the job worker lost Redis (%s); starting another", exc)
+            except Exception:
+                log.exception("the job worker stopped; starting another")
+            await asyncio.sleep(WORKER_RESTART_SECONDS)
+
+    def _worker(self, runtime: Runtime) -> Worker:
+        assert self.pool is not None
+        return Worker(
             functions=[service.expire_order],
             queue_name=self.name,
             redis_pool=self.pool,
@@ -99,15 +140,6 @@ class JobQueue:
             keep_result=3600,
             max_tries=10_000,  # a job retries until it can announce the expiry
         )
-        task = asyncio.create_task(worker.async_run(), name="expiration-worker")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await _close(worker, self.pool)
-            self.pool = self._enqueue_each = None
 
     async def ping(self) -> None:
         """Raises unless the queue runs and Redis answers."""
