@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -20,6 +21,7 @@ from ticketing.common.db import Database
 from ticketing.common.errors import install_error_handlers
 from ticketing.common.messaging import Bus, Listener, Publisher
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
+from ticketing.common.migrate import SchemaAtHead
 from ticketing.common.openapi import install_contract_openapi
 from ticketing.common.outbox import OutboxRelay
 from ticketing.common.settings import Settings
@@ -95,6 +97,7 @@ def create_service_app(
     extra_lifespan: Callable[[Runtime], AbstractAsyncContextManager[None]] | None = None,
     hot_path: type[HotPath] | None = None,
     ready_checks: Mapping[str, Callable[[], Awaitable[object]]] | None = None,
+    migrations: Path | None = None,
 ) -> FastAPI:
     """A service's FastAPI app; nothing connects until its lifespan starts.
 
@@ -104,7 +107,8 @@ def create_service_app(
     handling of unexpected errors (a 500 in the contract's shape) and the metrics, in front of
     the routes and of the handlers of domain errors (it renders those itself).
     `ready_checks` are more parts /readyz reports on (each raises when its part is down), in
-    the processes that listen, where the extra parts run.
+    the processes that listen, where the extra parts run. With `migrations` (the service's
+    Alembic versions), outside dev /readyz also says whether the schema is at their head.
     """
     runtime = Runtime(name, settings, metadata)
     if register_listeners is not None:
@@ -132,7 +136,9 @@ def create_service_app(
         app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it
     app.add_middleware(BodyLimit)  # before anything reads a body; inside the metrics (a 413 counts)
     install_http_metrics(app, runtime.metrics)
-    checks = ready_checks if ready_checks is not None and settings.run_listeners else {}
+    checks = dict(ready_checks or {}) if settings.run_listeners else {}
+    if migrations is not None and not settings.is_dev:  # dev makes its tables on start
+        checks["schema"] = SchemaAtHead(runtime.db, name, migrations)
     app.include_router(_ops_router(runtime, checks))
     for router in routers:
         app.include_router(router)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import MetaData, inspect
+from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ticketing.common import outbox  # noqa: F401 - defines the common tables on Base
-from ticketing.common.db import Base, add_missing_columns, ensure_database
+from ticketing.common.db import Base, Database, add_missing_columns, ensure_database
 
 ENV_DIR = Path(__file__).parent / "alembic"
 
@@ -69,3 +70,38 @@ def new_revision(config: Config, message: str) -> None:
     """Autogenerate a revision from the difference between the models and the database."""
     asyncio.run(ensure_database(config.attributes["url"]))
     command.revision(config, message=message, autogenerate=True)
+
+
+class SchemaAtHead:
+    """A readiness check: the service's database is not behind its newest migration.
+    Production migrates in a Job of its own (`ticketing migrate`), and a process started before
+    that Job finished would answer with errors from tables that are missing or old. A schema
+    ahead (a revision this code does not know, from the release being rolled out) is ready:
+    migrations are written for the code before them to live with."""
+
+    def __init__(self, db: Database, service: str, versions: Path) -> None:
+        self.db = db
+        self.version_table = f"alembic_version_{service}"
+        self.versions = versions
+        self._history: tuple[str | None, set[str]] | None = None
+
+    async def __call__(self) -> None:
+        if self._history is None:  # the migration files, read once
+            self._history = _history(self.versions)
+        head, known = self._history
+        async with self.db.engine.connect() as connection:
+            stamped = await connection.scalar(
+                text(f'SELECT version_num FROM "{self.version_table}"')
+            )
+        if stamped != head and (stamped is None or stamped in known):
+            raise LookupError(f"the schema is at {stamped}, behind {head}")
+
+
+def _history(versions: Path) -> tuple[str | None, set[str]]:
+    """The head revision of a service's migrations, and every revision they hold."""
+    config = Config()
+    config.set_main_option("script_location", str(ENV_DIR))
+    config.set_main_option("version_locations", str(versions))
+    config.set_main_option("path_separator", "os")
+    script = ScriptDirectory.from_config(config)
+    return script.get_current_head(), {r.revision for r in script.walk_revisions()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
 
 from ticketing.common.app import create_service_app
@@ -10,6 +12,7 @@ from ticketing.expiration.jobs import JobQueue
 from ticketing.expiration.settings import ExpirationSettings
 
 SERVICE = "expiration"
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def create_app(settings: ExpirationSettings | None = None) -> FastAPI:
@@ -18,6 +21,7 @@ def create_app(settings: ExpirationSettings | None = None) -> FastAPI:
     return create_service_app(
         SERVICE,
         settings,
+        migrations=MIGRATIONS,
         routers=[],
         register_listeners=lambda listener: listeners.register(listener, queue),
         extra_lifespan=queue.running,

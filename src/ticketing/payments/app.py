@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
 
 from ticketing.common.app import create_service_app
@@ -12,6 +14,7 @@ from ticketing.payments.routes import router
 from ticketing.payments.settings import PaymentsSettings
 
 SERVICE = "payments"
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
@@ -20,6 +23,7 @@ def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
     app = create_service_app(
         SERVICE,
         settings,
+        migrations=MIGRATIONS,
         routers=[router],
         metadata=[PaymentsBase.metadata],
         register_listeners=lambda listener: listeners.register(listener, charges),
