@@ -460,3 +460,38 @@ async def test_orders_created_together_are_replicated_each_once(shop: Platform) 
     assert [(rows[o.id].user_id, rows[o.id].version) for o in fresh] == [
         (o.user_id, 0) for o in fresh
     ]
+
+
+async def test_an_order_not_replicated_yet_is_a_503_while_payments_is_behind(
+    shop: Platform, sandbox: SandboxServer
+) -> None:
+    """Its order:created on the stream but not handled here (the events worker restarting):
+    come back in a moment, not 'Order not found'; once handled, the payment goes through."""
+    from ticketing.common.events import OrderCreated
+
+    runtime = shop.runtime("payments")
+    await runtime.listener.stop()
+    buyer = new_user()
+    order = OrderCreated.model_validate(
+        {
+            "id": str(uuid.uuid4()), "version": 0, "status": "created", "userId": buyer,
+            "expiresAt": "2099-01-01T00:00:00Z", "ticket": {"id": str(uuid.uuid4()), "price": 20},
+        }
+    )  # fmt: skip
+    await runtime.publisher.publish(Envelope.wrap(order))
+    async with shop.client(buyer) as client:
+        behind = await pay(client, order.id)
+        unknown = await pay(client, str(uuid.uuid4()))
+        await runtime.listener.start()
+        caught_up = await pay(client, order.id)
+    assert behind.status_code == 503
+    assert error(behind) == "Payments are catching up; please try again in a moment"
+    assert unknown.status_code == 503  # cannot tell it apart from one on the way
+    assert caught_up.status_code == 201
+    assert len(charges(sandbox)) == 1
+
+
+async def test_an_unknown_order_is_404_once_payments_has_caught_up(shop: Platform) -> None:
+    async with shop.client(new_user()) as client:
+        answer = await pay(client, str(uuid.uuid4()))
+    assert (answer.status_code, error(answer)) == (404, "Order not found")

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from ticketing.common.app import Runtime, RuntimeDep
 from ticketing.common.auth import RequireUser
-from ticketing.common.errors import BadRequest, ServiceUnavailable
+from ticketing.common.errors import BadRequest, NotFound, ServiceUnavailable
 from ticketing.common.ids import canonical_id, is_id
 from ticketing.common.messaging import RetryLater
 from ticketing.payments import service
@@ -41,10 +41,27 @@ async def create_payment(
     # charged and then refunded. After a second the charge goes ahead: the cancellation, once
     # handled, refunds it.
     await runtime.listener.has_handled("order:cancelled")
-    payment = await service.pay(
-        runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token
-    )
+    try:
+        payment = await service.pay(
+            runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token
+        )
+    except NotFound:
+        await _unknown_or_behind(runtime, body.orderId)
+        payment = await service.pay(  # every order created before now is known here now
+            runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token,
+            wait_for_replica=False,
+        )  # fmt: skip
     return PaymentOut(id=payment.id)
+
+
+async def _unknown_or_behind(runtime: Runtime, order_id: str) -> None:
+    """An order this service does not know: unknown, or its order:created still on the way
+    (this service's events behind, as while its events worker restarts). A 503 while they
+    are behind, not the 404 of an order that does not exist."""
+    if not is_id(order_id):
+        raise NotFound("Order not found")
+    if not await runtime.listener.has_handled("order:created"):
+        raise ServiceUnavailable("Payments are catching up; please try again in a moment")
 
 
 @router.post("/webhook")

@@ -77,10 +77,18 @@ async def _succeeded_payment(session: AsyncSession, order_id: str) -> Payment | 
 
 
 async def pay(
-    db: Database, charges: Charges, *, order_id: str, user_id: str, token: str
+    db: Database,
+    charges: Charges,
+    *,
+    order_id: str,
+    user_id: str,
+    token: str,
+    wait_for_replica: bool = True,
 ) -> Payment:
     """Charge the buyer for their order; a retried request reuses the attempt's key."""
-    amount, attempt = await _next_attempt(db, order_id=order_id, user_id=user_id)
+    amount, attempt = await _next_attempt(
+        db, order_id=order_id, user_id=user_id, wait_for_replica=wait_for_replica
+    )
     if amount < MIN_CHARGE_CENTS:
         raise BadRequest(f"A card can pay {LEAST_CARD_PAYMENT} or more, not less")
     try:
@@ -110,11 +118,13 @@ async def pay(
     return payment
 
 
-async def _next_attempt(db: Database, *, order_id: str, user_id: str) -> tuple[int, int]:
+async def _next_attempt(
+    db: Database, *, order_id: str, user_id: str, wait_for_replica: bool
+) -> tuple[int, int]:
     """The amount to charge and the number of this attempt, once the order is payable.
 
     A buyer may pay the moment the order's 201 arrives, before order:created has reached the
-    replica here: an order not found is looked for again for a moment."""
+    replica here: an order not found is looked for again for a moment (`wait_for_replica`)."""
 
     async def read() -> tuple[int, int] | None:
         try:
@@ -129,7 +139,7 @@ async def _next_attempt(db: Database, *, order_id: str, user_id: str) -> tuple[i
                 raise
             return None
 
-    found = await read() or await replicated(read)
+    found = await read() or (await replicated(read) if wait_for_replica else None)
     if found is None:
         raise NotFound("Order not found")
     return found
