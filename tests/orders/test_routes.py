@@ -15,7 +15,7 @@ from sqlalchemy import update
 from tests.conftest import Platform, new_user
 from tests.support import eventually, stream_envelopes
 from ticketing.common import messaging
-from ticketing.common.events import TicketCreated
+from ticketing.common.events import Envelope, TicketCreated
 from ticketing.orders import service
 from ticketing.orders.models import Order, OrderStatus
 
@@ -138,6 +138,28 @@ async def test_an_unknown_ticket_is_404(orders: Platform) -> None:
         response = await order(c, str(uuid.uuid4()))
     assert response.status_code == 404
     assert response.json() == {"errors": [{"message": "Ticket not found", "field": None}]}
+
+
+async def test_a_ticket_not_replicated_yet_is_a_503_while_orders_is_behind(
+    orders: Platform,
+) -> None:
+    """Its ticket:created on the stream but not handled here (the events worker restarting):
+    come back in a moment, not 'Ticket not found'; once handled, the order goes through."""
+    runtime = orders.runtime("orders")
+    await runtime.listener.stop()
+    ticket = TicketCreated(
+        id=str(uuid.uuid4()), version=0, title="Gig", price=Decimal(20), user_id=new_user()
+    )
+    await runtime.publisher.publish(Envelope.wrap(ticket))
+    async with orders.client(new_user()) as c:
+        behind = await order(c, ticket.id)
+        await runtime.listener.start()
+        caught_up = await order(c, ticket.id)
+    assert behind.status_code == 503
+    assert behind.json()["errors"][0]["message"] == (
+        "Orders are catching up; please try again in a moment"
+    )
+    assert caught_up.status_code == 201
 
 
 async def test_a_ticket_ordered_before_it_reached_the_replica_is_waited_for(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from fastapi import APIRouter, Request, Response
 
 from ticketing.common.app import Runtime, RuntimeDep, SessionDep, runtime_of
 from ticketing.common.auth import RequireUser
+from ticketing.common.errors import NotFound, ServiceUnavailable
 from ticketing.common.ids import path_id
 from ticketing.orders import service
 from ticketing.orders.models import Order
@@ -26,12 +29,25 @@ async def create_order(body: OrderBody, user: RequireUser, request: Request) -> 
 
 
 async def place(runtime: Runtime, *, user_id: str, ticket_id: str) -> OrderOut:
-    order = await service.create_order(
-        runtime.db,
-        user_id=user_id,
-        ticket_id=ticket_id,
-        ttl_seconds=runtime.settings.order_ttl_seconds,
-    )
+    def create(*, wait_for_replica: bool) -> Awaitable[service.PlacedOrder]:
+        return service.create_order(
+            runtime.db,
+            user_id=user_id,
+            ticket_id=ticket_id,
+            ttl_seconds=runtime.settings.order_ttl_seconds,
+            wait_for_replica=wait_for_replica,
+        )
+
+    try:
+        order = await create(wait_for_replica=True)
+    except NotFound:
+        # Unknown, or its ticket:created still on the way (this service's events behind, as
+        # while its events worker restarts): a 503 while they are, not the 404 of no ticket.
+        if not await runtime.listener.has_handled("ticket:created"):
+            raise ServiceUnavailable(
+                "Orders are catching up; please try again in a moment"
+            ) from None
+        order = await create(wait_for_replica=False)  # every ticket listed before now is here
     # The 201 leaves once order:created is on the stream, so the reservation is under way when
     # the buyer reads it; not much later in any case (a sweep sends what this wait gave up on).
     await runtime.relay.caught_up(within=PUBLISH_WAIT_SECONDS)
