@@ -230,7 +230,8 @@ async def purchase(request: Request, visitor: VisitorDep, ticket_id: str) -> Res
     problem = _first_problem(result)
     if result.status == 404:
         problem = "This ticket was listed a moment ago; please try again in a second."
-    return await _ticket_page(request, visitor, ticket_id, 400, problem=problem)
+    status = 503 if result.status == 503 else 400  # "try again in a moment" is no wrong input
+    return await _ticket_page(request, visitor, ticket_id, status, problem=problem)
 
 
 @router.get("/orders")
@@ -311,8 +312,8 @@ async def pay(request: Request, visitor: VisitorDep, order_id: str) -> Response:
     if result.status == 404:
         problem = "Your order is still being set up; please try again in a second."
     context = _order_context(visitor, order)
-    return render(request, visitor, "order.html", 400 if result.status != 402 else 402,
-                  problem=problem, **context)  # fmt: skip
+    status = result.status if result.status in (402, 503) else 400
+    return render(request, visitor, "order.html", status, problem=problem, **context)
 
 
 @router.get("/dev/mailbox")
