@@ -103,7 +103,7 @@ async def purchase(page: Page, shot: Shot, ticket_url: str) -> None:
             await page.get_by_role("button", name="Purchase").click()
         if "/orders/" in page.url:
             break
-        await expect(page.get_by_text("listed a moment ago")).to_be_visible()
+        await expect(page.get_by_text("catching up; please try again")).to_be_visible()
     await expect(page.get_by_text(re.compile(r"\d+ seconds left"))).to_be_visible()
     await shot(page, "order")
 
@@ -114,7 +114,7 @@ async def pay_with(page: Page, card: str) -> None:
         await page.get_by_label("Card").select_option(card)
         async with page.expect_navigation():
             await page.get_by_role("button", name="Pay").click()
-        if not await page.get_by_text("still being set up").is_visible():
+        if not await page.get_by_text("catching up; please try again").is_visible():
             return
     raise AssertionError("the order never became payable")
 

@@ -162,6 +162,34 @@ async def test_a_ticket_not_replicated_yet_is_a_503_while_orders_is_behind(
     assert caught_up.status_code == 201
 
 
+async def test_an_unknown_ticket_is_404_while_another_event_waits_for_a_retry(
+    orders: Platform,
+) -> None:
+    """An early ticket:updated (its predecessor not here) waits to be retried: the service
+    is not behind on the tickets it was told of, and an unknown ticket is still a 404."""
+    from ticketing.common.events import TicketUpdated
+
+    runtime = orders.runtime("orders")
+    early = TicketUpdated(
+        id=str(uuid.uuid4()), version=3, title="Gig", price=Decimal(20), user_id=new_user()
+    )
+    await runtime.publisher.publish(Envelope.wrap(early))
+    listed = await seed_published_ticket(orders)
+    async with orders.client(new_user()) as c:
+        unknown = await order(c, str(uuid.uuid4()))
+        known = await order(c, listed)
+    assert (unknown.status_code, known.status_code) == (404, 201)
+
+
+async def seed_published_ticket(platform: Platform) -> str:
+    """A ticket:created on the stream, for the orders service to take from there."""
+    ticket = TicketCreated(
+        id=str(uuid.uuid4()), version=0, title="Gig", price=Decimal(20), user_id=new_user()
+    )
+    await platform.runtime("orders").publisher.publish(Envelope.wrap(ticket))
+    return ticket.id
+
+
 async def test_a_ticket_ordered_before_it_reached_the_replica_is_waited_for(
     orders: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:

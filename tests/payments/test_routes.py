@@ -352,6 +352,7 @@ async def test_a_forged_webhook_is_rejected(shop: Platform) -> None:
 
 
 _SUCCEEDED = "payment_intent.succeeded"
+_INTENT = {"id": "pi_1", "amount": 2000, "currency": "usd", "metadata": {"orderId": "o"}}
 
 
 @pytest.mark.parametrize(
@@ -364,7 +365,11 @@ _SUCCEEDED = "payment_intent.succeeded"
         {"type": _SUCCEEDED, "data": {"object": "pi_1"}},
         {"type": _SUCCEEDED, "data": {"object": {"amount": 2000, "currency": "usd"}}},
         {"type": _SUCCEEDED, "data": {"object": {"id": "pi_1", "amount": "1", "currency": "usd"}}},
-        {"type": _SUCCEEDED, "data": {"object": {"id": "pi_1", "amount": 1, "metadata": "x"}}},
+        {"type": _SUCCEEDED, "data": {"object": {**_INTENT, "metadata": "x"}}},
+        {"type": _SUCCEEDED, "data": {"object": {**_INTENT, "id": "pi_\u0000x"}}},
+        {"type": _SUCCEEDED, "data": {"object": {**_INTENT, "id": "pi_" + "x" * 300}}},
+        {"type": _SUCCEEDED, "data": {"object": {**_INTENT, "amount": 2**40}}},
+        {"type": _SUCCEEDED, "data": {"object": {**_INTENT, "currency": "US dollars"}}},
     ],
 )  # fmt: skip
 async def test_a_signed_webhook_that_is_not_a_stripe_event_is_400(
@@ -377,7 +382,13 @@ async def test_a_signed_webhook_that_is_not_a_stripe_event_is_400(
     assert await payments(shop) == []
 
 
-@pytest.mark.parametrize("order_id", ["not-an-id", "", 7])
+async def test_a_signed_webhook_nested_too_deep_to_parse_is_400(shop: Platform) -> None:
+    response = await post_webhook(shop, b"[" * 100_000, WEBHOOK_SECRET)
+    assert response.status_code == 400
+    assert list(response.json()) == ["errors"]
+
+
+@pytest.mark.parametrize("order_id", ["not-an-id", "", 7, "6f1c2a5e-8d3b-4c7a-9e0f-1b2c3d4e5f60"])
 async def test_a_succeeded_intent_naming_no_order_of_ours_is_acknowledged(
     shop: Platform, order_id: Any
 ) -> None:

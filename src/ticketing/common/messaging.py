@@ -17,7 +17,15 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    SequenceInfo,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import APIError, NotFoundError
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -389,6 +397,17 @@ class Listener:
         REPLICA_WAIT_SECONDS; False if not by then or if NATS could not tell. What a client was
         told had happened elsewhere, in an answer that waited for its event to be on the
         stream, has then taken effect here."""
+        return await self._reached(event_type, "handled", lambda info: info.ack_floor)
+
+    async def has_received(self, event_type: str) -> bool:
+        """Whether the last `event_type` event on the stream has been delivered to this service
+        (whatever waits for a retry before it), looked at again as in has_handled: False while
+        its events are not even coming in, as while its events worker restarts."""
+        return await self._reached(event_type, "received", lambda info: info.delivered)
+
+    async def _reached(
+        self, event_type: str, what: str, mark: Callable[[ConsumerInfo], SequenceInfo | None]
+    ) -> bool:
         if not self.bus.is_connected:
             return False  # NATS is away: no answer to wait for (a request would hang on it)
         try:
@@ -400,15 +419,15 @@ class Listener:
                 except NotFoundError:
                     return True  # never published
 
-                async def handled() -> bool | None:
-                    info = await self.bus.js.consumer_info(self.bus.stream, self.service)
-                    floor = info.ack_floor.stream_seq if info.ack_floor else None
-                    return True if (floor or 0) >= (last.seq or 0) else None
+                async def reached() -> bool | None:
+                    sequence = mark(await self.bus.js.consumer_info(self.bus.stream, self.service))
+                    seq = sequence.stream_seq if sequence else None
+                    return True if (seq or 0) >= (last.seq or 0) else None
 
-                return bool(await handled() or await replicated(handled))
+                return bool(await reached() or await replicated(reached))
         except (nats.errors.Error, APIError, TimeoutError) as exc:
             log.warning(
-                "%s could not tell whether %s was handled: %r", self.service, event_type, exc
+                "%s could not tell whether %s was %s: %r", self.service, event_type, what, exc
             )
             return False
 

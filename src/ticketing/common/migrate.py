@@ -84,8 +84,11 @@ class SchemaAtHead:
         self.version_table = f"alembic_version_{service}"
         self.versions = versions
         self._history: tuple[str | None, set[str]] | None = None
+        self._at_head = False  # once there, for good: a schema does not go back
 
     async def __call__(self) -> None:
+        if self._at_head:
+            return
         if self._history is None:  # the migration files, read once
             self._history = _history(self.versions)
         head, known = self._history
@@ -95,6 +98,7 @@ class SchemaAtHead:
             )
         if stamped != head and (stamped is None or stamped in known):
             raise LookupError(f"the schema is at {stamped}, behind {head}")
+        self._at_head = True
 
 
 def _history(versions: Path) -> tuple[str | None, set[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 # an order whose job was cut off stays unexpired (its ticket off sale). Running a job twice
 # is harmless: its announcement has an id of its own.
 JOB_TIMEOUT_SECONDS = 1 + service.ANNOUNCE_WITHIN_SECONDS + 4
-# A pause before a worker that stopped is replaced: Redis away, each try fails at once.
+# A pause before a worker that stopped is replaced (Redis away, each try fails at once),
+# doubled after each try that failed soon, up to the longest.
 WORKER_RESTART_SECONDS = 1.0
+WORKER_RESTART_LONGEST_SECONDS = 30.0
 
 # arq's enqueue_job for several jobs: the same checks and writes for each, in one round trip
 # instead of three each (WATCH, EXISTS, then MULTI to EXEC). A script runs atomically: no second
@@ -62,12 +65,13 @@ async def _cancel_jobs(worker: Worker) -> None:
 
 
 async def _close(worker: Worker, pool: ArqRedis) -> None:
-    """Stop the worker; with Redis gone, stopping is all there is left to do."""
+    """What arq's close does once the jobs are stopped: the worker's health-check key goes, and
+    the connections. With Redis gone, closing them is all there is left to do."""
     try:
-        await worker.close()  # deletes its health-check key: a round trip to Redis
+        await pool.delete(worker.health_check_key)
     except RedisError as exc:
         log.warning("the job worker stopped without reaching Redis: %s", exc)
-        await pool.aclose()
+    await pool.aclose()
 
 
 class JobQueue:
@@ -105,8 +109,9 @@ class JobQueue:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            for earlier in workers[:-1]:
-                await _cancel_jobs(earlier)
+            # Every job stopped first (each lets its announcement end, up to 5 s, all at once):
+            # arq's close stops at the first job that fails, with Redis gone say.
+            await asyncio.gather(*(_cancel_jobs(worker) for worker in workers))
             if workers:
                 await _close(workers[-1], self.pool)
             self.pool = self._enqueue_each = None
@@ -115,16 +120,27 @@ class JobQueue:
         """arq's worker stops for good at its first Redis error (a restart, a network blip), and
         every order due after it would stay unexpired: another one starts, until the service
         stops. Jobs the stopped one had started go on (each announces once, whoever runs it)."""
+        pause = WORKER_RESTART_SECONDS
         while True:
             worker = self._worker(runtime)
+            # Kept while it runs, and after while jobs it started do (for the stop to end them).
+            workers[:] = [w for w in workers if any(not t.done() for t in w.tasks.values())]
             workers.append(worker)
+            started = time.monotonic()
             try:
                 await worker.async_run()
             except RedisError as exc:
-                log.warning("the job worker lost Redis (%s); starting another", exc)
+                log.warning("the job worker lost Redis (%s); another starts in %.0f s", exc, pause)
             except Exception:
-                log.exception("the job worker stopped; starting another")
-            await asyncio.sleep(WORKER_RESTART_SECONDS)
+                log.exception("the job worker stopped; another starts in %.0f s", pause)
+            # A worker that ran a while had Redis: the next outage starts from a short pause.
+            ran_a_while = time.monotonic() - started > WORKER_RESTART_LONGEST_SECONDS
+            await asyncio.sleep(pause)
+            pause = (
+                WORKER_RESTART_SECONDS
+                if ran_a_while
+                else min(2 * pause, WORKER_RESTART_LONGEST_SECONDS)
+            )
 
     def _worker(self, runtime: Runtime) -> Worker:
         assert self.pool is not None

@@ -43,11 +43,11 @@ async def place(runtime: Runtime, *, user_id: str, ticket_id: str) -> OrderOut:
     except NotFound:
         # Unknown, or its ticket:created still on the way (this service's events behind, as
         # while its events worker restarts): a 503 while they are, not the 404 of no ticket.
-        if not await runtime.listener.has_handled("ticket:created"):
+        if not await runtime.listener.has_received("ticket:created"):
             raise ServiceUnavailable(
                 "Orders are catching up; please try again in a moment"
             ) from None
-        order = await create(wait_for_replica=False)  # every ticket listed before now is here
+        order = await create(wait_for_replica=False)  # every ticket listed so far has come in
     # The 201 leaves once order:created is on the stream, so the reservation is under way when
     # the buyer reads it; not much later in any case (a sweep sends what this wait gave up on).
     await runtime.relay.caught_up(within=PUBLISH_WAIT_SECONDS)

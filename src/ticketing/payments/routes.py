@@ -47,7 +47,7 @@ async def create_payment(
         )
     except NotFound:
         await _unknown_or_behind(runtime, body.orderId)
-        payment = await service.pay(  # every order created before now is known here now
+        payment = await service.pay(  # every order created so far has come in
             runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token,
             wait_for_replica=False,
         )  # fmt: skip
@@ -60,7 +60,7 @@ async def _unknown_or_behind(runtime: Runtime, order_id: str) -> None:
     are behind, not the 404 of an order that does not exist."""
     if not is_id(order_id):
         raise NotFound("Order not found")
-    if not await runtime.listener.has_handled("order:created"):
+    if not await runtime.listener.has_received("order:created"):
         raise ServiceUnavailable("Payments are catching up; please try again in a moment")
 
 
@@ -95,7 +95,7 @@ async def stripe_webhook(
 def _parsed(text: str) -> dict[str, Any]:
     try:
         event = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         event = None
     if not isinstance(event, dict):
         raise BadRequest("A webhook carries a Stripe event object")
@@ -114,10 +114,19 @@ def _succeeded_intent(event: dict[str, Any]) -> SucceededIntent:
 async def _record(
     runtime: Runtime, charges: Charges, order_id: str, stripe_id: str, amount: service.Amount
 ) -> None:
-    try:
+    async def record() -> None:
         await service.record_charge(
             runtime.db, charges, order_id=order_id, stripe_id=stripe_id, amount=amount
         )
+
+    try:
+        await record()
     except RetryLater as early:
-        # Stripe retries a webhook that is not acknowledged: let it come back later.
-        raise ServiceUnavailable(f"Not ready for this event yet: {early}") from None
+        if not await runtime.listener.has_received("order:created"):
+            # Stripe retries a webhook that is not acknowledged: let it come back later.
+            raise ServiceUnavailable(f"Not ready for this event yet: {early}") from None
+        try:
+            await record()  # every order created before now has come in
+        except RetryLater:
+            # No order of ours: acknowledged, or Stripe would send it again for days.
+            log.warning("charge %s names order %s, unknown here: ignored", stripe_id, order_id)

@@ -37,9 +37,10 @@ class PaymentOut(BaseModel):
 
 
 class SucceededIntent(BaseModel):
-    """The part of a payment_intent.succeeded event that records a payment."""
+    """The part of a payment_intent.succeeded event that records a payment, in the shapes
+    Stripe sends (and the payments table holds)."""
 
-    id: str
-    amount: StrictInt
-    currency: str
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,255}$")]
+    amount: Annotated[StrictInt, Field(ge=0, lt=2**31)]
+    currency: Annotated[str, Field(pattern=r"^[a-z]{3}$")]
     metadata: dict[str, str] = {}

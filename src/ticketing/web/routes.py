@@ -229,7 +229,7 @@ async def purchase(request: Request, visitor: VisitorDep, ticket_id: str) -> Res
         return redirect(f"/orders/{result.body['id']}")
     problem = _first_problem(result)
     if result.status == 404:
-        problem = "This ticket was listed a moment ago; please try again in a second."
+        problem = "This ticket is no longer for sale."
     status = 503 if result.status == 503 else 400  # "try again in a moment" is no wrong input
     return await _ticket_page(request, visitor, ticket_id, status, problem=problem)
 
@@ -310,7 +310,7 @@ async def pay(request: Request, visitor: VisitorDep, order_id: str) -> Response:
         return redirect(f"/orders/{order_id}")
     problem = _first_problem(result)
     if result.status == 404:
-        problem = "Your order is still being set up; please try again in a second."
+        problem = "This order cannot be paid for here; please contact us."
     context = _order_context(visitor, order)
     status = result.status if result.status in (402, 503) else 400
     return render(request, visitor, "order.html", status, problem=problem, **context)
