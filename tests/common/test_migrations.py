@@ -13,6 +13,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.support import eventually
 from ticketing.common.db import ensure_database
 from ticketing.common.migrate import upgrade
 from ticketing.common.settings import Settings
@@ -179,12 +180,15 @@ async def test_a_dev_database_from_before_a_new_column_gets_it(settings: Setting
 
 
 async def test_production_is_ready_only_once_its_schema_is_at_head(
-    settings_kwargs: dict[str, Any],
+    settings_kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Production migrates in a Job of its own: a process started before it has finished gets
-    no traffic (its tables are missing or old)."""
+    no traffic, and takes no events, which would fail on tables missing or old."""
     import httpx
 
+    from ticketing.common import app as app_module
+
+    monkeypatch.setattr(app_module, "SCHEMA_POLL_SECONDS", 0.05)
     spec = SERVICES["tickets"]
     app = spec.create_app(**settings_kwargs, env="production", jwt_key="k" * 40)
     url = app.state.runtime.db.engine.url.render_as_string(hide_password=False)
@@ -195,12 +199,16 @@ async def test_production_is_ready_only_once_its_schema_is_at_head(
             before = await c.get("/readyz")
             await asyncio.to_thread(upgrade, spec.alembic_config(url), _first_revision(spec))
             behind = await c.get("/readyz")
+            assert not app.state.runtime.listener.is_running
             await asyncio.to_thread(upgrade, spec.alembic_config(url))
+            await eventually(lambda: app.state.runtime.listener.is_running)
             at_head = await c.get("/readyz")
             # The next release has migrated (a revision this code does not know): still ready.
             await _stamp(url, "alembic_version_tickets", "f00dcafe0000")
             ahead = await c.get("/readyz")
-    assert (before.status_code, before.json()["schema"]) == (503, "down")
+    assert (before.status_code, before.json()["schema"], before.json()["listener"]) == (
+        503, "down", "down"
+    )  # fmt: skip
     assert (behind.status_code, behind.json()["schema"]) == (503, "down")
     assert (at_head.status_code, at_head.json()["schema"]) == (200, "ok")
     assert (ahead.status_code, ahead.json()["schema"]) == (200, "ok")

@@ -4,6 +4,7 @@ the database, the bus connection, the outbox relay and the service's listener.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -27,6 +28,8 @@ from ticketing.common.outbox import OutboxRelay
 from ticketing.common.settings import Settings
 
 log = logging.getLogger(__name__)
+
+SCHEMA_POLL_SECONDS = 2.0  # how often a listener waiting for its migrations looks again
 
 
 class Runtime:
@@ -59,6 +62,9 @@ class Runtime:
             fetch_window=settings.listener_fetch_window_seconds,
             gather=settings.listener_gather_seconds,
         )
+        # Raises while the schema is behind the service's migrations (production only).
+        self.schema_check: Callable[[], Awaitable[object]] | None = None
+        self._waiting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # On a laptop the tables are made on start; production runs `ticketing migrate`
@@ -76,12 +82,35 @@ class Runtime:
 
     async def listen(self) -> None:
         """Start consuming; last, once everything the handlers use is up."""
-        if self.listens:
+        if self.listens and self.schema_check is None:
             await self.listener.start()
+        elif self.listens:
+            # In the background: the process serves its probes (not ready) meanwhile.
+            self._waiting = asyncio.create_task(self._listen_once_migrated())
         log.info("%s started", self.name)
 
-    async def stop(self) -> None:
+    async def _listen_once_migrated(self) -> None:
+        """Events handled on tables still missing or old would fail until dead-lettered: the
+        listener starts once the migrate Job has brought the schema level."""
+        assert self.schema_check is not None
+        while True:
+            try:
+                await self.schema_check()
+                break
+            except Exception as exc:
+                log.warning("%s waits for its migrations to listen: %s", self.name, exc)
+            await asyncio.sleep(SCHEMA_POLL_SECONDS)
+        await self.listener.start()
+
+    async def stop_listening(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._waiting
         await self.listener.stop()
+
+    async def stop(self) -> None:
+        await self.stop_listening()
         await self.relay.stop()
         await self.bus.close()
         await self.db.dispose()
@@ -123,7 +152,7 @@ def create_service_app(
                     await stack.enter_async_context(extra_lifespan(runtime))
                 await runtime.listen()
                 yield
-                await runtime.listener.stop()  # before the extra parts its handlers use go
+                await runtime.stop_listening()  # before the extra parts its handlers use go
         finally:
             await runtime.stop()
 
@@ -138,7 +167,7 @@ def create_service_app(
     install_http_metrics(app, runtime.metrics)
     checks = dict(ready_checks or {}) if settings.run_listeners else {}
     if migrations is not None and not settings.is_dev:  # dev makes its tables on start
-        checks["schema"] = SchemaAtHead(runtime.db, name, migrations)
+        checks["schema"] = runtime.schema_check = SchemaAtHead(runtime.db, name, migrations)
     app.include_router(_ops_router(runtime, checks))
     for router in routers:
         app.include_router(router)
