@@ -26,12 +26,15 @@ from ticketing.common.events import (
     subject_for,
 )
 from ticketing.common.messaging import (
+    MAX_RETRY_LATER,
+    RETRY_QUICKLY,
     Bus,
     Delivered,
     Listener,
     Publisher,
     RetryLater,
     consumer_filter,
+    retry_delay,
 )
 from ticketing.common.outbox import DeadLetter, InboxEntry
 from ticketing.common.settings import Settings
@@ -319,6 +322,43 @@ async def test_a_poison_message_is_dead_lettered_after_bounded_attempts(
     assert "this event can never be handled" in letters[0].error
     assert envelope.id in letters[0].body  # kept whole, for a person to replay
     assert (await bus.js.stream_info(bus.stream)).state.messages == 1  # still in the stream
+
+
+async def test_a_part_that_does_not_answer_uses_up_no_attempts(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """A handler that cannot reach a part it needs (here a database where nothing listens)
+    waits for it, however many tries that takes: its event is handled once the part is back,
+    not dead-lettered after the attempts of a failure."""
+    nowhere = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none")
+    calls = 0
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            nonlocal calls
+            calls += 1
+            if calls <= 4:  # the part is down for the first four tries
+                async with nowhere.engine.connect() as unreachable:
+                    await unreachable.execute(select(1))
+            session.add(Effect(key=event.id))
+
+    try:
+        await make_listener(setup, max_deliver=2)
+        await publisher.publish(Envelope.wrap(ticket()))
+        await eventually(lambda: _at_least(db, 1), within=20)
+    finally:
+        await nowhere.dispose()
+    assert calls == 5
+    assert await _dead_letters(db) == []
+
+
+def test_an_event_that_must_wait_is_retried_soon_then_less_often_for_about_a_day() -> None:
+    delays = [retry_delay(0.5, attempt) for attempt in range(1, MAX_RETRY_LATER)]
+    assert delays[:RETRY_QUICKLY] == [0.5] * RETRY_QUICKLY
+    assert delays[RETRY_QUICKLY : RETRY_QUICKLY + 3] == [1.0, 2.0, 4.0]
+    assert max(delays) == delays[-1] == 30.0
+    assert 20 * 3600 < sum(delays) < 30 * 3600
 
 
 async def _dead_letters(db: Database) -> list[DeadLetter]:

@@ -125,8 +125,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says a part did not answer (an outage), not that the work is wrong."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True  # the connection broke under the statement
+    return isinstance(exc, _UNAVAILABLE)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, _UNAVAILABLE):
+    if is_unavailable(exc):
         # One line: while a part is down, every request would print the same traceback.
         log.warning("%s %s: unavailable: %r", request.method, request.url.path, exc)
         return error_response(503, "Service unavailable; please try again shortly")

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from ticketing.common.db import Database
+from ticketing.common.errors import is_unavailable
 from ticketing.common.events import Envelope, Event, subject_for
 from ticketing.common.logs import NATS_CORRELATION_HEADER, correlation_id
 from ticketing.common.metrics import ServiceMetrics
@@ -56,6 +57,21 @@ PlainHandler = Callable[[Any], Awaitable[None]]
 BatchHandler = Callable[[AsyncSession, list["Delivered[Any]"]], Awaitable[None]]
 PlainBatchHandler = Callable[[list["Delivered[Any]"]], Awaitable[None]]
 _Delivery = tuple[Msg, Envelope, Event, H]
+
+
+# An event that must wait (its predecessor not here yet, a part it needs down) is retried
+# soon at first, since what it waits for is usually a moment away, then ever less often, up
+# to every RETRY_LONGEST_SECONDS: after MAX_RETRY_LATER attempts, about a day, it is given up
+# (dead-lettered), not after minutes, so that an outage of Redis or Stripe loses nothing.
+RETRY_QUICKLY = 10
+RETRY_LONGEST_SECONDS = 30.0
+MAX_RETRY_LATER = 3_000
+
+
+def retry_delay(base: float, attempt: int) -> float:
+    """How long an event waits before its next attempt (`attempt` counts from 1)."""
+    doublings = min(max(attempt - RETRY_QUICKLY, 0), 32)  # past the longest long before
+    return min(base * 2.0**doublings, RETRY_LONGEST_SECONDS)
 
 
 class RetryLater(Exception):
@@ -274,7 +290,7 @@ class Listener:
         bus: Bus,
         metrics: ServiceMetrics | None = None,
         max_deliver: int = 5,
-        max_retry_later: int = 200,
+        max_retry_later: int = MAX_RETRY_LATER,
         ack_wait: float = 30.0,
         batch: int = 32,
         fetch_window: float = FETCH_WINDOW_SECONDS,
@@ -693,7 +709,16 @@ class Listener:
                 await self._failed(msg, envelope, exc, attempt)
                 return
         except Exception as exc:
-            await self._failed(msg, envelope, exc, attempt)
+            if not is_unavailable(exc):
+                await self._failed(msg, envelope, exc, attempt)
+                return
+            # A part down (the database, say): the event is fine and waits for it, however
+            # long, as an early event waits; it does not use up the attempts of a failure.
+            log.warning(
+                "%s cannot handle %s %s yet (attempt %d): %r",
+                self.service, envelope.type, envelope.id, attempt, exc,
+            )  # fmt: skip
+            await self._later(msg, envelope, RetryLater(repr(exc), delay=0.2), attempt)
             return
         await self._acked(msg, envelope, first=first)
 
@@ -704,7 +729,8 @@ class Listener:
             await self._dead(msg, envelope, f"gave up waiting: {retry}", attempt)
             return
         self._count(envelope.type, "retry")
-        await msg.nak(delay=retry.delay if isinstance(retry, RetryLater) else 0.05)
+        base = retry.delay if isinstance(retry, RetryLater) else 0.05
+        await msg.nak(delay=retry_delay(base, attempt))
 
     async def _acked(self, msg: Msg, envelope: Envelope, *, first: bool) -> None:
         await msg.ack()

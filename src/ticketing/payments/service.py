@@ -253,7 +253,7 @@ async def order_cancelled(session: AsyncSession, charges: Charges, event: OrderC
         try:
             await _refund(charges, paid, note=CANCELLED_NOTE)
         except ServiceUnavailable as unavailable:
-            # Stripe is down: keep the event until the refund goes through, however long.
+            # Stripe is down: keep the event until the refund goes through (for up to a day).
             raise RetryLater(str(unavailable), delay=5.0) from None
     await session.flush()
 
