@@ -361,6 +361,64 @@ def test_an_event_that_must_wait_is_retried_soon_then_less_often_for_about_a_day
     assert 20 * 3600 < sum(delays) < 30 * 3600
 
 
+async def test_a_listener_makes_its_stream_and_consumer_again_when_nats_lost_them(
+    db: Database, bus: Bus, publisher: Publisher, make_listener: MakeListener,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """NATS back without its store (the stream gone with the consumer): the events that come
+    after reach the service again, without a restart."""
+    from ticketing.common import messaging
+
+    monkeypatch.setattr(messaging, "BIND_AGAIN_AFTER_SECONDS", 0.5)
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            session.add(Effect(key=event.id))
+
+    await make_listener(setup)
+    await bus.js.delete_stream(bus.stream)
+
+    async def consumer_back() -> bool:
+        try:
+            await bus.js.consumer_info(bus.stream, "probe")
+        except NotFoundError:
+            return False
+        return True
+
+    await eventually(consumer_back, within=20)
+    await publisher.publish(Envelope.wrap(ticket()))
+    await eventually(lambda: _at_least(db, 1))
+
+
+async def test_a_nats_that_stops_answering_is_noticed(
+    settings: Settings, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen, not gone (no reset on the socket): missed pings tell, so that readiness says
+    NATS is down and the client reconnects once it answers again."""
+    import signal
+
+    from ticketing.common import messaging
+    from ticketing.platform.embedded import EmbeddedNats
+
+    monkeypatch.setattr(messaging, "PING_INTERVAL_SECONDS", 1)
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    bus = Bus(settings.model_copy(update={"nats_url": server.url}))
+    try:
+        await bus.connect()
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        await eventually(lambda: not bus.is_connected, within=30)
+        server.process.send_signal(signal.SIGCONT)
+        await eventually(lambda: bus.is_connected, within=30)
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)
+        await bus.close()
+        server.stop()
+
+
 async def _dead_letters(db: Database) -> list[DeadLetter]:
     async with db.transaction() as session:
         return list(await session.scalars(select(DeadLetter)))

@@ -74,6 +74,12 @@ def retry_delay(base: float, attempt: int) -> float:
     return min(base * 2.0**doublings, RETRY_LONGEST_SECONDS)
 
 
+PING_INTERVAL_SECONDS = 5
+# How long a listener's fetches fail, or come back empty, before it looks whether its stream
+# and consumer are still there (and makes them again if not).
+BIND_AGAIN_AFTER_SECONDS = 5.0
+
+
 class RetryLater(Exception):
     """Raised by a handler that cannot act yet (e.g. an event arrived before its predecessor)."""
 
@@ -154,6 +160,11 @@ class Bus:
                     self.settings.nats_url,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
+                    # A server that stops answering (frozen, or cut off without a reset) is
+                    # noticed within some 15 s, not nats-py's 2 minutes of pings: readiness
+                    # says so, and the client reconnects.
+                    ping_interval=PING_INTERVAL_SECONDS,
+                    max_outstanding_pings=2,
                     error_cb=self._on_error,
                 ),
                 timeout=self.settings.nats_connect_timeout_seconds,
@@ -161,6 +172,9 @@ class Bus:
         except TimeoutError:
             raise ConnectionError(f"NATS at {self.settings.nats_url} did not answer") from None
         self._js = self.nc.jetstream()
+        await self.ensure_stream()
+
+    async def ensure_stream(self) -> None:
         await ensure_stream(
             self.js,
             name=self.stream,
@@ -390,6 +404,10 @@ class Listener:
             max_ack_pending=1000,
         )
         self._stopping = False
+        self._sub = await self._subscribe(config)
+        self._task = asyncio.create_task(self._run(config), name=f"listener-{self.service}")
+
+    async def _subscribe(self, config: ConsumerConfig) -> JetStreamContext.PullSubscription:
         try:
             await self.bus.js.add_consumer(self.bus.stream, config)
         except APIError as exc:
@@ -398,10 +416,31 @@ class Listener:
             # else (no stream, no consumer) must stop the start-up.
             await self.bus.js.consumer_info(self.bus.stream, self.service)
             log.warning("%s keeps its existing consumer: %s", self.service, exc)
-        self._sub = await self.bus.js.pull_subscribe_bind(
-            durable=self.service, stream=self.bus.stream
-        )
-        self._task = asyncio.create_task(self._run(self._sub), name=f"listener-{self.service}")
+        return await self.bus.js.pull_subscribe_bind(durable=self.service, stream=self.bus.stream)
+
+    async def _consumer_exists(self) -> bool:
+        try:
+            await self.bus.js.consumer_info(self.bus.stream, self.service)
+        except NotFoundError:
+            return False
+        except Exception:  # NATS away: nothing to tell, nothing to make again
+            return True
+        return True
+
+    async def _bind_again(self, config: ConsumerConfig) -> None:
+        """Fetches have failed for a while: NATS may be back without its store (the stream
+        and the consumer gone). Make them again; a consumer made again is handed every event
+        the stream holds, and the inbox drops those already handled."""
+        try:
+            await self.bus.ensure_stream()
+            sub = await self._subscribe(config)
+        except Exception as exc:
+            log.warning("%s could not bind its consumer again: %r", self.service, exc)
+            return
+        old, self._sub = self._sub, sub
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
 
     @property
     def is_running(self) -> bool:
@@ -461,18 +500,32 @@ class Listener:
                 await self._sub.unsubscribe()
             self._sub = None
 
-    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
+    async def _run(self, config: ConsumerConfig) -> None:
+        failing_since: float | None = None
+        quiet_since = time.monotonic()
         while not self._stopping:
+            assert self._sub is not None
             try:
-                msgs = await self._fetch(sub)
+                msgs = await self._fetch(self._sub)
             except (TimeoutError, nats.errors.TimeoutError):
+                # Nothing came; or the consumer is gone, which a fetch does not tell apart.
+                if time.monotonic() - quiet_since > BIND_AGAIN_AFTER_SECONDS:
+                    quiet_since = time.monotonic()
+                    if not await self._consumer_exists():
+                        await self._bind_again(config)
                 continue
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("fetch failed for %s; retrying", self.service, exc_info=True)
+            except Exception as exc:
+                log.warning("fetch failed for %s; retrying: %r", self.service, exc)
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > BIND_AGAIN_AFTER_SECONDS:
+                    await self._bind_again(config)
+                    failing_since = None
                 await asyncio.sleep(0.5)
                 continue
+            failing_since = None
+            quiet_since = time.monotonic()
             try:
                 await self._settle_batch(msgs)
             except asyncio.CancelledError:
