@@ -196,3 +196,27 @@ async def test_the_openapi_document_says_400_in_the_error_shape_not_422(
     }
     assert "422" not in str(document)
     assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
+async def test_a_pooled_connection_the_server_dropped_is_503_not_500(
+    client: httpx.AsyncClient, app_runtime: Runtime, infra: Any
+) -> None:
+    """PostgreSQL restarted, or an admin ended the backend: the request that meets the dead
+    connection is told to come back (the pool replaces it), never a 500."""
+    import asyncpg
+
+    from tests.conftest import PG_URL
+
+    if not infra.postgres:
+        pytest.skip("SQLite has no server to drop a connection")
+    assert (await client.get("/api/probe/one")).status_code == 200  # a connection is pooled
+    admin = await asyncpg.connect(PG_URL.replace("+asyncpg", "") + "/postgres")
+    try:
+        database = app_runtime.db.engine.url.database
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+        )
+    finally:
+        await admin.close()
+    answers = [(await client.get("/api/probe/one")).status_code for _ in range(3)]
+    assert set(answers) <= {200, 503} and answers[-1] == 200
