@@ -321,3 +321,33 @@ async def test_orders_go_on_expiring_after_redis_restarts(
     finally:
         redis_server.stop()
     assert [e.data["orderId"] for e in published] == [order.id]
+
+
+async def test_a_redis_that_stops_answering_is_an_error_not_a_hang(
+    platform: Platform, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen, not gone (no reset on the socket): a call gives up after the read timeout."""
+    import signal
+
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from ticketing.expiration import jobs
+    from ticketing.platform.embedded import EmbeddedRedis
+
+    monkeypatch.setattr(jobs, "REDIS_TIMEOUT_SECONDS", 0.5)
+    redis_server = EmbeddedRedis(tmp_path / "valkey")
+    redis_server.start()
+    queue = JobQueue(f"q-{uuid.uuid4().hex}", redis_server.url, 0.05, 10)
+    try:
+        await platform.start("expiration")
+        async with queue.running(platform.runtime("expiration")):
+            await queue.ping()
+            assert redis_server.process is not None
+            redis_server.process.send_signal(signal.SIGSTOP)
+            with pytest.raises(RedisTimeout):
+                await asyncio.wait_for(queue.ping(), 30)  # the bound only says it hung
+            redis_server.process.send_signal(signal.SIGCONT)
+    finally:
+        if redis_server.process is not None:
+            redis_server.process.send_signal(signal.SIGCONT)
+        redis_server.stop()

@@ -35,6 +35,7 @@ JOB_TIMEOUT_SECONDS = 1 + service.ANNOUNCE_WITHIN_SECONDS + 4
 # doubled after each try that failed soon, up to the longest.
 WORKER_RESTART_SECONDS = 1.0
 WORKER_RESTART_LONGEST_SECONDS = 30.0
+REDIS_TIMEOUT_SECONDS = 5.0
 
 # arq's enqueue_job for several jobs: the same checks and writes for each, in one round trip
 # instead of three each (WATCH, EXISTS, then MULTI to EXEC). A script runs atomically: no second
@@ -100,6 +101,11 @@ class JobQueue:
     async def running(self, runtime: Runtime) -> AsyncIterator[None]:
         """Connect, and run a worker in this process for as long as the service runs."""
         self.pool = await create_pool(RedisSettings.from_dsn(self.redis_url))
+        # arq sets no read timeout: a Redis cut off without a reset (a frozen host, a network
+        # split) would hold every call for the kernel's TCP timeout, some 15 minutes. arq
+        # sends no blocking command, so any answer slower than this means Redis is away.
+        self.pool.connection_pool.connection_kwargs["socket_timeout"] = REDIS_TIMEOUT_SECONDS
+        await self.pool.connection_pool.disconnect()  # the one create_pool opened had none
         self._enqueue_each = self.pool.register_script(_ENQUEUE_EACH)
         workers: list[Worker] = []
         task = asyncio.create_task(self._keep_working(runtime, workers), name="expiration-worker")
