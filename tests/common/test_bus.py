@@ -419,6 +419,31 @@ async def test_a_nats_that_stops_answering_is_noticed(
         server.stop()
 
 
+async def test_an_event_that_waited_still_has_all_its_tries_when_it_fails(
+    db: Database, publisher: Publisher, make_listener: MakeListener
+) -> None:
+    """Waits (an early event, a part down) are deliveries but not failures: the first real
+    failure after them is one of max_deliver, not the last."""
+    calls = 0
+
+    def setup(listener: Listener) -> None:
+        @listener.on(TicketCreated)
+        async def handle(session: AsyncSession, event: TicketCreated) -> None:
+            nonlocal calls
+            calls += 1
+            if calls <= 4:
+                raise RetryLater("not yet", delay=0.01)
+            if calls == 5:
+                raise ValueError("a failure, once")
+            session.add(Effect(key=event.id))
+
+    await make_listener(setup, max_deliver=2)
+    await publisher.publish(Envelope.wrap(ticket()))
+    await eventually(lambda: _at_least(db, 1), within=20)
+    assert calls == 6
+    assert await _dead_letters(db) == []
+
+
 async def _dead_letters(db: Database) -> list[DeadLetter]:
     async with db.transaction() as session:
         return list(await session.scalars(select(DeadLetter)))

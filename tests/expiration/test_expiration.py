@@ -342,11 +342,17 @@ async def test_a_redis_that_stops_answering_is_an_error_not_a_hang(
         await platform.start("expiration")
         async with queue.running(platform.runtime("expiration")):
             await queue.ping()
+            await asyncio.sleep(0.3)  # the worker polls meanwhile: its connections are in use
+            assert queue.pool is not None
+            pooled = queue.pool.connection_pool._available_connections
+            assert pooled and all(c.socket_timeout == 0.5 for c in pooled)
             assert redis_server.process is not None
             redis_server.process.send_signal(signal.SIGSTOP)
-            with pytest.raises(RedisTimeout):
-                await asyncio.wait_for(queue.ping(), 30)  # the bound only says it hung
-            redis_server.process.send_signal(signal.SIGCONT)
+            try:
+                with pytest.raises(RedisTimeout):
+                    await asyncio.wait_for(queue.ping(), 30)  # the bound only says it hung
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
     finally:
         if redis_server.process is not None:
             redis_server.process.send_signal(signal.SIGCONT)

@@ -96,17 +96,18 @@ class Runtime:
         while True:
             try:
                 await self.schema_check()
-                break
+                await self.listener.start()  # NATS may be away at that moment: again later
+                return
             except Exception as exc:
-                log.warning("%s waits for its migrations to listen: %s", self.name, exc)
+                log.warning("%s waits for its migrations to listen: %r", self.name, exc)
             await asyncio.sleep(SCHEMA_POLL_SECONDS)
-        await self.listener.start()
 
     async def stop_listening(self) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._waiting
+                await waiting
         await self.listener.stop()
 
     async def stop(self) -> None:

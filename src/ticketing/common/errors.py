@@ -120,15 +120,30 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.TimeoutError,  # no pooled connection came free in time
     nats.errors.NoServersError,
     nats.errors.ConnectionClosedError,
-    ConnectionError,
+    OSError,  # refused, unreachable, a name that does not resolve; ConnectionError among them
     TimeoutError,
 )
 
 
+# PostgreSQL's own words for "not now" (SQLAlchemy's asyncpg dialect raises them as plain
+# DBAPIError): connection exceptions, too many clients or out of resources, a server
+# shutting down or starting up.
+_PG_UNAVAILABLE_STATES = ("08", "53", "57P01", "57P02", "57P03")
+# SQLite's OperationalError is also its word for SQL it cannot run ("no such table"): only
+# these say the file is busy or out of reach.
+_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk")
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says a part did not answer (an outage), not that the work is wrong."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True  # the connection broke under the statement
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True  # the connection broke under the statement
+        state = str(getattr(exc.orig, "sqlstate", None) or "")
+        if state:
+            return state.startswith(_PG_UNAVAILABLE_STATES)
+        if type(exc.orig).__module__.startswith(("sqlite3", "aiosqlite")):
+            return any(word in str(exc.orig).lower() for word in _SQLITE_UNAVAILABLE)
     return isinstance(exc, _UNAVAILABLE)
 
 

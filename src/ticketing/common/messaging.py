@@ -75,6 +75,7 @@ def retry_delay(base: float, attempt: int) -> float:
 
 
 PING_INTERVAL_SECONDS = 5
+FAILURES_REMEMBERED = 10_000  # events whose failures a listener counts at once
 # How long a listener's fetches fail, or come back empty, before it looks whether its stream
 # and consumer are still there (and makes them again if not).
 BIND_AGAIN_AFTER_SECONDS = 5.0
@@ -316,6 +317,7 @@ class Listener:
         self.bus = bus
         self.metrics = metrics
         self.max_deliver = max_deliver
+        self._failures: dict[str, int] = {}  # event id -> failures so far, in this process
         self.max_retry_later = max_retry_later
         self.ack_wait = ack_wait
         self.batch = batch
@@ -509,6 +511,7 @@ class Listener:
                 msgs = await self._fetch(self._sub)
             except (TimeoutError, nats.errors.TimeoutError):
                 # Nothing came; or the consumer is gone, which a fetch does not tell apart.
+                failing_since = None
                 if time.monotonic() - quiet_since > BIND_AGAIN_AFTER_SECONDS:
                     quiet_since = time.monotonic()
                     if not await self._consumer_exists():
@@ -787,6 +790,7 @@ class Listener:
 
     async def _acked(self, msg: Msg, envelope: Envelope, *, first: bool) -> None:
         await msg.ack()
+        self._failures.pop(envelope.id, None)
         self._count(envelope.type, "handled" if first else "duplicate")
         lag = (datetime.now(UTC) - envelope.time).total_seconds()
         if self.metrics:
@@ -803,15 +807,21 @@ class Listener:
             return await session.get(InboxEntry, (self.service, event_id)) is not None
 
     async def _failed(self, msg: Msg, envelope: Envelope, exc: Exception, attempt: int) -> None:
-        if attempt >= self.max_deliver:
+        # Failures are counted apart from deliveries: an event that waited (early, or for a
+        # part that was down) has not used up the tries a failing handler gets.
+        failures = self._failures.pop(envelope.id, 0) + 1
+        if failures >= self.max_deliver:
             await self._dead(msg, envelope, repr(exc), attempt)
             return
+        if len(self._failures) >= FAILURES_REMEMBERED:
+            del self._failures[next(iter(self._failures))]  # the oldest, long handled elsewhere
+        self._failures[envelope.id] = failures
         log.warning(
-            "%s failed on %s %s (attempt %d of %d): %r",
-            self.service, envelope.type, envelope.id, attempt, self.max_deliver, exc,
+            "%s failed on %s %s (failure %d of %d): %r",
+            self.service, envelope.type, envelope.id, failures, self.max_deliver, exc,
         )  # fmt: skip
         self._count(envelope.type, "failed")
-        await msg.nak(delay=min(0.2 * 2**attempt, 30.0))
+        await msg.nak(delay=min(0.2 * 2**failures, 30.0))
 
     async def _dead(self, msg: Msg, envelope: Envelope | None, error: str, attempt: int) -> None:
         log.error(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -11,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from arq import Worker
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_unix_ms
@@ -36,6 +35,7 @@ JOB_TIMEOUT_SECONDS = 1 + service.ANNOUNCE_WITHIN_SECONDS + 4
 WORKER_RESTART_SECONDS = 1.0
 WORKER_RESTART_LONGEST_SECONDS = 30.0
 REDIS_TIMEOUT_SECONDS = 5.0
+STOP_WITHIN_SECONDS = 5.0  # how long a stop waits for the job worker and Redis
 
 # arq's enqueue_job for several jobs: the same checks and writes for each, in one round trip
 # instead of three each (WATCH, EXISTS, then MULTI to EXEC). A script runs atomically: no second
@@ -69,9 +69,9 @@ async def _close(worker: Worker, pool: ArqRedis) -> None:
     """What arq's close does once the jobs are stopped: the worker's health-check key goes, and
     the connections. With Redis gone, closing them is all there is left to do."""
     try:
-        await pool.delete(worker.health_check_key)
-    except RedisError as exc:
-        log.warning("the job worker stopped without reaching Redis: %s", exc)
+        await asyncio.wait_for(pool.delete(worker.health_check_key), STOP_WITHIN_SECONDS)
+    except (RedisError, TimeoutError) as exc:
+        log.warning("the job worker stopped without reaching Redis: %r", exc)
     await pool.aclose()
 
 
@@ -100,12 +100,13 @@ class JobQueue:
     @asynccontextmanager
     async def running(self, runtime: Runtime) -> AsyncIterator[None]:
         """Connect, and run a worker in this process for as long as the service runs."""
-        self.pool = await create_pool(RedisSettings.from_dsn(self.redis_url))
-        # arq sets no read timeout: a Redis cut off without a reset (a frozen host, a network
-        # split) would hold every call for the kernel's TCP timeout, some 15 minutes. arq
-        # sends no blocking command, so any answer slower than this means Redis is away.
-        self.pool.connection_pool.connection_kwargs["socket_timeout"] = REDIS_TIMEOUT_SECONDS
-        await self.pool.connection_pool.disconnect()  # the one create_pool opened had none
+        # arq's create_pool sets no read timeout: a Redis cut off without a reset (a frozen
+        # host, a network split) would hold every call for the kernel's TCP timeout, some 15
+        # minutes. arq sends no blocking command, so an answer slower than this means Redis
+        # is away. (No connection is made here: the worker's loop copes with Redis away.)
+        self.pool = ArqRedis.from_url(
+            self.redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=1.0
+        )
         self._enqueue_each = self.pool.register_script(_ENQUEUE_EACH)
         workers: list[Worker] = []
         task = asyncio.create_task(self._keep_working(runtime, workers), name="expiration-worker")
@@ -113,8 +114,10 @@ class JobQueue:
             yield
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: with Redis away, redis-py can sit on a cancellation while it retries a
+            # connection, and the service's stop must not wait on that.
+            if not (await asyncio.wait({task}, timeout=STOP_WITHIN_SECONDS))[0]:
+                log.warning("the job worker did not stop within %.0f s", STOP_WITHIN_SECONDS)
             # Every job stopped first (each lets its announcement end, up to 5 s, all at once):
             # arq's close stops at the first job that fails, with Redis gone say.
             await asyncio.gather(*(_cancel_jobs(worker) for worker in workers))

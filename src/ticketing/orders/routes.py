@@ -29,17 +29,16 @@ async def create_order(body: OrderBody, user: RequireUser, request: Request) -> 
 
 
 async def place(runtime: Runtime, *, user_id: str, ticket_id: str) -> OrderOut:
-    def create(*, wait_for_replica: bool) -> Awaitable[service.PlacedOrder]:
+    def create() -> Awaitable[service.PlacedOrder]:
         return service.create_order(
             runtime.db,
             user_id=user_id,
             ticket_id=ticket_id,
             ttl_seconds=runtime.settings.order_ttl_seconds,
-            wait_for_replica=wait_for_replica,
         )
 
     try:
-        order = await create(wait_for_replica=True)
+        order = await create()
     except NotFound:
         # Unknown, or its ticket:created still on the way (this service's events behind, as
         # while its events worker restarts): a 503 while they are, not the 404 of no ticket.
@@ -47,7 +46,7 @@ async def place(runtime: Runtime, *, user_id: str, ticket_id: str) -> OrderOut:
             raise ServiceUnavailable(
                 "Orders are catching up; please try again in a moment"
             ) from None
-        order = await create(wait_for_replica=False)  # every ticket listed so far has come in
+        order = await create()  # it has come in: being handled, perhaps
     # The 201 leaves once order:created is on the stream, so the reservation is under way when
     # the buyer reads it; not much later in any case (a sweep sends what this wait gave up on).
     await runtime.relay.caught_up(within=PUBLISH_WAIT_SECONDS)

@@ -61,7 +61,7 @@ class PlacedOrder:
 
 
 async def create_order(
-    db: Database, *, user_id: str, ticket_id: str, ttl_seconds: int, wait_for_replica: bool = True
+    db: Database, *, user_id: str, ticket_id: str, ttl_seconds: int
 ) -> PlacedOrder:
     """Reserve a ticket for the buyer; exactly one of any number of concurrent buyers wins.
 
@@ -69,11 +69,10 @@ async def create_order(
     on the driver's connection (`Database.read_first`). A winner then writes without a
     transaction, each write one atomic statement with its event: an expired holder's
     cancellation (`Database.autocommit`), then the order, through the driver as the read; the
-    read was never in a transaction with them: the partial unique index decides. A ticket not
-    found is looked for again for a moment (`wait_for_replica`)."""
+    read was never in a transaction with them: the partial unique index decides."""
     params = {"ticket_id": ticket_id}
     row = await db.read_first(_ticket_and_holder(), params)
-    if row is None and wait_for_replica:
+    if row is None:
         # Listed a moment ago, perhaps, and on its way to the replica here.
         row = await replicated(lambda: db.read_first(_ticket_and_holder(), params))
     if row is None:

@@ -47,10 +47,9 @@ async def create_payment(
         )
     except NotFound:
         await _unknown_or_behind(runtime, body.orderId)
-        payment = await service.pay(  # every order created so far has come in
-            runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token,
-            wait_for_replica=False,
-        )  # fmt: skip
+        payment = await service.pay(  # it has come in: being handled, perhaps
+            runtime.db, charges, order_id=body.orderId, user_id=user.id, token=body.token
+        )
     return PaymentOut(id=payment.id)
 
 

@@ -83,12 +83,9 @@ async def pay(
     order_id: str,
     user_id: str,
     token: str,
-    wait_for_replica: bool = True,
 ) -> Payment:
     """Charge the buyer for their order; a retried request reuses the attempt's key."""
-    amount, attempt = await _next_attempt(
-        db, order_id=order_id, user_id=user_id, wait_for_replica=wait_for_replica
-    )
+    amount, attempt = await _next_attempt(db, order_id=order_id, user_id=user_id)
     if amount < MIN_CHARGE_CENTS:
         raise BadRequest(f"A card can pay {LEAST_CARD_PAYMENT} or more, not less")
     try:
@@ -118,13 +115,11 @@ async def pay(
     return payment
 
 
-async def _next_attempt(
-    db: Database, *, order_id: str, user_id: str, wait_for_replica: bool
-) -> tuple[int, int]:
+async def _next_attempt(db: Database, *, order_id: str, user_id: str) -> tuple[int, int]:
     """The amount to charge and the number of this attempt, once the order is payable.
 
     A buyer may pay the moment the order's 201 arrives, before order:created has reached the
-    replica here: an order not found is looked for again for a moment (`wait_for_replica`)."""
+    replica here: an order not found is looked for again for a moment."""
 
     async def read() -> tuple[int, int] | None:
         try:
@@ -139,7 +134,7 @@ async def _next_attempt(
                 raise
             return None
 
-    found = await read() or (await replicated(read) if wait_for_replica else None)
+    found = await read() or await replicated(read)
     if found is None:
         raise NotFound("Order not found")
     return found
