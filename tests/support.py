@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +19,8 @@ import httpx
 
 from ticketing.common.events import Envelope
 from ticketing.common.messaging import Bus
+from ticketing.common.settings import Settings
+from ticketing.platform.embedded import ChildServer, EmbeddedNats
 
 T = TypeVar("T")
 
@@ -122,3 +125,32 @@ async def wait_up(proc: Running) -> str:
     base = await eventually(announced, within=60, interval=0.1)
     await wait_healthy(base, proc)
     return base
+
+
+@contextmanager
+def frozen(server: ChildServer) -> Iterator[None]:
+    """The server stopped (SIGSTOP: alive, its sockets open, answering nothing), resumed after
+    whatever happens inside."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+
+
+@asynccontextmanager
+async def own_nats_bus(
+    settings: Settings, data_dir: Path
+) -> AsyncIterator[tuple[EmbeddedNats, Bus]]:
+    """A nats-server of the test's own (to freeze without touching the shared one), and a bus
+    connected to it."""
+    server = EmbeddedNats(data_dir)
+    server.start()
+    bus = Bus(settings.model_copy(update={"nats_url": server.url}))
+    try:
+        await bus.connect()
+        yield server, bus
+    finally:
+        await bus.close()
+        server.stop()

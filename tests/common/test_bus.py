@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests.common.conftest import Effect, count_effects, effects
-from tests.support import consumer_settled, eventually
+from tests.support import consumer_settled, eventually, frozen, own_nats_bus
 from ticketing.common.db import Database
 from ticketing.common.events import (
     Envelope,
@@ -396,27 +396,13 @@ async def test_a_nats_that_stops_answering_is_noticed(
 ) -> None:
     """Frozen, not gone (no reset on the socket): missed pings tell, so that readiness says
     NATS is down and the client reconnects once it answers again."""
-    import signal
-
     from ticketing.common import messaging
-    from ticketing.platform.embedded import EmbeddedNats
 
     monkeypatch.setattr(messaging, "PING_INTERVAL_SECONDS", 1)
-    server = EmbeddedNats(tmp_path / "nats")
-    server.start()
-    bus = Bus(settings.model_copy(update={"nats_url": server.url}))
-    try:
-        await bus.connect()
-        assert server.process is not None
-        server.process.send_signal(signal.SIGSTOP)
-        await eventually(lambda: not bus.is_connected, within=30)
-        server.process.send_signal(signal.SIGCONT)
+    async with own_nats_bus(settings, tmp_path / "nats") as (server, bus):
+        with frozen(server):
+            await eventually(lambda: not bus.is_connected, within=30)
         await eventually(lambda: bus.is_connected, within=30)
-    finally:
-        if server.process is not None:
-            server.process.send_signal(signal.SIGCONT)
-        await bus.close()
-        server.stop()
 
 
 async def test_an_event_that_waited_still_has_all_its_tries_when_it_fails(

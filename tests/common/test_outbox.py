@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, select
 
-from tests.support import eventually, stream_envelopes
+from tests.support import eventually, frozen, own_nats_bus, stream_envelopes
 from ticketing.common.db import Database
 from ticketing.common.events import Envelope, TicketCreated
 from ticketing.common.messaging import Bus, Publisher
 from ticketing.common.outbox import OutboxEvent, OutboxRelay, add_event
 from ticketing.common.settings import Settings
-from ticketing.platform.embedded import EmbeddedNats
 
 
 def ticket(n: int) -> TicketCreated:
@@ -162,24 +160,14 @@ async def test_caught_up_holds_no_one_once_the_relay_stops(
 ) -> None:
     """Rows still queued when the relay stops are the sweep's: a waiter is let go at once,
     even while a publish waits on a NATS that does not answer (a server stopped mid-way)."""
-    server = EmbeddedNats(tmp_path / "nats")
-    server.start()
-    stalled = Bus(settings.model_copy(update={"nats_url": server.url}))
-    try:
-        await stalled.connect()
+    async with own_nats_bus(settings, tmp_path / "nats") as (server, stalled):
         relay = start_relay(db, Publisher(stalled), relays, sweeps=False)
-        assert server.process is not None
-        server.process.send_signal(signal.SIGSTOP)
-        async with db.transaction() as session:
-            add_event(session, ticket(1))
-        waiter = asyncio.create_task(relay.caught_up(within=60))
-        await relay.stop()
-        assert await asyncio.wait_for(waiter, 10)
-    finally:
-        if server.process is not None:
-            server.process.send_signal(signal.SIGCONT)
-        await stalled.close()
-        server.stop()
+        with frozen(server):
+            async with db.transaction() as session:
+                add_event(session, ticket(1))
+            waiter = asyncio.create_task(relay.caught_up(within=60))
+            await relay.stop()
+            assert await asyncio.wait_for(waiter, 10)
 
 
 async def test_an_event_whose_prompt_publish_fails_goes_out_on_a_sweep(

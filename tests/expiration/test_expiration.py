@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Platform, new_user
-from tests.support import consumer_settled, eventually, stream_envelopes
+from tests.support import consumer_settled, eventually, frozen, stream_envelopes
 from ticketing.common.events import Envelope, OrderCreated
 from ticketing.expiration.jobs import JobQueue
 from ticketing.expiration.service import Deferred, expiration_event_id, expire_order, job_id
@@ -327,8 +327,6 @@ async def test_a_redis_that_stops_answering_is_an_error_not_a_hang(
     platform: Platform, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Frozen, not gone (no reset on the socket): a call gives up after the read timeout."""
-    import signal
-
     from redis.exceptions import TimeoutError as RedisTimeout
 
     from ticketing.expiration import jobs
@@ -346,14 +344,7 @@ async def test_a_redis_that_stops_answering_is_an_error_not_a_hang(
             assert queue.pool is not None
             pooled = queue.pool.connection_pool._available_connections
             assert pooled and all(c.socket_timeout == 0.5 for c in pooled)
-            assert redis_server.process is not None
-            redis_server.process.send_signal(signal.SIGSTOP)
-            try:
-                with pytest.raises(RedisTimeout):
-                    await asyncio.wait_for(queue.ping(), 30)  # the bound only says it hung
-            finally:
-                redis_server.process.send_signal(signal.SIGCONT)
+            with frozen(redis_server), pytest.raises(RedisTimeout):
+                await asyncio.wait_for(queue.ping(), 30)  # the bound only says it hung
     finally:
-        if redis_server.process is not None:
-            redis_server.process.send_signal(signal.SIGCONT)
         redis_server.stop()

@@ -120,8 +120,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.TimeoutError,  # no pooled connection came free in time
     nats.errors.NoServersError,
     nats.errors.ConnectionClosedError,
-    OSError,  # refused, unreachable, a name that does not resolve; ConnectionError among them
-    TimeoutError,
+    OSError,  # refused, unreachable, a name that does not resolve, timed out
 )
 
 
