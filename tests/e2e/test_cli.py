@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -236,19 +237,9 @@ async def test_up_runs_the_reservation_flow_by_hand(
     proc = launch("up", "--port", "0", "--workers", str(workers), env=env)
     base = await wait_up(proc)
     children = psutil.Process(proc.process.pid).children(recursive=True)
-    async with (
-        httpx.AsyncClient(base_url=base) as seller,
-        httpx.AsyncClient(base_url=base) as buyer,
-    ):
-        await seller.post("/api/users/signup", json={"email": "s@test.com", "password": "secret"})
-        await buyer.post("/api/users/signup", json={"email": "b@test.com", "password": "secret"})
+    async with _seller_and_buyer(base) as (seller, buyer):
         ticket = (await seller.post("/api/tickets", json={"title": "Gig", "price": 15})).json()
-
-        async def ordered() -> httpx.Response | None:
-            response = await buyer.post("/api/orders", json={"ticketId": ticket["id"]})
-            return response if response.status_code == 201 else None
-
-        order = (await eventually(ordered)).json()
+        order = await eventually(lambda: _placed(buyer, ticket["id"]))
 
         async def ticket_at(version: int) -> dict[str, Any] | None:
             shown = (await seller.get(f"/api/tickets/{ticket['id']}")).json()
@@ -313,21 +304,12 @@ async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(
     env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_ORDER_TTL_SECONDS="6")
     proc = launch("up", "--port", "0", env=env)
     base = await wait_up(proc)
-    async with (
-        httpx.AsyncClient(base_url=base) as seller,
-        httpx.AsyncClient(base_url=base) as buyer,
-    ):
-        await seller.post("/api/users/signup", json={"email": "s@test.com", "password": "secret"})
-        await buyer.post("/api/users/signup", json={"email": "b@test.com", "password": "secret"})
+    async with _seller_and_buyer(base) as (seller, buyer):
         paid_ticket = (await seller.post("/api/tickets", json={"title": "A", "price": 10})).json()
         idle_ticket = (await seller.post("/api/tickets", json={"title": "B", "price": 12})).json()
 
-        async def placed(ticket_id: str) -> dict[str, Any] | None:
-            response = await buyer.post("/api/orders", json={"ticketId": ticket_id})
-            return dict(response.json()) if response.status_code == 201 else None
-
-        paid = await eventually(lambda: placed(paid_ticket["id"]))
-        idle = await eventually(lambda: placed(idle_ticket["id"]))
+        paid = await eventually(lambda: _placed(buyer, paid_ticket["id"]))
+        idle = await eventually(lambda: _placed(buyer, idle_ticket["id"]))
 
         async def payment() -> httpx.Response | None:
             body = {"orderId": paid["id"], "token": "tok_visa"}
@@ -352,6 +334,64 @@ async def test_up_runs_the_whole_lifecycle_on_embedded_defaults(
     out = proc.output()
     assert "Stripe sandbox" in out and "embedded valkey" in out
     assert proc.interrupt() == 0
+
+
+async def test_up_starts_an_embedded_server_that_died_again(launch: Any, tmp_path: Path) -> None:
+    """NATS and Redis killed outright under a running `ticketing up` come back on their ports
+    and files: an order placed before keeps its expiry job, a ticket sold after is reserved."""
+    env = clean_env(TICKETING_DATA_DIR=str(tmp_path / "data"), TICKETING_ORDER_TTL_SECONDS="8")
+    proc = launch("up", "--port", "0", env=env)
+    base = await wait_up(proc)
+    async with _seller_and_buyer(base) as (seller, buyer):
+
+        async def order_for(title: str) -> dict[str, Any]:
+            ticket = (await seller.post("/api/tickets", json={"title": title, "price": 9})).json()
+            return await eventually(lambda: _placed(buyer, ticket["id"]), within=30)
+
+        before = await order_for("Before")
+        killed = _embedded_servers(proc)
+        assert sorted(killed) == ["nats-server", "valkey-server"], killed
+        for server in killed.values():
+            server.kill()
+        await eventually(lambda: _embedded_servers(proc).keys() == killed.keys(), within=15)
+        assert all(p.pid != killed[n].pid for n, p in _embedded_servers(proc).items())
+
+        after = await order_for("After")
+
+        async def status(order_id: str) -> str:
+            return str((await buyer.get(f"/api/orders/{order_id}")).json()["status"])
+
+        await eventually(lambda: _is("cancelled", status(before["id"])), within=40)
+        await eventually(lambda: _is("cancelled", status(after["id"])), within=40)
+    assert "valkey-server on port" in proc.output() and "starting it again" in proc.output()
+    assert proc.interrupt() == 0
+
+
+def _embedded_servers(proc: Any) -> dict[str, psutil.Process]:
+    children = psutil.Process(proc.process.pid).children()
+    return {p.name(): p for p in _running(children) if p.name() in ("nats-server", "valkey-server")}
+
+
+async def _is(wanted: str, shown: Any) -> bool:
+    return bool(await shown == wanted)
+
+
+@contextlib.asynccontextmanager
+async def _seller_and_buyer(base: str) -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
+    """Two visitors of the platform at `base`, each signed up."""
+    async with (
+        httpx.AsyncClient(base_url=base) as seller,
+        httpx.AsyncClient(base_url=base) as buyer,
+    ):
+        for visitor, email in ((seller, "s@test.com"), (buyer, "b@test.com")):
+            await visitor.post("/api/users/signup", json={"email": email, "password": "secret"})
+        yield seller, buyer
+
+
+async def _placed(buyer: httpx.AsyncClient, ticket_id: str) -> dict[str, Any] | None:
+    """The buyer's order for the ticket, or None while the orders service does not know it."""
+    response = await buyer.post("/api/orders", json={"ticketId": ticket_id})
+    return dict(response.json()) if response.status_code == 201 else None
 
 
 async def _contains(listing: Any, item: str) -> bool:

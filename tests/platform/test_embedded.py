@@ -1,14 +1,17 @@
-"""How `ticketing up` claims its port: before any embedded part picks a free one."""
+"""How `ticketing up` claims its port (before any embedded part picks a free one) and keeps
+its embedded servers going."""
 
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 import pytest
 
+from tests.support import eventually
 from ticketing.platform import up
-from ticketing.platform.embedded import listening_socket
+from ticketing.platform.embedded import EmbeddedRedis, listening_socket, port_answers
 
 
 @pytest.fixture(autouse=True)
@@ -77,3 +80,18 @@ def test_the_gateway_is_reached_from_this_machine_on_the_family_it_listens_on(
     host: str, local: str
 ) -> None:
     assert up._local_url(host, 8000) == local
+
+
+async def test_a_kept_server_that_dies_is_started_again_until_stopped(tmp_path: Any) -> None:
+    server = EmbeddedRedis(tmp_path / "valkey")
+    server.start(keep_running=True)
+    try:
+        first = server.process
+        assert first is not None
+        first.kill()
+        await eventually(lambda: server.restarts == 1 and port_answers(server.host, server.port))
+        assert server.process is not None and server.process.pid != first.pid
+    finally:
+        server.stop()
+    assert server.process is None and not port_answers(server.host, server.port)
+    assert not [t for t in threading.enumerate() if t.name == "watch-valkey-server"]

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sysconfig
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -85,6 +86,14 @@ def valkey_server_binary() -> str:
         return found
 
 
+# How `ticketing up` keeps an embedded server going: how often it looks, how long it waits
+# before a second start after a failed one (doubling up to the last), and how long a server
+# must have run for its next exit to count as a first again.
+WATCH_EVERY_SECONDS = 0.5
+RESTART_BACKOFF_SECONDS = (0.5, 30.0)
+STEADY_AFTER_SECONDS = 60.0
+
+
 class ChildServer:
     """A server binary run as a child process on a free port, its files in `data_dir`."""
 
@@ -95,6 +104,10 @@ class ChildServer:
         self.host = host
         self.port = port or free_port(host)
         self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._started_at = 0.0
+        self._stopping = threading.Event()
+        self._watch: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -103,9 +116,29 @@ class ChildServer:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> None:
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"{self.name}.log"
+
+    def start(self, *, keep_running: bool = False) -> None:
+        """Start the server and wait until it answers; with `keep_running`, start it again on
+        the same port and files whenever it exits before `stop` (a crash, the OOM killer)."""
+        self._stopping.clear()
+        self._launch()
+        try:
+            wait_for_port(self.host, self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+        if keep_running:
+            self._watch = threading.Thread(
+                target=self._keep_running, name=f"watch-{self.name}", daemon=True
+            )
+            self._watch.start()
+
+    def _launch(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with (self.data_dir / f"{self.name}.log").open("ab") as log_file:
+        with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
                 self.command(),
                 stdout=log_file,
@@ -116,13 +149,41 @@ class ChildServer:
                 # its workers, which stop this server once they no longer use it, not at once.
                 process_group=0,
             )
+        self._started_at = time.monotonic()
+
+    def _keep_running(self) -> None:
+        delay = RESTART_BACKOFF_SECONDS[0]
+        while not self._stopping.wait(WATCH_EVERY_SECONDS):
+            process = self.process
+            if process is None or process.poll() is None:
+                continue
+            if time.monotonic() - self._started_at > STEADY_AFTER_SECONDS:
+                delay = RESTART_BACKOFF_SECONDS[0]
+            log.warning(
+                "%s on port %d exited (code %s); starting it again in %.1fs (its log: %s)",
+                self.name, self.port, process.returncode, delay, self.log_path,
+            )  # fmt: skip
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_BACKOFF_SECONDS[1])
+            self._restart()
+
+    def _restart(self) -> None:
         try:
-            wait_for_port(self.host, self.port)
-        except TimeoutError:
-            self.stop()
-            raise
+            self._launch()
+        except OSError as exc:  # the binary gone, the data dir unwritable: try again later
+            log.error("%s could not be started again: %s", self.name, exc)
+            return
+        self.restarts += 1
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join()
+            self._watch = None
+        self._end_process()
+
+    def _end_process(self) -> None:
         if self.process is None:
             return
         self.process.terminate()

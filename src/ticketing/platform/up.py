@@ -49,7 +49,12 @@ def _always(state: str) -> Probe:
 
 
 def _child(server: ChildServer) -> Probe:
-    return lambda: "running" if server.process and server.process.poll() is None else "stopped"
+    def probe() -> str:
+        if not (server.process and server.process.poll() is None):
+            return "stopped"
+        return f"running (restarted {server.restarts}x)" if server.restarts else "running"
+
+    return probe
 
 
 def _service(app: FastAPI) -> Probe:
@@ -79,7 +84,8 @@ class StatusBoard:
         colours = {"ready": "green", "running": "green", "starting": "yellow", "stopped": "red"}
         for part, where, how, probe in self.rows:
             state = probe()
-            table.add_row(part, where, how, f"[{colours.get(state, 'white')}]{state}[/]")
+            colour = colours.get(state.partition(" ")[0], "white")
+            table.add_row(part, where, how, f"[{colour}]{state}[/]")
         return table
 
 
@@ -94,10 +100,14 @@ def _start_infrastructure(
         if url:
             board.add(part, url, "external")
             return
-        server.start()
+        if isinstance(server, ChildServer):
+            server.start(keep_running=True)  # a crashed server comes back on its port and files
+            probe = _child(server)
+        else:
+            server.start()
+            probe = _always("running")
         stack.callback(server.stop)
         overrides[setting] = server.url
-        probe = _child(server) if isinstance(server, ChildServer) else _always("running")
         board.add(part, server.url, how, probe)
 
     use("nats_url", "NATS JetStream", settings.nats_url, EmbeddedNats(data_dir / "nats"),
