@@ -163,7 +163,8 @@ class Platform:
 
     def client(self, user_id: str | None = None) -> httpx.AsyncClient:
         """A browser; signed in as `user_id` when one is given."""
-        gateway = Gateway([(SERVICES[name].prefix, app) for name, app in self.apps.items()])
+        routes = [(SERVICES[name].prefix, app) for name, app in self.apps.items()]
+        gateway = Gateway(routes, self.apps)
         transport = httpx.ASGITransport(app=gateway)
         client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
         if user_id is not None:

@@ -16,6 +16,7 @@ from tests.conftest import Infra
 from tests.support import TICKETING, clean_env, eventually, wait_healthy, wait_up
 from ticketing.common.mailbox import read_mailbox
 from ticketing.platform.embedded import SmtpSink, free_port, port_answers
+from ticketing.platform.services import SERVICES
 
 
 async def test_up_serves_auth_on_embedded_defaults(
@@ -251,6 +252,10 @@ async def test_up_runs_the_reservation_flow_by_hand(
         assert (await eventually(lambda: ticket_at(2)))["orderId"] is None
         listed = (await buyer.get("/api/tickets")).json()
         assert [t["id"] for t in listed] == [ticket["id"]]
+        # Whichever worker answers, the root speaks for every service it serves.
+        ready = await buyer.get("/readyz")
+        assert (ready.status_code, set(ready.json()["services"])) == (200, set(SERVICES))
+        assert 'service="orders"' in (await buyer.get("/metrics")).text
     assert proc.interrupt() == 0
     # Every worker and embedded server stopped with the supervisor (multiprocessing's resource
     # tracker a moment after: it ends when it reads the supervisor's end of its pipe close).

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import Platform
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Platform, payments_settings
+from tests.support import eventually
+from ticketing.platform.embedded import EmbeddedRedis
+from ticketing.platform.services import SERVICES
+from ticketing.platform.stripe_sandbox import SandboxServer
 
 NOT_FOUND = {"errors": [{"message": "Not found", "field": None}]}
 
@@ -19,11 +25,14 @@ async def test_an_api_path_no_service_serves_answers_in_the_api_error_shape(
             answer = await browser.get(path)
             assert (answer.status_code, answer.json()) == (404, NOT_FOUND), path
         assert (await browser.get("/api/tickets")).status_code == 200  # a service's own
-        page = await browser.get("/nowhere")
-        assert page.status_code == 404
-        assert page.headers["content-type"].startswith("text/html")
-        json_please = await browser.get("/nowhere", headers={"accept": "application/json"})
-        assert (json_please.status_code, json_please.json()) == (404, NOT_FOUND)
+        navigation = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+        for headers in (navigation, {"hx-request": "true"}):
+            page = await browser.get("/nowhere", headers=headers)
+            assert page.status_code == 404
+            assert page.headers["content-type"].startswith("text/html"), headers
+        for accept in ("*/*", "application/json"):  # curl and httpx, an API client
+            answer = await browser.get("/nowhere", headers={"accept": accept})
+            assert (answer.status_code, answer.json()) == (404, NOT_FOUND), accept
         wrong_method = await browser.delete("/", headers={"accept": "application/json"})
         assert wrong_method.status_code == 405
         assert list(wrong_method.json()) == ["errors"]
@@ -39,3 +48,68 @@ async def test_no_service_documents_a_422(settings_kwargs: dict[str, Any]) -> No
         document = app.openapi()
         assert "422" not in str(document["paths"]), name
         assert "ErrorBody" in document["components"]["schemas"], name
+
+
+PREFIXED = ("auth", "tickets", "orders", "payments")
+
+
+async def test_each_service_answers_for_itself_under_its_prefix(
+    platform: Platform, sandbox: SandboxServer
+) -> None:
+    """Through the gateway, as through the ingress, a service's health, readiness, metrics
+    and documents are under its prefix; an id-shaped route of its own does not take them."""
+    await platform.start("web", "auth", "tickets", "orders")
+    await platform.start("payments", **payments_settings(sandbox))
+    async with platform.client() as visitor:
+        for name in PREFIXED:
+            prefix = SERVICES[name].prefix
+            assert (await visitor.get(f"{prefix}/healthz")).json() == {"status": "ok"}, name
+            ready = await visitor.get(f"{prefix}/readyz")
+            assert (ready.status_code, ready.json()["database"]) == (200, "ok"), name
+            metrics = (await visitor.get(f"{prefix}/metrics")).text
+            names = {family.name for family in text_string_to_metric_families(metrics)}
+            assert "ticketing_http_requests" in names, name
+            document = (await visitor.get(f"{prefix}/openapi.json")).json()
+            assert any(path.startswith(f"{prefix}") for path in document["paths"]), name
+            docs = await visitor.get(f"{prefix}/docs")
+            assert f"{prefix}/openapi.json" in docs.text, name
+
+
+async def test_the_root_reports_for_every_service_in_the_process(
+    platform: Platform, sandbox: SandboxServer, tmp_path: Any
+) -> None:
+    """`ticketing up`'s /readyz is every service's readiness (503 while one is not ready,
+    saying which part) and its /metrics every service's, labelled by service."""
+    redis_server = EmbeddedRedis(tmp_path / "valkey")
+    redis_server.start()
+    try:
+        await platform.start("web", "tickets")
+        await platform.start("expiration", redis_url=redis_server.url)
+        async with platform.client() as visitor:
+            ready = await visitor.get("/readyz")
+            assert ready.status_code == 200, ready.json()
+            assert ready.json()["database"] == ready.json()["redis"] == "ok"
+            assert set(ready.json()["services"]) == {"web", "tickets", "expiration"}
+            await visitor.get("/api/tickets")
+            metrics = (await visitor.get("/metrics")).text
+            redis_server.stop()
+
+            async def not_ready() -> Any:
+                answer = await visitor.get("/readyz")
+                return answer if answer.status_code == 503 else None
+
+            down = (await eventually(not_ready)).json()
+    finally:
+        redis_server.stop()
+    assert (down["status"], down["redis"], down["database"]) == ("unavailable", "down", "ok")
+    assert down["services"]["expiration"]["redis"] == "down"
+    assert down["services"]["tickets"]["status"] == "ok"
+    served = [
+        sample
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "ticketing_http_requests_total"
+    ]
+    assert {"service": "tickets", "method": "GET", "route": "/api/tickets", "status": "200"} in [
+        sample.labels for sample in served
+    ]

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -169,7 +170,13 @@ def create_service_app(
     checks = dict(ready_checks or {}) if settings.run_listeners else {}
     if migrations is not None and not settings.is_dev:  # dev makes its tables on start
         checks["schema"] = runtime.schema_check = SchemaAtHead(runtime.db, name, migrations)
-    app.include_router(_ops_router(runtime, checks))
+    ops = _ops_router(runtime, checks)
+    app.include_router(ops)
+    # Also under the service's prefix (before its routes, whose ids these could look like):
+    # through the ingress or the gateway, which route by path, that is where they are found.
+    for prefix in {router.prefix for router in routers if router.prefix}:
+        app.include_router(ops, prefix=prefix)
+        app.include_router(_documents_router(app, prefix))
     for router in routers:
         app.include_router(router)
     return app
@@ -210,6 +217,21 @@ def _ops_router(
     @router.get("/metrics")
     async def metrics() -> Response:
         return runtime.metrics.render()
+
+    return router
+
+
+def _documents_router(app: FastAPI, prefix: str) -> APIRouter:
+    """The app's OpenAPI document and its docs page under `prefix`, as at the root."""
+    router = APIRouter(prefix=prefix, include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=f"{prefix}/openapi.json", title=app.title)
 
     return router
 

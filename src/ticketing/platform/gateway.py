@@ -1,16 +1,25 @@
-"""One port for every service, routed by path exactly as the Kubernetes ingress routes."""
+"""One port for every service, routed by path exactly as the Kubernetes ingress routes.
+
+At the root the gateway also answers for the whole platform in its process: /healthz (it
+serves), /readyz (every service's readiness, 503 if any is not ready) and /metrics (every
+service's metrics, each sample labelled with its service). Each service's own are under its
+prefix (/api/tickets/readyz, ...), as through the ingress."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +27,18 @@ log = logging.getLogger(__name__)
 class Gateway:
     """Dispatches by path prefix and runs every app's lifespan as its own."""
 
-    def __init__(self, routes: list[tuple[str | None, FastAPI]]) -> None:
+    def __init__(
+        self,
+        routes: list[tuple[str | None, FastAPI]],
+        services: Mapping[str, FastAPI] | None = None,
+    ) -> None:
+        """`routes` are (prefix, app); `services` (by name) are what /readyz and /metrics at
+        the root report on."""
         # Longest prefix first, so a more specific route wins; apps without a prefix only run.
         routed = [(prefix, app) for prefix, app in routes if prefix is not None]
         self.routes = sorted(routed, key=lambda r: len(r[0]), reverse=True)
         self.apps = [app for _prefix, app in routes]
+        self.services = dict(services or {})
 
     def _app_for(self, path: str) -> FastAPI | None:
         for prefix, app in self.routes:
@@ -38,11 +54,51 @@ class Gateway:
         if path == "/healthz":
             await _json(send, 200, {"status": "ok"})
             return
+        if self.services and scope.get("method") == "GET" and path in ("/readyz", "/metrics"):
+            await (self._readiness(send) if path == "/readyz" else self._metrics(send))
+            return
         app = self._app_for(path)
         if app is None:
             await _json(send, 404, {"errors": [{"message": "Not found", "field": None}]})
             return
         await app(scope, receive, send)
+
+    async def _ask_every_service(self, path: str) -> dict[str, tuple[int, bytes]]:
+        names, apps = list(self.services), list(self.services.values())
+        answers = await asyncio.gather(*(_get(app, path) for app in apps))
+        return dict(zip(names, answers, strict=True))
+
+    async def _readiness(self, send: Send) -> None:
+        answers = await self._ask_every_service("/readyz")
+        services = {name: _report(body) for name, (_, body) in answers.items()}
+        ready = all(status == 200 for status, _ in answers.values())
+        # Each part as the services see it: "ok" only where every service that checks it does.
+        checks: dict[str, str] = {}
+        for report in services.values():
+            for part, state in report.items():
+                if part != "status":
+                    checks[part] = "ok" if checks.get(part, "ok") == state == "ok" else "down"
+        body = {"status": "ok" if ready else "unavailable", **checks, "services": services}
+        await _json(send, 200 if ready else 503, body)
+
+    async def _metrics(self, send: Send) -> None:
+        families: dict[str, Metric] = {}
+        for service, (_, body) in (await self._ask_every_service("/metrics")).items():
+            for family in text_string_to_metric_families(body.decode()):
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                merged.samples.extend(
+                    sample._replace(labels={**sample.labels, "service": service})
+                    for sample in family.samples
+                )
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collected(families.values()))
+        payload = generate_latest(registry)
+        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                   (b"content-length", str(len(payload)).encode())]  # fmt: skip
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         stack = AsyncExitStack()
@@ -61,6 +117,48 @@ class Gateway:
             await stack.aclose()
         finally:
             await send({"type": "lifespan.shutdown.complete"})
+
+
+def _report(body: bytes) -> dict[str, Any]:
+    """A service's readiness report; one that is not one (an error page) says unavailable."""
+    try:
+        report = json.loads(body)
+    except ValueError:
+        return {"status": "unavailable"}
+    return report if isinstance(report, dict) else {"status": "unavailable"}
+
+
+class _Collected:
+    """Metric families already collected, for a registry to render."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+async def _get(app: ASGIApp, path: str) -> tuple[int, bytes]:
+    """An in-process GET of `path` from `app`: its status and body."""
+    scope: Scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+        "query_string": b"", "headers": [], "client": None, "server": None,
+    }  # fmt: skip
+    status, body = 500, bytearray()
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, bytes(body)
 
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:

@@ -217,12 +217,13 @@ def _serve_in_process(
     announcement: str,
 ) -> None:
     routes = _stripe_sandbox(local, overrides, board)
-    for spec in SERVICES.values():
-        app = spec.create_app(**overrides)
-        routes.append((spec.prefix, app))
-        where = f"{overrides['public_url']}{spec.prefix}" if spec.prefix else "(no routes)"
-        board.add(f"{spec.name} service", where, "in process", _service(app))
-    config = uvicorn.Config(Gateway(routes), log_level=log_level.lower())
+    services = {name: spec.create_app(**overrides) for name, spec in SERVICES.items()}
+    for name, app in services.items():
+        prefix = SERVICES[name].prefix
+        routes.append((prefix, app))
+        where = f"{overrides['public_url']}{prefix}" if prefix else "(no routes)"
+        board.add(f"{name} service", where, "in process", _service(app))
+    config = uvicorn.Config(Gateway(routes, services), log_level=log_level.lower())
     tune_for_serving()
     # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
     # included) it unwinds the caller's block, so the embedded servers stop with us.

@@ -286,9 +286,10 @@ def serve_worker(
         os.nice(REQUEST_WORKER_NICENESS)
     # An events worker builds only the services it handles events of: nobody calls it.
     specs = [spec for spec in SERVICES.values() if not role.listens or role.runs(spec.name)]
-    routes = [(spec.prefix, spec.create_app(**overrides)) for spec in specs]
+    services = {spec.name: spec.create_app(**overrides) for spec in specs}
+    routes = [(SERVICES[name].prefix, app) for name, app in services.items()]
     tune_for_serving()
-    config = uvicorn.Config(Gateway(routes), log_level=log_level.lower())
+    config = uvicorn.Config(Gateway(routes, services), log_level=log_level.lower())
     # uvicorn's own loop choice (uvloop when installed), as `uvicorn.Server.run` makes it.
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(_serve(uvicorn.Server(config), sock, ready))

@@ -92,8 +92,11 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
 
 
 def _wants_json(request: Request) -> bool:
+    """Whether the client is no browser showing pages: a browser's navigation asks for
+    text/html, and htmx (whose requests accept anything) says who it is; curl and API
+    clients get the API's error body."""
     accept = request.headers.get("accept", "")
-    return "application/json" in accept and "text/html" not in accept
+    return "text/html" not in accept and "hx-request" not in request.headers
 
 
 def _page(app: FastAPI, request: Request, status: int, title: str, message: str) -> HTMLResponse:
