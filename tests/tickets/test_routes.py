@@ -86,6 +86,8 @@ async def test_create_requires_a_session(tickets: Platform) -> None:
         ({"title": "Show", "price": 0}, "price", "Price must be greater than 0"),
         ({"title": "Show", "price": -10}, "price", "Price must be greater than 0"),
         ({"title": "Show", "price": "abc"}, "price", "Price must be greater than 0"),
+        ({"title": "Show", "price": "1_000"}, "price", "Price must be greater than 0"),
+        ({"title": "Show", "price": "Infinity"}, "price", "Price must be greater than 0"),
         ({"title": "Show", "price": True}, "price", "Price must be greater than 0"),
         ({"title": "Show", "price": None}, "price", "Price must be greater than 0"),
         ({"title": "Show", "price": 1.234}, "price", "Price must have at most 2 decimal places"),
@@ -100,6 +102,13 @@ async def test_create_validation(
         response = await c.post("/api/tickets", json=body)
     assert response.status_code == 400
     assert response.json() == {"errors": [{"message": message, "field": field}]}
+
+
+async def test_a_price_written_as_a_plain_number_in_a_string_is_taken(tickets: Platform) -> None:
+    """As a form sends it; what a string may hold is a decimal number and nothing else."""
+    async with tickets.client(new_user()) as c:
+        response = await c.post("/api/tickets", json={"title": "Show", "price": " 20.50 "})
+    assert (response.status_code, response.json()["price"]) == (201, 20.5)
 
 
 async def test_create_publishes_ticket_created(tickets: Platform) -> None:

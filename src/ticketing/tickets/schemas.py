@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
@@ -17,6 +18,9 @@ from ticketing.common.text import is_clean_text
 # contract lists any price greater than 0.)
 MAX_PRICE = Decimal("999999.99")
 MAX_TITLE = 200
+# A price written as a string is a plain decimal number (Decimal itself would also take
+# Python's digit separators, "1_000", and names such as "Infinity").
+_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
 def _title(value: Any) -> str:
@@ -34,6 +38,8 @@ def _price(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise PydanticCustomError("price", message)
     if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("price", message)
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value.strip()):
         raise PydanticCustomError("price", message)
     try:
         # Through str, so 10.1 is 10.1 and not its binary neighbour.
