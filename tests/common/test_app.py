@@ -190,7 +190,7 @@ async def test_the_openapi_document_says_400_in_the_error_shape_not_422(
 ) -> None:
     document = (await client.get("/openapi.json")).json()
     create = document["paths"]["/api/probe/items"]["post"]["responses"]
-    assert set(create) == {"201", "400"}
+    assert set(create) == {"201", "400", "413", "503"}
     assert create["400"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorBody"
     }

@@ -113,3 +113,29 @@ async def test_the_root_reports_for_every_service_in_the_process(
     assert {"service": "tickets", "method": "GET", "route": "/api/tickets", "status": "200"} in [
         sample.labels for sample in served
     ]
+
+
+async def test_the_documents_list_the_errors_each_route_answers(
+    settings_kwargs: dict[str, Any],
+) -> None:
+    stripe = {"stripe_secret_key": "sk_test_sandbox", "stripe_api_base": "http://127.0.0.1:9"}
+    paths: dict[str, Any] = {}
+    for name in PREFIXED:
+        paths.update(SERVICES[name].create_app(**settings_kwargs, **stripe).openapi()["paths"])
+
+    def documented(path: str, method: str) -> set[str]:
+        return set(paths[path][method]["responses"])
+
+    # A malformed id in a path is a 404, so a route whose only input is that id has no 400.
+    assert documented("/api/tickets/{ticket_id}", "get") == {"200", "404", "503"}
+    assert documented("/api/tickets/{ticket_id}", "put") == {
+        "200", "400", "401", "404", "409", "413", "503"
+    }  # fmt: skip
+    assert documented("/api/orders", "post") == {"201", "400", "401", "404", "413", "503"}
+    assert documented("/api/orders/{order_id}", "delete") == {"204", "400", "401", "404", "503"}
+    assert documented("/api/payments", "post") >= {"201", "400", "401", "402", "404"}
+    assert documented("/api/users/signin", "post") >= {"200", "400", "429"}
+    assert documented("/api/users/verify-magic-link", "get") >= {"303", "400"}
+    assert all(
+        "503" in operation["responses"] for ops in paths.values() for operation in ops.values()
+    )

@@ -21,6 +21,7 @@ from ticketing.auth.settings import AuthSettings
 from ticketing.common.app import RuntimeDep, SessionDep
 from ticketing.common.auth import CurrentUser, clear_session_cookie, sign_in
 from ticketing.common.errors import BadRequest, TooManyRequests
+from ticketing.common.openapi import error_responses
 
 router = APIRouter(prefix="/api/users", tags=["auth"])
 
@@ -78,7 +79,7 @@ async def signup(
     return UserOut(id=user.id, email=user.email)
 
 
-@router.post("/signin")
+@router.post("/signin", responses=error_responses(429))
 async def signin(
     body: SigninBody,
     request: Request,
@@ -110,7 +111,7 @@ async def currentuser(user: CurrentUser) -> CurrentUserOut:
     return CurrentUserOut.model_validate({"currentUser": user.model_dump() if user else None})
 
 
-@router.post("/magic-link", status_code=202)
+@router.post("/magic-link", status_code=202, responses=error_responses(429))
 async def request_magic_link(
     body: MagicLinkBody,
     request: Request,

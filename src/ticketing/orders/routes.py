@@ -10,6 +10,7 @@ from ticketing.common.app import Runtime, RuntimeDep, SessionDep, runtime_of
 from ticketing.common.auth import RequireUser
 from ticketing.common.errors import NotFound, ServiceUnavailable
 from ticketing.common.ids import path_id
+from ticketing.common.openapi import error_responses
 from ticketing.orders import service
 from ticketing.orders.models import Order
 from ticketing.orders.schemas import OrderBody, OrderOut
@@ -22,7 +23,7 @@ def _out(order: Order | service.PlacedOrder) -> OrderOut:
     return OrderOut.model_validate(order, from_attributes=True)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=error_responses(401, 404))
 async def create_order(body: OrderBody, user: RequireUser, request: Request) -> OrderOut:
     # Most attempts are answered by OrderAttempts (hot_path.py), with what this route answers.
     return await place(runtime_of(request), user_id=user.id, ticket_id=body.ticketId)
@@ -53,18 +54,18 @@ async def place(runtime: Runtime, *, user_id: str, ticket_id: str) -> OrderOut:
     return _out(order)
 
 
-@router.get("")
+@router.get("", responses=error_responses(401))
 async def list_orders(user: RequireUser, session: SessionDep) -> list[OrderOut]:
     return [_out(o) for o in await service.my_orders(session, user_id=user.id)]
 
 
-@router.get("/{order_id}")
+@router.get("/{order_id}", responses=error_responses(401, 404))
 async def show_order(order_id: str, user: RequireUser, session: SessionDep) -> OrderOut:
     oid = path_id(order_id, what="Order")
     return _out(await service.get_order(session, order_id=oid, user_id=user.id))
 
 
-@router.delete("/{order_id}", status_code=204)
+@router.delete("/{order_id}", status_code=204, responses=error_responses(400, 401, 404))
 async def cancel_order(order_id: str, user: RequireUser, runtime: RuntimeDep) -> Response:
     oid = path_id(order_id, what="Order")
     # Another cancellation, an expiry or a payment may change the order at the same moment:

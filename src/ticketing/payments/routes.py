@@ -15,6 +15,7 @@ from ticketing.common.auth import RequireUser
 from ticketing.common.errors import BadRequest, NotFound, ServiceUnavailable
 from ticketing.common.ids import canonical_id, is_id
 from ticketing.common.messaging import RetryLater
+from ticketing.common.openapi import error_responses
 from ticketing.payments import service
 from ticketing.payments.charges import Charges
 from ticketing.payments.schemas import PaymentBody, PaymentOut, SucceededIntent
@@ -32,7 +33,7 @@ async def _charges(request: Request) -> Charges:
 ChargesDep = Annotated[Charges, Depends(_charges)]
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=error_responses(401, 402, 404))
 async def create_payment(
     body: PaymentBody, user: RequireUser, runtime: RuntimeDep, charges: ChargesDep
 ) -> PaymentOut:
@@ -63,7 +64,7 @@ async def _unknown_or_behind(runtime: Runtime, order_id: str) -> None:
         raise ServiceUnavailable("Payments are catching up; please try again in a moment")
 
 
-@router.post("/webhook")
+@router.post("/webhook", responses=error_responses(400))
 async def stripe_webhook(
     request: Request,
     runtime: RuntimeDep,

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ticketing.common.app import RuntimeDep, SessionDep
 from ticketing.common.auth import RequireUser
 from ticketing.common.ids import path_id
+from ticketing.common.openapi import error_responses
 from ticketing.tickets import service
 from ticketing.tickets.models import Ticket
 from ticketing.tickets.schemas import TicketBody, TicketOut
@@ -19,7 +20,7 @@ def _out(ticket: Ticket) -> TicketOut:
     return TicketOut.model_validate(ticket, from_attributes=True)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=error_responses(401))
 async def create_ticket(body: TicketBody, user: RequireUser, session: SessionDep) -> TicketOut:
     ticket = await service.create_ticket(
         session, user_id=user.id, title=body.title, price=body.price
@@ -32,12 +33,12 @@ async def list_tickets(session: SessionDep) -> list[TicketOut]:
     return [_out(t) for t in await service.available_tickets(session)]
 
 
-@router.get("/{ticket_id}")
+@router.get("/{ticket_id}", responses=error_responses(404))
 async def show_ticket(ticket_id: str, session: SessionDep) -> TicketOut:
     return _out(await service.get_ticket(session, path_id(ticket_id, what="Ticket")))
 
 
-@router.put("/{ticket_id}")
+@router.put("/{ticket_id}", responses=error_responses(401, 404, 409))
 async def update_ticket(
     ticket_id: str, body: TicketBody, user: RequireUser, runtime: RuntimeDep
 ) -> TicketOut:
