@@ -261,3 +261,42 @@ async def test_unstorable_passwords_are_400_not_500(
     for route in ("signup", "signin"):
         response = await client.post(f"/api/users/{route}", content=body, headers=headers)
         assert response.status_code == 400, response.text
+
+
+async def test_password_hashing_runs_at_most_a_few_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each Argon2 hash holds 64 MiB: a burst of sign-ups and sign-ins waits its turn instead
+    of running all at once (the service would be killed for its memory)."""
+    import threading
+
+    from argon2 import PasswordHasher
+
+    from ticketing.auth import service
+
+    class Watched(PasswordHasher):
+        running = peak = 0
+        lock = threading.Lock()
+
+        def _watch(self, work: Callable[[], object]) -> object:
+            with self.lock:
+                Watched.running += 1
+                Watched.peak = max(Watched.peak, Watched.running)
+            try:
+                return work()
+            finally:
+                with self.lock:
+                    Watched.running -= 1
+
+        def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+            return str(self._watch(lambda: super(Watched, self).hash(password, salt=salt)))
+
+        def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+            return bool(self._watch(lambda: super(Watched, self).verify(hash, password)))
+
+    watched = Watched()
+    monkeypatch.setattr(service, "_hasher", lambda: watched)
+    hashes = await asyncio.gather(*(service.hash_password(f"pass{i}") for i in range(8)))
+    checks = [service.password_matches(h, f"pass{i}") for i, h in enumerate(hashes)]
+    assert await asyncio.gather(*checks) == [True] * 8
+    assert Watched.peak == service.HASHING_AT_ONCE

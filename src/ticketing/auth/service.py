@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -31,18 +33,36 @@ def _decoy_hash() -> str:
     return _hasher().hash(secrets.token_urlsafe(16))
 
 
+# An Argon2id hash or check holds 64 MiB for about 0.2 s. asyncio's default pool runs up to
+# 32 at once, some 2 GiB for a burst of sign-ins or sign-ups: enough to have the service
+# killed for memory. At most this many run at once in a process; the rest wait their turn.
+HASHING_AT_ONCE = 2
+_T = TypeVar("_T")
+
+
+@cache
+def _hashing_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=HASHING_AT_ONCE, thread_name_prefix="argon2")
+
+
+async def _hashing(work: Callable[[], _T]) -> _T:
+    return await asyncio.get_running_loop().run_in_executor(_hashing_pool(), work)
+
+
 async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_hasher().hash, password)
+    return await _hashing(lambda: _hasher().hash(password))
 
 
-async def _password_matches(stored: str | None, password: str) -> bool:
+async def password_matches(stored: str | None, password: str) -> bool:
+    """Whether `password` is the one `stored` was made from (as long to say no for None)."""
+
     def verify() -> bool:
         try:
             return _hasher().verify(stored or _decoy_hash(), password) and stored is not None
         except (VerificationError, InvalidHashError):
             return False
 
-    return await asyncio.to_thread(verify)
+    return await _hashing(verify)
 
 
 async def signup(session: AsyncSession, *, email: str, password: str) -> User:
@@ -59,7 +79,7 @@ async def signup(session: AsyncSession, *, email: str, password: str) -> User:
 
 async def signin(session: AsyncSession, *, email: str, password: str) -> User:
     user = await session.scalar(select(User).where(User.email == email))
-    if not await _password_matches(user.password_hash if user else None, password) or not user:
+    if not await password_matches(user.password_hash if user else None, password) or not user:
         raise BadRequest("Invalid credentials")
     return user
 
