@@ -251,6 +251,32 @@ async def test_signin_is_rate_limited_per_client(auth_settings: AuthSettings) ->
     assert codes == [400, 400, 429]
 
 
+async def test_refused_sign_ups_are_rate_limited_and_sign_ups_made_are_not(
+    auth_settings: AuthSettings,
+) -> None:
+    """'Email in use', asked address after address, tells who has an account: refusals are
+    counted per client (and per email); sign-ups that are made take their attempt back."""
+    settings = auth_settings.model_copy(update={"signup_limit_per_client": 3})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+
+            async def sign_up(email: str) -> int:
+                body = {"email": email, "password": "password"}
+                return (await c.post("/api/users/signup", json=body)).status_code
+
+            made = [await sign_up(f"new{i}@test.com") for i in range(5)]
+            probes = [await sign_up(f"new{i}@test.com") for i in range(4)]
+            limited = await c.post(
+                "/api/users/signup", json={"email": "fresh@test.com", "password": "password"}
+            )
+    assert made == [201] * 5
+    assert probes == [400, 400, 400, 429]
+    assert limited.status_code == 429
+    assert messages(limited) == ["Too many attempts; please wait a minute and try again"]
+
+
 @pytest.mark.parametrize("password", [r"pa\u0000ss", r"pa\ud800ss"])
 async def test_unstorable_passwords_are_400_not_500(
     client: httpx.AsyncClient, password: str

@@ -70,11 +70,23 @@ async def _rate_limit(
     return Counted(list(limits), window)
 
 
-@router.post("/signup", status_code=201)
+@router.post("/signup", status_code=201, responses=error_responses(429))
 async def signup(
-    body: SignupBody, session: SessionDep, settings: SettingsDep, response: Response
+    body: SignupBody,
+    request: Request,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
 ) -> UserOut:
+    # Only refusals count ('Email in use' tells whether an address has an account: asked
+    # about address after address, a list of who is a customer); a sign-up made is refunded.
+    counted = await _rate_limit(
+        runtime, request, action="signup", email=body.email,
+        per_client=settings.signup_limit_per_client, per_email=settings.signup_limit_per_email,
+    )  # fmt: skip
     user = await service.signup(session, email=body.email, password=body.password)
+    await service.uncount_attempt(session, keys=counted.keys, window=counted.window)
     sign_in(response, settings, user_id=user.id, email=user.email)
     return UserOut(id=user.id, email=user.email)
 

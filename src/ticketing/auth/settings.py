@@ -15,3 +15,6 @@ class AuthSettings(Settings):
     signin_limit_per_email: int = 10
     magic_link_limit_per_client: int = 60
     magic_link_limit_per_email: int = 5
+    # Refused sign-ups only (a sign-up made is not counted).
+    signup_limit_per_client: int = 30
+    signup_limit_per_email: int = 10
