@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from tests.support import eventually
@@ -105,6 +106,43 @@ async def test_a_browser_opening_a_spent_link_gets_a_page_saying_what_to_do(
     assert 'href="/auth/signin"' in page.text
     assert "set-cookie" not in page.headers
     assert (await client.get(url)).json()["errors"][0]["field"] == "token"
+
+
+async def test_a_link_another_site_sends_a_browser_to_asks_first_and_is_kept(
+    client: httpx.AsyncClient, smtp_sink: SmtpSink
+) -> None:
+    """Login CSRF: another site may send a visitor's browser to a link it asked for itself,
+    to have them buy into its account. Such a visit is asked whether the address is theirs;
+    the link is spent only by the page's own form."""
+    await client.post("/api/users/magic-link", json={"email": "a@test.com"})
+    token = await _emailed_token(smtp_sink, "a@test.com")
+    link = f"/api/users/verify-magic-link?token={token}"
+    navigation = {"accept": "text/html,*/*;q=0.8", "sec-fetch-mode": "navigate"}
+    for sent_by in ("cross-site", "same-site"):
+        page = await client.get(link, headers={**navigation, "sec-fetch-site": sent_by})
+        assert (page.status_code, "set-cookie" in page.headers) == (200, False), sent_by
+        assert "Sign in as a@test.com?" in page.text and page.headers["x-frame-options"] == "DENY"
+    form = {"token": token}
+    forged = await client.post(
+        "/api/users/verify-magic-link", data=form, headers={"sec-fetch-site": "cross-site"}
+    )
+    assert (forged.status_code, "set-cookie" in forged.headers) == (400, False)
+    confirmed = await client.post(
+        "/api/users/verify-magic-link", data=form, headers={"sec-fetch-site": "same-origin"}
+    )
+    assert confirmed.status_code == 303 and "session=" in confirmed.headers["set-cookie"]
+    assert (await client.post("/api/users/verify-magic-link", data=form)).status_code == 400
+
+
+@pytest.mark.parametrize("sent_by", ["none", "same-origin", None])
+async def test_a_link_typed_opened_from_a_mail_program_or_our_pages_signs_in_at_once(
+    client: httpx.AsyncClient, smtp_sink: SmtpSink, sent_by: str | None
+) -> None:
+    await client.post("/api/users/magic-link", json={"email": "b@test.com"})
+    token = await _emailed_token(smtp_sink, "b@test.com")
+    headers = {"accept": "text/html"} | ({"sec-fetch-site": sent_by} if sent_by else {})
+    opened = await client.get(f"/api/users/verify-magic-link?token={token}", headers=headers)
+    assert opened.status_code == 303 and "session=" in opened.headers["set-cookie"]
 
 
 async def test_token_is_stored_hashed(

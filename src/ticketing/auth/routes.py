@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ticketing.auth import service
 from ticketing.auth.mail import Mailer
@@ -22,6 +25,7 @@ from ticketing.common.app import RuntimeDep, SessionDep
 from ticketing.common.auth import CurrentUser, clear_session_cookie, sign_in
 from ticketing.common.errors import BadRequest, TooManyRequests
 from ticketing.common.openapi import error_responses
+from ticketing.common.same_origin import REFUSED, from_another_site
 
 router = APIRouter(prefix="/api/users", tags=["auth"])
 
@@ -163,6 +167,25 @@ _SPENT_LINK_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"
 <p><a href="/auth/signin">Ask for a new one</a></p></body></html>"""
 
 
+# Shown instead of signing in when another site sent the browser to a link: whoever made it
+# come may have asked for the link for an account of their own (login CSRF: the visitor would
+# then buy into the attacker's account). The link is not spent until the visitor says so.
+_CONFIRM_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Sign in</title><meta name="viewport" content="width=device-width, initial-scale=1">
+</head><body style="font-family: system-ui, sans-serif; max-width: 32rem; margin: 4rem auto">
+<h1>Sign in as {email}?</h1><p>Only go on if you just asked for a sign-in link for this
+address; if you did not, close this page.</p>
+<form method="post" action="/api/users/verify-magic-link"><input type="hidden" name="token"
+value="{token}"><button type="submit">Sign in as {email}</button></form></body></html>"""
+_NO_FRAMING = {"x-frame-options": "DENY", "content-security-policy": "frame-ancestors 'none'"}
+
+
+def _sent_by_another_site(request: Request) -> bool:
+    """A browser brought here by another site's page (a webmail's link, a form, a script);
+    not one that says nothing of it (typed or pasted, a mail program, any other client)."""
+    return request.headers.get("sec-fetch-site") in ("cross-site", "same-site")
+
+
 @router.get(
     "/verify-magic-link",
     response_model=None,
@@ -174,6 +197,28 @@ async def verify_magic_link(
     session: SessionDep,
     settings: SettingsDep,
     token: Annotated[str | None, Query()] = None,
+) -> Response:
+    if token and _sent_by_another_site(request):
+        email = await service.magic_link_email(session, token=token)
+        if email is not None:
+            page = _CONFIRM_PAGE.format(email=html.escape(email), token=html.escape(token))
+            return HTMLResponse(page, headers=_NO_FRAMING)
+    return await _spend(request, session, settings, token)
+
+
+@router.post("/verify-magic-link", include_in_schema=False)
+async def confirm_magic_link(
+    request: Request, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """The confirmation page's form: from this site's own page only."""
+    if from_another_site(request.scope, also_ours=urlsplit(settings.public_url).netloc):
+        raise BadRequest(REFUSED)
+    token = (await request.form()).get("token")
+    return await _spend(request, session, settings, token if isinstance(token, str) else None)
+
+
+async def _spend(
+    request: Request, session: AsyncSession, settings: AuthSettings, token: str | None
 ) -> Response:
     try:
         if not token:

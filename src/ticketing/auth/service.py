@@ -97,6 +97,17 @@ async def create_magic_link(session: AsyncSession, *, email: str, ttl_seconds: i
     return token
 
 
+async def magic_link_email(session: AsyncSession, *, token: str) -> str | None:
+    """The address a link that still works is for, without spending it; else None."""
+    return await session.scalar(
+        select(MagicLink.email).where(
+            MagicLink.token_hash == hash_token(token),
+            MagicLink.used_at.is_(None),
+            MagicLink.expires_at > datetime.now(UTC),
+        )
+    )
+
+
 async def use_magic_link(session: AsyncSession, *, token: str) -> User:
     """Spend a link once and return its user, signing them up on first use."""
     now = datetime.now(UTC)

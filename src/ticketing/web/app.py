@@ -18,9 +18,9 @@ from ticketing.common.body_limit import BodyLimit
 from ticketing.common.errors import http_error_response
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.common.openapi import install_contract_openapi
+from ticketing.common.same_origin import SameOriginPosts
 from ticketing.web.client import ApiUnavailable
 from ticketing.web.routes import router
-from ticketing.web.same_origin import SameOriginPosts
 from ticketing.web.settings import WebSettings
 
 HERE = Path(__file__).parent

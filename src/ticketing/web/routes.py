@@ -15,8 +15,8 @@ from ticketing.common.auth import COOKIE_NAME, current_user
 from ticketing.common.events import LEAST_CARD_PAYMENT
 from ticketing.common.ids import is_id
 from ticketing.common.mailbox import mailbox_dir, read_mailbox
+from ticketing.common.same_origin import from_another_site
 from ticketing.web.client import Api, ApiResult
-from ticketing.web.same_origin import from_another_site
 from ticketing.web.settings import WebSettings
 
 router = APIRouter(include_in_schema=False)

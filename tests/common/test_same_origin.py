@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ticketing.web.same_origin import from_another_site
+from ticketing.common.same_origin import from_another_site
 
 PROXIED = {"x_forwarded_host": "tickets.example"}
 
