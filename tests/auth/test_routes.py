@@ -213,6 +213,40 @@ async def test_signin_is_rate_limited_per_email(
     assert other_email.status_code == 400
 
 
+async def test_guesses_from_others_do_not_lock_the_owner_out(
+    auth_settings: AuthSettings,
+) -> None:
+    """The per-email limit counts each client's guesses apart, so someone else's wrong
+    passwords do not keep the owner out; guesses spread over many clients stop at ten times
+    that limit in all."""
+    from ticketing.auth.routes import EVERY_CLIENT_FACTOR
+
+    settings = auth_settings.model_copy(update={"signin_limit_per_email": 2})
+    app = create_app(settings)
+
+    def visitor(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, client=(address, 4000))
+        return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+    async def sign_in(address: str, password: str) -> int:
+        async with visitor(address) as c:
+            body = {**CREDS, "password": password}
+            return (await c.post("/api/users/signin", json=body)).status_code
+
+    async with app.router.lifespan_context(app):
+        async with visitor("10.0.0.1") as owner:
+            assert (await owner.post("/api/users/signup", json=CREDS)).status_code == 201
+        attacker = [await sign_in("10.6.6.6", "nope") for _ in range(3)]
+        owner_after = await sign_in("10.0.0.1", CREDS["password"])
+        spread = [await sign_in(f"10.7.0.{i}", "nope") for i in range(EVERY_CLIENT_FACTOR * 2)]
+    assert attacker == [400, 400, 429]
+    assert owner_after == 200
+    # Every attempt counts, the refused ones too: the attacker's and these, 20 in all, then
+    # every client is refused.
+    assert spread.count(400) == 2 * EVERY_CLIENT_FACTOR - len(attacker)
+    assert spread[-2:] == [429, 429]
+
+
 async def test_signing_in_often_is_not_counted_against_the_limits(
     auth_settings: AuthSettings,
 ) -> None:

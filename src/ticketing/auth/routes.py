@@ -44,6 +44,10 @@ SettingsDep = Annotated[AuthSettings, Depends(_settings)]
 MailerDep = Annotated[Mailer, Depends(_mailer)]
 
 
+# How many times its per-email limit an email may be tried from every client together.
+EVERY_CLIENT_FACTOR = 10
+
+
 @dataclass(frozen=True)
 class Counted:
     """The keys an attempt was counted against, and in which window."""
@@ -61,10 +65,18 @@ async def _rate_limit(
     per_client: int,
     per_email: int,
 ) -> Counted:
-    """Count the attempt against the client and the email; 429 when either is over its limit."""
+    """Count the attempt against the client, the email from that client and the email from
+    every client; 429 when any is over its limit."""
     settings: AuthSettings = request.app.state.settings
     client = request.client.host if request.client else "unknown"
-    limits = {f"{action}:client:{client}": per_client, f"{action}:email:{email}": per_email}
+    limits = {
+        f"{action}:client:{client}": per_client,
+        # Per email from one client: the tight limit on guesses is not a way for anyone to
+        # keep its owner out (ten wrong passwords a minute, sent by someone else, did).
+        f"{action}:from:{client}:{email}": per_email,
+        # Per email from anywhere, looser: guesses spread over many clients still stop.
+        f"{action}:email:{email}": per_email * EVERY_CLIENT_FACTOR,
+    }
     window = service.current_window(settings.rate_limit_window_seconds)
     # Its own transaction: the count must stick even when the attempt itself fails.
     async with runtime.db.transaction() as session:
