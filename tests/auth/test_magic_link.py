@@ -156,6 +156,19 @@ async def test_token_is_stored_hashed(
     assert token not in stored
 
 
+async def test_expired_links_are_deleted_as_new_ones_are_made(auth_app: Any) -> None:
+    from ticketing.auth import service
+
+    db = auth_app.state.runtime.db
+    async with db.transaction() as session:
+        await service.create_magic_link(session, email="old@test.com", ttl_seconds=-1)
+        await service.create_magic_link(session, email="kept@test.com", ttl_seconds=60)
+    async with db.transaction() as session:
+        await service.create_magic_link(session, email="new@test.com", ttl_seconds=60)
+        stored = set(await session.scalars(select(MagicLink.email)))
+    assert stored == {"kept@test.com", "new@test.com"}
+
+
 async def test_an_expired_link_is_refused(auth_settings: AuthSettings, smtp_sink: SmtpSink) -> None:
     app = create_app(auth_settings.model_copy(update={"magic_link_ttl_seconds": 0}))
     async with app.router.lifespan_context(app):

@@ -91,7 +91,10 @@ def hash_token(token: str) -> str:
 async def create_magic_link(session: AsyncSession, *, email: str, ttl_seconds: int) -> str:
     """Store a new single-use link for `email` and return its token (kept only as a hash)."""
     token = secrets.token_urlsafe(32)
-    expires = datetime.now(UTC) + timedelta(seconds=ttl_seconds)
+    now = datetime.now(UTC)
+    # Links that expired are of no use to anyone: without this the table only grows.
+    await session.execute(delete(MagicLink).where(MagicLink.expires_at <= now))
+    expires = now + timedelta(seconds=ttl_seconds)
     session.add(MagicLink(token_hash=hash_token(token), email=email, expires_at=expires))
     await session.flush()
     return token
