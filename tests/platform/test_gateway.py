@@ -139,3 +139,15 @@ async def test_the_documents_list_the_errors_each_route_answers(
     assert all(
         "503" in operation["responses"] for ops in paths.values() for operation in ops.values()
     )
+
+
+async def test_no_page_of_the_site_may_be_framed_by_another(platform: Platform) -> None:
+    """Clickjacking: Purchase, Pay and Sign out must not be clickable inside another site's
+    frame; every answer of the web client says so, its error pages too."""
+    await platform.start("web", "tickets")
+    async with platform.client() as browser:
+        for path in ("/", "/auth/signin", "/nowhere"):
+            page = await browser.get(path, headers={"accept": "text/html"})
+            assert page.headers["x-frame-options"] == "DENY", path
+            assert page.headers["content-security-policy"] == "frame-ancestors 'none'", path
+            assert page.headers["x-content-type-options"] == "nosniff", path

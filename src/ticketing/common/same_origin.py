@@ -11,7 +11,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from starlette.responses import PlainTextResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REFUSED = "This form can only be sent from this site's own pages."
 
@@ -55,3 +55,32 @@ def _authority(scheme: str, netloc: str) -> str:
     netloc = netloc.strip().lower()
     default = {"http": ":80", "https": ":443"}.get(scheme.lower(), "")
     return netloc.removesuffix(default) if default else netloc
+
+
+_NO_FRAMING = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+]
+
+
+class NoFraming:
+    """No page of the site may be shown in another site's frame, where a visitor could be
+    made to click Purchase, Pay or Sign out unseen (clickjacking)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_framed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                given = {name for name, _ in message.get("headers", ())}
+                extra = [(k, v) for k, v in _NO_FRAMING if k not in given]
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_framed)

@@ -18,7 +18,7 @@ from ticketing.common.body_limit import BodyLimit
 from ticketing.common.errors import http_error_response
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.common.openapi import install_contract_openapi
-from ticketing.common.same_origin import SameOriginPosts
+from ticketing.common.same_origin import NoFraming, SameOriginPosts
 from ticketing.web.client import ApiUnavailable
 from ticketing.web.routes import router
 from ticketing.web.settings import WebSettings
@@ -52,6 +52,7 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.include_router(router)
     metrics = ServiceMetrics("web")
     app.add_middleware(SameOriginPosts, public_url=settings.public_url)
+    app.add_middleware(NoFraming)
     app.add_middleware(BodyLimit)
     install_http_metrics(app, metrics)
 
