@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -58,9 +59,19 @@ def serve(
         typer.secho(f"error: {refusal(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
+    if "env" not in settings.model_fields_set:
+        # dev is the default for a laptop; a container that forgot to say so would sign
+        # sessions with the public development key and send the cookie without Secure.
+        logging.getLogger("ticketing").warning(UNSET_ENV_WARNING)
     app = spec.factory()(settings)
     tune_for_serving()
     uvicorn.run(app, host=host, port=port, proxy_headers=True, log_config=None)
+
+
+UNSET_ENV_WARNING = (
+    "TICKETING_ENV is not set: serving as dev (the development JWT key, no Secure cookie, "
+    "tables made at start); set TICKETING_ENV=production outside a laptop"
+)
 
 
 def refusal(exc: ValueError) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import Infra
 from tests.support import TICKETING, clean_env, eventually, wait_healthy, wait_up
+from ticketing.cli import UNSET_ENV_WARNING
 from ticketing.common.mailbox import read_mailbox
 from ticketing.platform.embedded import SmtpSink, free_port, port_answers
 from ticketing.platform.services import SERVICES
@@ -202,6 +203,7 @@ async def test_serve_runs_one_service_like_a_container(
         assert response.status_code == 201
     assert proc.interrupt() == 0
     assert '"level": "info"' in proc.output()  # structured logs
+    assert UNSET_ENV_WARNING in proc.output()  # a container that did not say what it is
 
 
 @pytest.mark.parametrize(("service", "probe", "status"), [
@@ -214,6 +216,7 @@ async def test_serve_runs_tickets_and_orders(
 ) -> None:  # fmt: skip
     port = free_port()
     env = clean_env(
+        TICKETING_ENV="dev",
         TICKETING_DATABASE_URL=settings_kwargs["database_url"],
         TICKETING_NATS_URL=infra.nats_url,
         TICKETING_NATS_STREAM=settings_kwargs["nats_stream"],
@@ -226,6 +229,7 @@ async def test_serve_runs_tickets_and_orders(
         assert (await c.get("/readyz")).status_code == 200
         assert (await c.get(probe)).status_code == status
     assert proc.interrupt() == 0
+    assert "TICKETING_ENV is not set" not in proc.output()  # it was: dev, on purpose
 
 
 @pytest.mark.parametrize("workers", [1, 2])
