@@ -83,7 +83,9 @@ class Gateway:
 
     async def _metrics(self, send: Send) -> None:
         families: dict[str, Metric] = {}
-        for service, (_, body) in (await self._ask_every_service("/metrics")).items():
+        for service, (status, body) in (await self._ask_every_service("/metrics")).items():
+            if status != 200:  # an error's body is no exposition to merge
+                continue
             for family in text_string_to_metric_families(body.decode()):
                 merged = families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
