@@ -210,6 +210,9 @@ async def test_a_pooled_connection_the_server_dropped_is_503_not_500(
     if not infra.postgres:
         pytest.skip("SQLite has no server to drop a connection")
     assert (await client.get("/api/probe/one")).status_code == 200  # a connection is pooled
+    # The relay's housekeeping shares the pool: it must not be the one to meet the dead
+    # connection first (the pool would be fresh again for the request this is about).
+    await app_runtime.relay.stop()
     admin = await asyncpg.connect(PG_URL.replace("+asyncpg", "") + "/postgres")
     try:
         database = app_runtime.db.engine.url.database
