@@ -25,7 +25,7 @@ from ticketing.common.app import RuntimeDep, SessionDep
 from ticketing.common.auth import CurrentUser, clear_session_cookie, sign_in
 from ticketing.common.errors import BadRequest, TooManyRequests
 from ticketing.common.openapi import error_responses
-from ticketing.common.same_origin import REFUSED, from_another_site
+from ticketing.common.same_origin import NO_FRAMING_HEADERS, REFUSED, from_another_site
 
 router = APIRouter(prefix="/api/users", tags=["auth"])
 
@@ -189,13 +189,12 @@ _CONFIRM_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 address; if you did not, close this page.</p>
 <form method="post" action="/api/users/verify-magic-link"><input type="hidden" name="token"
 value="{token}"><button type="submit">Sign in as {email}</button></form></body></html>"""
-_NO_FRAMING = {"x-frame-options": "DENY", "content-security-policy": "frame-ancestors 'none'"}
 
 
-def _sent_by_another_site(request: Request) -> bool:
+def _from_another_site(request: Request, settings: AuthSettings) -> bool:
     """A browser brought here by another site's page (a webmail's link, a form, a script);
     not one that says nothing of it (typed or pasted, a mail program, any other client)."""
-    return request.headers.get("sec-fetch-site") in ("cross-site", "same-site")
+    return from_another_site(request.scope, also_ours=urlsplit(settings.public_url).netloc)
 
 
 @router.get(
@@ -210,11 +209,11 @@ async def verify_magic_link(
     settings: SettingsDep,
     token: Annotated[str | None, Query()] = None,
 ) -> Response:
-    if token and _sent_by_another_site(request):
+    if token and _from_another_site(request, settings):
         email = await service.magic_link_email(session, token=token)
         if email is not None:
             page = _CONFIRM_PAGE.format(email=html.escape(email), token=html.escape(token))
-            return HTMLResponse(page, headers=_NO_FRAMING)
+            return HTMLResponse(page, headers=NO_FRAMING_HEADERS)
     return await _spend(request, session, settings, token)
 
 
@@ -223,7 +222,7 @@ async def confirm_magic_link(
     request: Request, session: SessionDep, settings: SettingsDep
 ) -> Response:
     """The confirmation page's form: from this site's own page only."""
-    if from_another_site(request.scope, also_ours=urlsplit(settings.public_url).netloc):
+    if _from_another_site(request, settings):
         raise BadRequest(REFUSED)
     token = (await request.form()).get("token")
     return await _spend(request, session, settings, token if isinstance(token, str) else None)

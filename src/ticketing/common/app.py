@@ -161,6 +161,7 @@ def create_service_app(
     app = FastAPI(title=f"ticketing {name}", lifespan=lifespan)
     app.state.settings = settings
     app.state.runtime = runtime
+    app.state.metrics = runtime.metrics  # read by `ticketing up`'s root /metrics
     install_error_handlers(app)
     install_contract_openapi(app)
     if hot_path is not None:

@@ -57,11 +57,12 @@ def _authority(scheme: str, netloc: str) -> str:
     return netloc.removesuffix(default) if default else netloc
 
 
-_NO_FRAMING = [
-    (b"x-frame-options", b"DENY"),
-    (b"content-security-policy", b"frame-ancestors 'none'"),
-    (b"x-content-type-options", b"nosniff"),
-]
+NO_FRAMING_HEADERS = {
+    "x-frame-options": "DENY",
+    "content-security-policy": "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+}
+_NO_FRAMING = [(k.encode(), v.encode()) for k, v in NO_FRAMING_HEADERS.items()]
 
 
 class NoFraming:

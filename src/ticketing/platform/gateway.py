@@ -18,7 +18,6 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -83,10 +82,8 @@ class Gateway:
 
     async def _metrics(self, send: Send) -> None:
         families: dict[str, Metric] = {}
-        for service, (status, body) in (await self._ask_every_service("/metrics")).items():
-            if status != 200:  # an error's body is no exposition to merge
-                continue
-            for family in text_string_to_metric_families(body.decode()):
+        for service, app in self.services.items():
+            for family in app.state.metrics.registry.collect():
                 merged = families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
                 )
@@ -96,11 +93,7 @@ class Gateway:
                 )
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collected(families.values()))
-        payload = generate_latest(registry)
-        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode()),
-                   (b"content-length", str(len(payload)).encode())]  # fmt: skip
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _respond(send, 200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         stack = AsyncExitStack()
@@ -164,9 +157,12 @@ async def _get(app: ASGIApp, path: str) -> tuple[int, bytes]:
 
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body).encode()
+    await _respond(send, status, json.dumps(body).encode(), "application/json")
+
+
+async def _respond(send: Send, status: int, payload: bytes, content_type: str) -> None:
     headers = [
-        (b"content-type", b"application/json"),
+        (b"content-type", content_type.encode()),
         (b"content-length", str(len(payload)).encode()),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -50,7 +50,7 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(router)
-    metrics = ServiceMetrics("web")
+    metrics = app.state.metrics = ServiceMetrics("web")
     app.add_middleware(SameOriginPosts, public_url=settings.public_url)
     app.add_middleware(NoFraming)
     app.add_middleware(BodyLimit)
