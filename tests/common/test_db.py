@@ -162,6 +162,37 @@ async def test_read_first_reads_on_a_new_connection_when_the_pooled_one_died(
         assert await db.read_first(statement, {"event_id": "missing"}) is None
 
 
+async def test_a_write_on_a_connection_the_server_ended_is_an_outage_not_a_bug(
+    one_connection: Database, infra: Infra
+) -> None:
+    """A rush's winning write meets a connection whose backend is gone: it fails as an outage
+    (so the buyer gets a 503, not a 500), and the next write gets a new connection."""
+    from sqlalchemy import bindparam, insert
+
+    from ticketing.common.db import utcnow
+    from ticketing.common.errors import is_unavailable
+    from ticketing.common.outbox import InboxEntry
+
+    if not infra.postgres:
+        pytest.skip("the write runs through the driver on PostgreSQL only")
+    db = one_connection
+    statement = insert(InboxEntry).values(
+        consumer="probe", event_id=bindparam("event_id"), handled_at=bindparam("at")
+    )
+    await db.write_on_driver(statement, {"event_id": "e-1", "at": utcnow()})
+    async with db.engine.connect() as connection:
+        pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar()
+    async with _admin() as admin:
+        await admin.execute("SELECT pg_terminate_backend($1, 5000)", pid)
+    with pytest.raises(Exception) as failed:
+        await db.write_on_driver(statement, {"event_id": "e-2", "at": utcnow()})
+    assert is_unavailable(failed.value), repr(failed.value)
+    await db.write_on_driver(statement, {"event_id": "e-3", "at": utcnow()})
+    async with db.engine.connect() as connection:
+        ids = (await connection.execute(text("SELECT event_id FROM inbox ORDER BY 1"))).scalars()
+        assert list(ids) == ["e-1", "e-3"]
+
+
 async def test_read_first_cancelled_mid_statement_leaves_the_pool_usable(
     one_connection: Database, infra: Infra
 ) -> None:

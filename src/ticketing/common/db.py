@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -224,7 +224,7 @@ class Database:
         for _ in range(self.engine.pool.size()):  # type: ignore[attr-defined]
             try:
                 return await self._read_once(sql, args)
-            except _DEAD_CONNECTION:
+            except ConnectionLost:
                 log.warning("a pooled connection was dead; reading on another", exc_info=True)
         return await self._read_once(sql, args)
 
@@ -259,6 +259,10 @@ class Database:
             yield pooled.driver_connection
         except asyncpg.IntegrityConstraintViolationError:
             raise  # the statement's answer: the connection is as good as before
+        except _DEAD_CONNECTION as exc:
+            pooled.invalidate()
+            # As SQLAlchemy tells it of its own connections: an outage (a 503), not a bug.
+            raise ConnectionLost(None, None, exc, connection_invalidated=True) from exc
         except BaseException:
             pooled.invalidate()
             raise
@@ -329,6 +333,10 @@ def _forget_queued(session: Session) -> None:
     # What the rolled-back transaction queued and wrote is gone: none of it may reach a hook.
     session.info.pop(_QUEUED, None)
     session.info.pop(OUTBOX_WRITTEN, None)
+
+
+class ConnectionLost(OperationalError):
+    """A statement on the driver's own connection met a connection the server had closed."""
 
 
 # What asyncpg raises on a connection the server closed: closed as it was used, or caught
