@@ -188,6 +188,9 @@ async def test_a_write_on_a_connection_the_server_ended_is_an_outage_not_a_bug(
         await db.write_on_driver(statement, {"event_id": "e-2", "at": utcnow()})
     assert is_unavailable(failed.value), repr(failed.value)
     await db.write_on_driver(statement, {"event_id": "e-3", "at": utcnow()})
+    with pytest.raises(Exception) as refused:  # a caller's bug stays one: not an outage
+        await db.write_on_driver(statement, {"event_id": "e-4", "at": "not a time"})
+    assert not is_unavailable(refused.value), repr(refused.value)
     async with db.engine.connect() as connection:
         ids = (await connection.execute(text("SELECT event_id FROM inbox ORDER BY 1"))).scalars()
         assert list(ids) == ["e-1", "e-3"]
