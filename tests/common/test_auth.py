@@ -46,6 +46,9 @@ def test_a_token_signed_with_another_key_is_refused(settings: Settings) -> None:
         {"id": "u-1", "email": "a@b.com", "iat": 1},  # no expiry
         {"id": "u-1", "email": "a@b.com", "iat": 1, "exp": "soon"},
         {"id": "u-1", "iat": 1, "exp": 4_000_000_000},  # no email
+        {"id": "u-1", "email": "a@b.com", "iat": 1, "exp": float("inf")},  # JSON's Infinity
+        {"id": "u-1", "email": "a@b.com", "iat": 1, "exp": float("-inf")},
+        {"id": "u-1", "email": "a@b.com", "iat": 1, "exp": float("nan")},
     ],
 )
 def test_a_token_with_bad_claims_is_refused(settings: Settings, claims: dict[str, object]) -> None:

@@ -54,7 +54,7 @@ def _verified(key: str, token: str) -> tuple[UserClaims, int] | None:
             options={"require": ["exp", "iat"], "verify_exp": False},
         )
         return UserClaims.model_validate(claims), int(claims["exp"])
-    except (jwt.PyJWTError, ValueError, TypeError):
+    except (jwt.PyJWTError, ValueError, TypeError, OverflowError):  # Overflow: exp Infinity
         return None
 
 
