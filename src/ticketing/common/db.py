@@ -253,7 +253,8 @@ class Database:
         A dropped connection, or one cancelled mid-statement (its protocol then still busy),
         must not go back: after any failure but a constraint's refusal the next checkout opens
         a new one. The statements are fixed, so a failure is rare and almost always the
-        connection."""
+        connection; one the server closed is raised as ConnectionLost, an outage as SQLAlchemy
+        reports it of its own connections."""
         pooled = await self.engine.raw_connection()
         try:
             yield pooled.driver_connection
@@ -261,7 +262,6 @@ class Database:
             raise  # the statement's answer: the connection is as good as before
         except _DEAD_CONNECTION as exc:
             pooled.invalidate()
-            # As SQLAlchemy tells it of its own connections: an outage (a 503), not a bug.
             raise ConnectionLost(None, None, exc, connection_invalidated=True) from exc
         except BaseException:
             pooled.invalidate()
