@@ -30,6 +30,13 @@ class Config:
     nats_url: str = "nats://127.0.0.1:4222"
     redis_url: str = "redis://127.0.0.1:6379/0"
     subject_prefix: str = "benchflash"
+    # The run's own databases (this prefix, then the service's name) and stream.
+    databases: str = "bench_flash_"
+    stream: str = "BENCH_FLASH"
+    # Kill one of the platform's worker processes outright (SIGKILL) every so many seconds of
+    # the rush, request and events workers in turn: whatever it was doing is cut off, and the
+    # checks must still find nothing oversold or lost.
+    kill_every: float | None = None
     ceiling: bool = True
     out_dir: Path = Path("artifacts/bench")
     json_path: Path | None = None
@@ -41,6 +48,10 @@ class Config:
         sizes = {"sellers": 2, "tickets": 120, "buyers": 8, "rounds": 2, "expiring": 20,
                  "expiry_ttl_seconds": 2}  # fmt: skip
         return dataclasses.replace(cls(), **{**sizes, **changes})  # type: ignore[arg-type]
+
+    @property
+    def chaos(self) -> bool:
+        return self.kill_every is not None
 
     @property
     def chart(self) -> Path:

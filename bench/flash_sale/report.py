@@ -11,6 +11,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.flash_sale.chaos import ChaosResult
 from bench.flash_sale.checks import Checks
 from bench.flash_sale.phases import ExpiryResult, PayResult
 from bench.flash_sale.rush import RushResult
@@ -69,9 +70,17 @@ class Report:
     expiry: ExpiryResult | None
     checks: Checks
     notes: list[str] = field(default_factory=list)
+    chaos: ChaosResult | None = None  # workers killed during the rush (--kill-every)
+
+    def _unexpected(self, target: Target) -> dict[str, int]:
+        """Unexpected answers by status; with workers killed, attempts they cut off (no answer
+        at all) are expected, and counted apart."""
+        counts = target.rush.unexpected_statuses
+        return {k: v for k, v in counts.items() if not (self.chaos and k == "0")}
 
     def summary(self) -> dict[str, Any]:
         p, c = self.platform, self.ceiling
+        unexpected = {"platform": self._unexpected(p), "ceiling": self._unexpected(c) if c else {}}
         ceiling_rate = c.orders_per_s if c else None
         paid = sum(1 for s in self.pay.statuses if s == 201)
         return {
@@ -105,11 +114,11 @@ class Report:
             "expiry_lateness_p50_ms": ms(pct(self.expiry.lateness, 50)) if self.expiry else None,
             "expiry_lateness_p99_ms": ms(pct(self.expiry.lateness, 99)) if self.expiry else None,
             "errors_5xx": p.rush.errors_5xx + sum(1 for s in self.pay.statuses if s >= 500),
-            "unexpected_answers": p.rush.unexpected + (c.rush.unexpected if c else 0),
-            "unexpected_statuses": {
-                "platform": p.rush.unexpected_statuses,
-                "ceiling": c.rush.unexpected_statuses if c else {},
-            },
+            "unexpected_answers": sum(sum(counts.values()) for counts in unexpected.values()),
+            "unexpected_statuses": unexpected,
+            "workers_killed": self.chaos.by_role() if self.chaos else None,
+            "attempts_cut_off_by_kills": p.rush.transport_errors if self.chaos else None,
+            "consumers_caught_up": self.chaos.drained if self.chaos else None,
             "cpu_seconds": {
                 "platform rush": _rounded(p.cpu),
                 "ceiling rush": _rounded(c.cpu) if c else None,
@@ -138,8 +147,10 @@ class Report:
         ]
         if s["unexpected_answers"]:
             problems.append(f"unexpected answers by status: {s['unexpected_statuses']}")
-        if self.platform.rush.transport_errors:
+        if self.platform.rush.transport_errors and not self.chaos:
             problems.append(f"transport errors = {self.platform.rush.transport_errors}")
+        if self.chaos and not self.chaos.drained:
+            problems.append("consumers had not caught up after the workers were killed")
         return problems
 
     def write_json(self, path: Path) -> None:
@@ -175,6 +186,13 @@ class Report:
             ("lost events", s["lost_events"], None),
             ("5xx answers", s["errors_5xx"], None),
         ]
+        if self.chaos:
+            killed = ", ".join(f"{n} {role}" for role, n in s["workers_killed"].items())
+            rows += [
+                ("workers killed in the rush", killed, None),
+                ("attempts cut off by the kills", s["attempts_cut_off_by_kills"], None),
+                ("consumers caught up after", s["consumers_caught_up"], None),
+            ]
         for part in sorted(set(self.platform.cpu) | set(self.ceiling.cpu if self.ceiling else {})):
             rows.append(
                 (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import time
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from bench.ceiling.app import SCHEMA
 from bench.flash_sale.api import Api, bounded, client
+from bench.flash_sale.chaos import ChaosResult, WorkerKiller, drained
 from bench.flash_sale.checks import check
 from bench.flash_sale.config import Config
 from bench.flash_sale.convergence import ConvergenceWatcher, EventClock
@@ -46,6 +48,7 @@ from bench.flash_sale.servers import (
 
 RUSH_TTL_SECONDS = 900  # the contract's window: no order of the rush expires before it is paid
 CONVERGENCE_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 60.0  # with workers killed: until every consumer has caught up
 PAY_TIMEOUT = 120.0
 EXPIRY_TIMEOUT = 30.0
 WARM_UP_REQUESTS = 200
@@ -145,13 +148,14 @@ async def _platform_run(
         async with ConvergenceWatcher(config.nats_url, config.subject_prefix) as watcher:
             if ceiling is not None:
                 ceiling.api = Api(ceiling_http, ceiling.server.url)
-            turns = Turns(config, meter, watcher, ceiling)
+            turns = Turns(config, meter, watcher, ceiling, _killer(config, platform))
             with phase(console, turns.title):
                 target, ceiling_target = await turns.rush(api, people.buyers, ticket_ids, platform)
             if ceiling is not None:
                 ceiling.server.stop()  # its part is over; the pay phase is the platform's alone
             with phase(console, "convergence: every order reserved by the tickets service"):
                 lags, missing = await watcher.lags(target.rush.wins, CONVERGENCE_TIMEOUT)
+        chaos = await _after_kills(config, turns.killer, console)
         with phase(console, f"pay: {len(target.rush.wins)} orders with tok_visa"):
             paid = await pay(api, people.buyers, target.rush.wins, PAY_TIMEOUT)
     expiry = await _expiry(config, platform, people, console, notes)
@@ -161,7 +165,27 @@ async def _platform_run(
         k: str(v) if not isinstance(v, int | str | bool) else v
         for k, v in dataclasses.asdict(config).items()
     }
-    return Report(settings, target, ceiling_target, lags, missing, paid, expiry, checks, notes)
+    return Report(
+        settings, target, ceiling_target, lags, missing, paid, expiry, checks, notes, chaos
+    )
+
+
+def _killer(config: Config, platform: Platform) -> WorkerKiller | None:
+    if config.kill_every is None or platform.child is None:
+        return None
+    return WorkerKiller(platform.child.process.pid, platform.port, config.kill_every)
+
+
+async def _after_kills(
+    config: Config, killer: WorkerKiller | None, console: Console
+) -> ChaosResult | None:
+    """Once workers were killed: until every consumer has caught up (what a killed worker had
+    fetched comes back after the ack wait), so that the pay phase finds every order."""
+    if killer is None:
+        return None
+    with phase(console, f"{len(killer.kills)} workers killed: every consumer catches up"):
+        caught_up = await drained(config.nats_url, config.stream, DRAIN_TIMEOUT)
+    return ChaosResult(killer.kills, caught_up)
 
 
 class Turns:
@@ -175,17 +199,24 @@ class Turns:
     the last moment's events are handled after it)."""
 
     def __init__(
-        self, config: Config, meter: Meter, watcher: ConvergenceWatcher, ceiling: CeilingSide | None
+        self,
+        config: Config,
+        meter: Meter,
+        watcher: ConvergenceWatcher,
+        ceiling: CeilingSide | None,
+        killer: WorkerKiller | None = None,
     ) -> None:
         self.config = config
         self.meter = meter
         self.watcher = watcher
         self.ceiling = ceiling
+        self.killer = killer  # kills the platform's workers during its turns
 
     @property
     def title(self) -> str:
         who = "ceiling and platform in turns" if self.ceiling else "the platform"
-        return f"rush: {self.config.buyers} buyers, {who}, {self.config.rounds} rounds"
+        kills = f", a worker killed every {self.config.kill_every}s" if self.killer else ""
+        return f"rush: {self.config.buyers} buyers, {who}, {self.config.rounds} rounds{kills}"
 
     async def rush(
         self, api: Api, tokens: list[str], ticket_ids: list[str], platform: Platform
@@ -198,7 +229,9 @@ class Turns:
                 mine = _slice(ceiling.ticket_ids, turn, rounds)
                 await self._turn(theirs, ceiling.api, ceiling.tokens, mine, ceiling.server.cpu)
             ids = _slice(ticket_ids, turn, rounds)
-            await self._turn(ours, api, tokens, ids, platform.cpu, settle=self._settled)
+            await self._turn(
+                ours, api, tokens, ids, platform.cpu, settle=self._settled, killer=self.killer
+            )
         return ours, theirs
 
     async def _turn(
@@ -210,9 +243,11 @@ class Turns:
         cpu_of: Callable[[], dict[int, float]],
         settle: Callable[[RushResult, Callable[[], dict[int, float]]], Awaitable[None]]
         | None = None,
+        killer: WorkerKiller | None = None,
     ) -> None:
         with self.meter.measure(target.name, cpu_of) as cpu:
-            result = await rush(api, tokens, ticket_ids, hot=self.config.hot)
+            async with killer or contextlib.nullcontext():
+                result = await rush(api, tokens, ticket_ids, hot=self.config.hot)
             if settle is not None:
                 await settle(result, cpu_of)
         target.add(result, cpu)

@@ -15,7 +15,9 @@ import aiohttp
 
 from bench.flash_sale.api import Api
 
-TRANSPORT_ERRORS_ALLOWED = 50  # then the target is down and the rush stops
+# Transport errors in a row (no answer at all) after which the target is down and the rush
+# stops; a worker killed outright (--kill-every) cuts off only the attempts it had in hand.
+TRANSPORT_ERRORS_IN_A_ROW = 50
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,13 @@ async def rush(
     listing = Listing(ticket_ids, hot, seed=len(ticket_ids))
     url = f"{api.base}/api/orders"
     began = time.perf_counter()
+    failing = 0  # transport errors since the last answer
 
     async def buyer(index: int) -> None:
+        nonlocal failing
         headers = api.headers(tokens[index])
         while (ticket_id := listing.pick()) is not None:
-            if result.transport_errors > TRANSPORT_ERRORS_ALLOWED:
+            if failing > TRANSPORT_ERRORS_IN_A_ROW:
                 return
             body = json.dumps({"ticketId": ticket_id})
             start = time.perf_counter()
@@ -110,6 +114,9 @@ async def rush(
             except (aiohttp.ClientError, TimeoutError):
                 status, raw = 0, b""
                 result.transport_errors += 1
+                failing += 1
+            else:
+                failing = 0
             end = time.perf_counter()
             result.attempts.append(Attempt(start - began, end - start, status, ticket_id))
             if status == 201:

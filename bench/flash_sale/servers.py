@@ -23,14 +23,15 @@ from nats.js.errors import NotFoundError
 from bench.flash_sale.config import Config
 from ticketing.platform.embedded import free_port
 
-DB_PREFIX = "bench_flash_"
-STREAM = "BENCH_FLASH"
 SERVICES_WITH_DB = ("auth", "tickets", "orders", "expiration", "payments")
 START_TIMEOUT_SECONDS = 90.0
+# With workers killed during the rush, what a killed events worker had fetched and not acked
+# comes back this soon (the platform's default is 30 s): the run waits for it, then checks.
+CHAOS_ACK_WAIT_SECONDS = 5
 
 
 def database_url(config: Config, name: str, driver: str = "postgresql") -> str:
-    return f"{config.postgres_url.replace('postgresql', driver, 1)}/{DB_PREFIX}{name}"
+    return f"{config.postgres_url.replace('postgresql', driver, 1)}/{config.databases}{name}"
 
 
 def service_dsn(config: Config, service: str) -> str:
@@ -48,8 +49,8 @@ async def reset(config: Config) -> None:
     admin = await asyncpg.connect(f"{config.postgres_url}/postgres")
     try:
         for name in (*(SERVICES_WITH_DB if managed else ()), "ceiling"):
-            await admin.execute(f'DROP DATABASE IF EXISTS "{DB_PREFIX}{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DB_PREFIX}ceiling"')
+            await admin.execute(f'DROP DATABASE IF EXISTS "{config.databases}{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{config.databases}ceiling"')
     finally:
         await admin.close()
     if managed:
@@ -60,7 +61,7 @@ async def _reset_bus_and_queue(config: Config) -> None:
     nc = await nats.connect(config.nats_url)
     try:
         with contextlib.suppress(NotFoundError):
-            await nc.jetstream().delete_stream(STREAM)
+            await nc.jetstream().delete_stream(config.stream)
     finally:
         await nc.close()
     queue = aioredis.from_url(config.redis_url)  # type: ignore[no-untyped-call]
@@ -187,12 +188,14 @@ class Platform(Served):
 
     def env(self, ttl_seconds: int) -> dict[str, str]:
         config = self.config
+        chaos = {"TICKETING_LISTENER_ACK_WAIT_SECONDS": str(CHAOS_ACK_WAIT_SECONDS)}
         return _python_env(
             {
+                **(chaos if config.chaos else {}),
                 "TICKETING_DATABASE_URL": database_url(config, "{service}", "postgresql+asyncpg"),
                 "TICKETING_NATS_URL": config.nats_url,
                 "TICKETING_REDIS_URL": config.redis_url,
-                "TICKETING_NATS_STREAM": STREAM,
+                "TICKETING_NATS_STREAM": config.stream,
                 "TICKETING_NATS_SUBJECT_PREFIX": config.subject_prefix,
                 "TICKETING_JWT_KEY": self.jwt_key,
                 "TICKETING_ORDER_TTL_SECONDS": str(ttl_seconds),

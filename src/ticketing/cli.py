@@ -149,6 +149,13 @@ def flash_sale(
     nats_url: Annotated[str, typer.Option()] = "nats://127.0.0.1:4222",
     redis_url: Annotated[str, typer.Option()] = "redis://127.0.0.1:6379/0",
     no_ceiling: Annotated[bool, typer.Option(help="Skip the ceiling's rush.")] = False,
+    kill_every: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Kill a platform worker outright every SECONDS of the rush (a crash test).",
+        ),
+    ] = None,
     out_dir: Annotated[Path, typer.Option(help="Logs and the chart go here.")] = Path(
         "artifacts/bench"
     ),
@@ -171,13 +178,16 @@ def flash_sale(
     if url and not database_template:
         typer.secho("error: --url needs --database-template for the checks", err=True)
         raise typer.Exit(2)
+    if url and kill_every is not None:
+        typer.secho("error: --kill-every kills the workers of a platform it starts", err=True)
+        raise typer.Exit(2)
     sizes = {"sellers": sellers, "tickets": tickets, "buyers": buyers, "hot": hot,
              "rounds": rounds, "expiring": expiring, "workers": workers}  # fmt: skip
     given = {key: value for key, value in sizes.items() if value is not None}
     common = dict(
         url=url, database_template=database_template, postgres_url=postgres_url,
         nats_url=nats_url, redis_url=redis_url, ceiling=not no_ceiling, out_dir=out_dir,
-        json_path=json_path, chart_path=chart,
+        json_path=json_path, chart_path=chart, kill_every=kill_every,
         subject_prefix=subject_prefix or ("ticketing" if url else "benchflash"),
     )  # fmt: skip
     config = Config.quick(**given, **common) if quick else Config(**given, **common)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""Workers killed outright during the rush (`--kill-every`): what a crash cuts off must still
+add up. The checks after the run are the same; only answers cut off by a kill are expected."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import cycle
+from typing import Self
+
+import nats
+import psutil
+
+ROLES = ("request", "events")
+POLL_SECONDS = 0.1
+DRAIN_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class Kill:
+    at: float  # seconds since the killer was first entered
+    role: str
+    pid: int
+
+
+@dataclass
+class ChaosResult:
+    kills: list[Kill]
+    drained: bool  # every consumer caught up after the rush
+
+    def by_role(self) -> dict[str, int]:
+        return {role: sum(1 for k in self.kills if k.role == role) for role in ROLES}
+
+
+class WorkerKiller:
+    """While entered, SIGKILL one worker process of a `ticketing up` every `every` seconds or
+    so: request and events workers in turn, the longest-running of the role each time. The
+    platform's supervisor starts a new one in its place; nothing tells the platform first."""
+
+    def __init__(self, supervisor_pid: int, port: int, every: float) -> None:
+        self.supervisor_pid = supervisor_pid
+        self.port = port
+        self.every = every
+        self.kills: list[Kill] = []
+        self._task: asyncio.Task[None] | None = None
+        self._began = 0.0
+        self._full = 0  # the most workers seen at once: the platform with none missing
+
+    async def __aenter__(self) -> Self:
+        self._began = self._began or time.monotonic()  # once: a kill's time is since the first
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        for role in cycle(ROLES):
+            victim = await self._next_victim(role)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+                self.kills.append(Kill(time.monotonic() - self._began, role, victim))
+
+    async def _next_victim(self, role: str) -> int:
+        """The oldest worker of the role, once every worker has run for `every` seconds: a
+        kill never lands on a replacement still starting, nor leaves a role with none."""
+        while True:
+            await asyncio.sleep(min(self.every, POLL_SECONDS))
+            workers = {r: list(self._workers(r)) for r in ROLES}
+            everyone = [w for ws in workers.values() for w in ws]
+            self._full = max(self._full, len(everyone))
+            now = time.time()
+            if len(everyone) < self._full or any(
+                now - w.create_time() < self.every for w in everyone
+            ):
+                continue
+            if workers[role]:
+                oldest: int = min(workers[role], key=lambda w: w.create_time()).pid
+                return oldest
+
+    def _workers(self, role: str) -> Iterator[psutil.Process]:
+        """The supervisor's worker processes of a role: request workers serve the platform's
+        port (the listening socket they share), events workers a socket of their own."""
+        try:
+            children = psutil.Process(self.supervisor_pid).children()
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            try:
+                if "--multiprocessing-fork" not in child.cmdline():
+                    continue
+                ports = {c.laddr.port for c in child.net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN}  # fmt: skip
+            except psutil.Error:
+                continue  # gone meanwhile
+            serves_the_port = self.port in ports
+            if ports and serves_the_port == (role == "request"):
+                yield child
+
+
+async def drained(nats_url: str, stream: str, within: float) -> bool:
+    """Until every consumer of the stream has been sent all it has and acked it (what a killed
+    worker had fetched comes back after the consumer's ack wait); False on the deadline."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            consumers = await js.consumers_info(stream)
+            if all(c.num_pending == 0 and c.num_ack_pending == 0 for c in consumers):
+                return True
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        return False
+    finally:
+        await nc.close()

@@ -1,0 +1,63 @@
+"""A rush on `ticketing up --workers 2` with its workers killed outright (SIGKILL) one after
+another: whatever each was doing is cut off, mid-request, mid-batch, mid-publish. Afterwards
+nothing may be oversold, lost or left inconsistent between the services."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bench.flash_sale.config import Config
+from bench.flash_sale.run import run
+from rich.console import Console
+
+from tests.conftest import PG_URL, Infra
+from tests.support import TICKETING, clean_env
+
+
+async def test_a_rush_with_workers_killed_outright_sells_each_ticket_once_and_loses_nothing(
+    infra: Infra, namespace: str, settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    """The benchmark's own run and checks (bench/flash_sale), small, with a worker killed about
+    every second of the rush, request and events workers in turn. (settings_kwargs: this
+    test's databases and stream, dropped after it.)"""
+    if not infra.postgres:
+        pytest.skip("the flash sale runs on PostgreSQL, NATS and Redis")
+    config = Config.quick(
+        tickets=1500,
+        rounds=1,
+        ceiling=False,
+        kill_every=1.0,
+        postgres_url=PG_URL.replace("+asyncpg", ""),
+        nats_url=infra.nats_url,
+        redis_url=infra.redis_url,
+        databases=f"{namespace}_",
+        stream=settings_kwargs["nats_stream"],
+        subject_prefix=settings_kwargs["nats_subject_prefix"],
+        out_dir=tmp_path,
+    )
+    report = await run(config, Console(file=io.StringIO()))
+
+    summary = report.summary()
+    assert report.failed() == [], summary
+    assert summary["workers_killed"]["request"] >= 1
+    assert summary["workers_killed"]["events"] >= 1
+    assert summary["consumers_caught_up"] is True
+    # Every order a buyer was told of was reserved, paid and completed: none was lost.
+    assert summary["orders"] > 0
+    assert summary["lost_events"] == 0
+    assert summary["oversold"] == 0
+    assert summary["errors_5xx"] == 0
+
+
+def test_workers_are_killed_only_on_a_platform_the_benchmark_started() -> None:
+    args = ["bench", "flash-sale", "--url", "http://127.0.0.1:1", "--database-template",
+            "postgresql+asyncpg://127.0.0.1/x_{service}", "--kill-every", "1"]  # fmt: skip
+    result = subprocess.run(
+        [*TICKETING, *args], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "--kill-every kills the workers of a platform it starts" in result.stderr
