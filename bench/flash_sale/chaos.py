@@ -9,7 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import cycle
 from typing import Self
 
@@ -30,8 +30,9 @@ class Kill:
 
 @dataclass
 class ChaosResult:
-    kills: list[Kill]
+    kills: list[Kill]  # in the rush
     drained: bool  # every consumer caught up after the rush
+    expiry_kills: list[Kill] = field(default_factory=list)  # while the unpaid orders fell due
 
     def by_role(self) -> dict[str, int]:
         return {role: sum(1 for k in self.kills if k.role == role) for role in ROLES}
@@ -42,10 +43,19 @@ class WorkerKiller:
     so: request and events workers in turn, the longest-running of the role each time. The
     platform's supervisor starts a new one in its place; nothing tells the platform first."""
 
-    def __init__(self, supervisor_pid: int, port: int, every: float) -> None:
+    def __init__(
+        self,
+        supervisor_pid: int,
+        port: int,
+        every: float,
+        roles: tuple[str, ...] = ROLES,
+        most: int | None = None,
+    ) -> None:
         self.supervisor_pid = supervisor_pid
         self.port = port
         self.every = every
+        self.roles = roles  # whose workers are killed, in turn
+        self.most = most  # kills in all, if bounded
         self.kills: list[Kill] = []
         self._task: asyncio.Task[None] | None = None
         self._began = 0.0
@@ -63,7 +73,9 @@ class WorkerKiller:
             await self._task
 
     async def _run(self) -> None:
-        for role in cycle(ROLES):
+        for role in cycle(self.roles):
+            if self.most is not None and len(self.kills) >= self.most:
+                return
             victim = await self._next_victim(role)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)

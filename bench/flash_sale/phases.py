@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -146,7 +148,13 @@ class ExpiryResult:
 
 
 async def expire(
-    api: Api, people: People, count: int, within: float, orders_dsn: str, cancelled: EventClock
+    api: Api,
+    people: People,
+    count: int,
+    within: float,
+    orders_dsn: str,
+    cancelled: EventClock,
+    while_due: AbstractAsyncContextManager[object] | None = None,
 ) -> ExpiryResult | None:
     """Orders left unpaid: each must be cancelled soon after its expiresAt, and its ticket must
     be back for sale.
@@ -154,7 +162,8 @@ async def expire(
     The time of cancellation is when order:cancelled is seen on NATS (`cancelled` listens):
     the orders service publishes it after the cancellation commits, so it is an upper bound of
     when the order first reads cancelled, without buyers hammering the API to find out. Every
-    order is then read once through the API to check that it is cancelled."""
+    order is then read once through the API to check that it is cancelled. `while_due` is
+    entered from the moment every order is placed until each is seen cancelled."""
     ticket_ids = await list_tickets(api, people.sellers, count, "Encore")
     await replicated(orders_dsn, ticket_ids)
     buyers = people.buyers
@@ -174,7 +183,8 @@ async def expire(
             partial(api.call, "DELETE", f"/api/orders/{o}", buyer_of[o]) for o in expires
         ])  # fmt: skip
         return None
-    await cancelled.wait_for(set(expires), ttl + within)
+    async with while_due or contextlib.nullcontext():
+        await cancelled.wait_for(set(expires), ttl + within)
     seen_at = {o: cancelled.seen[o] for o in expires if o in cancelled.seen}
     not_cancelled = await _await_status(api, buyers, set(expires), "cancelled", within)
 

@@ -117,6 +117,7 @@ class Report:
             "unexpected_answers": sum(sum(counts.values()) for counts in unexpected.values()),
             "unexpected_statuses": unexpected,
             "workers_killed": self.chaos.by_role() if self.chaos else None,
+            "events_workers_killed_in_expiry": len(self.chaos.expiry_kills) if self.chaos else None,
             "attempts_cut_off_by_kills": p.rush.transport_errors if self.chaos else None,
             "consumers_caught_up": self.chaos.drained if self.chaos else None,
             "cpu_seconds": {
@@ -191,6 +192,7 @@ class Report:
             rows += [
                 ("workers killed in the rush", killed, None),
                 ("attempts cut off by the kills", s["attempts_cut_off_by_kills"], None),
+                ("events workers killed in the expiry", s["events_workers_killed_in_expiry"], None),
                 ("consumers caught up after", s["consumers_caught_up"], None),
             ]
         for part in sorted(set(self.platform.cpu) | set(self.ceiling.cpu if self.ceiling else {})):

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from bench.ceiling.app import SCHEMA
 from bench.flash_sale.api import Api, bounded, client
-from bench.flash_sale.chaos import ChaosResult, WorkerKiller, drained
+from bench.flash_sale.chaos import ROLES, ChaosResult, Kill, WorkerKiller, drained
 from bench.flash_sale.checks import check
 from bench.flash_sale.config import Config
 from bench.flash_sale.convergence import ConvergenceWatcher, EventClock
@@ -51,6 +51,7 @@ CONVERGENCE_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 60.0  # with workers killed: until every consumer has caught up
 PAY_TIMEOUT = 120.0
 EXPIRY_TIMEOUT = 30.0
+EXPIRY_JOBS_HANDED_ON_SECONDS = 30.0  # with its events workers killed, see _expiry
 WARM_UP_REQUESTS = 200
 # A platform at rest (sweeps, the job queue's polls) uses a few percent of a core.
 QUIET_SHARE = 0.1
@@ -158,7 +159,9 @@ async def _platform_run(
         chaos = await _after_kills(config, turns.killer, console)
         with phase(console, f"pay: {len(target.rush.wins)} orders with tok_visa"):
             paid = await pay(api, people.buyers, target.rush.wins, PAY_TIMEOUT)
-    expiry = await _expiry(config, platform, people, console, notes)
+    expiry, expiry_kills = await _expiry(config, platform, people, console, notes)
+    if chaos is not None:
+        chaos.expiry_kills = expiry_kills
     with phase(console, "checks in every service's database"):
         checks = await check(config)
     settings = {
@@ -170,10 +173,13 @@ async def _platform_run(
     )
 
 
-def _killer(config: Config, platform: Platform) -> WorkerKiller | None:
+def _killer(
+    config: Config, platform: Platform, roles: tuple[str, ...] = ROLES, most: int | None = None
+) -> WorkerKiller | None:
     if config.kill_every is None or platform.child is None:
         return None
-    return WorkerKiller(platform.child.process.pid, platform.port, config.kill_every)
+    pid, every = platform.child.process.pid, config.kill_every
+    return WorkerKiller(pid, platform.port, every, roles, most)
 
 
 async def _after_kills(
@@ -279,7 +285,9 @@ def _slice(ids: list[str], turn: int, rounds: int) -> list[str]:
 
 async def _expiry(
     config: Config, platform: Platform, people: People, console: Console, notes: list[str]
-) -> ExpiryResult | None:
+) -> tuple[ExpiryResult | None, list[Kill]]:
+    """The expiry phase, on a platform restarted with a short window; with --kill-every, its
+    events workers (the expiry jobs, the cancellations) are killed while the orders fall due."""
     if platform.managed:
         with phase(console, f"restart with a {config.expiry_ttl_seconds}s reservation window"):
             platform.stop()
@@ -287,19 +295,24 @@ async def _expiry(
     cancelled = EventClock(
         config.nats_url, f"{config.subject_prefix}.order.cancelled", lambda data: data["id"]
     )
+    # Each events worker once: arq gives the jobs a killed worker held to another only once
+    # their in-progress mark has lapsed (the job timeout and ten seconds), so each kill
+    # delays them by that much.
+    killer = _killer(config, platform, roles=("events",), most=2)
+    within = EXPIRY_TIMEOUT + (EXPIRY_JOBS_HANDED_ON_SECONDS if killer else 0)
     async with client(config.buyers) as http, cancelled:
         api = Api(http, platform.url)
         with phase(console, f"expiry: {config.expiring} orders left unpaid"):
             orders_dsn = service_dsn(config, "orders")
             expiry = await expire(
-                api, people, config.expiring, EXPIRY_TIMEOUT, orders_dsn, cancelled
+                api, people, config.expiring, within, orders_dsn, cancelled, killer
             )
     if expiry is None:
         notes.append(
             "expiry phase skipped: the running platform's reservation window is long; "
             "start it with a short TICKETING_ORDER_TTL_SECONDS to measure it"
         )
-    return expiry
+    return expiry, killer.kills if killer else []
 
 
 async def _start_ceiling(

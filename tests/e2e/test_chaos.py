@@ -22,12 +22,13 @@ async def test_a_rush_with_workers_killed_outright_sells_each_ticket_once_and_lo
     infra: Infra, namespace: str, settings_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
     """The benchmark's own run and checks (bench/flash_sale), small, with a worker killed about
-    every second of the rush, request and events workers in turn. (settings_kwargs: this
-    test's databases and stream, dropped after it.)"""
+    every second of the rush, request and events workers in turn, and each events worker
+    killed once while the expiry phase's orders fall due. (settings_kwargs: this test's
+    databases and stream, dropped after it.)"""
     if not infra.postgres:
         pytest.skip("the flash sale runs on PostgreSQL, NATS and Redis")
     config = Config.quick(
-        tickets=1500,
+        tickets=800,
         rounds=1,
         ceiling=False,
         kill_every=1.0,
@@ -46,6 +47,9 @@ async def test_a_rush_with_workers_killed_outright_sells_each_ticket_once_and_lo
     assert summary["workers_killed"]["request"] >= 1
     assert summary["workers_killed"]["events"] >= 1
     assert summary["consumers_caught_up"] is True
+    # The unpaid orders expired though their jobs' worker was killed while they fell due.
+    assert summary["events_workers_killed_in_expiry"] >= 1
+    assert summary["expiry_lateness_p99_ms"] is not None
     # Every order a buyer was told of was reserved, paid and completed: none was lost.
     assert summary["orders"] > 0
     assert summary["lost_events"] == 0
