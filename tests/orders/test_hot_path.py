@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -15,9 +16,11 @@ from tests.orders.test_routes import seed_ticket
 from ticketing.common.app import create_service_app
 from ticketing.common.auth import COOKIE_NAME, issue_token
 from ticketing.orders import listeners
+from ticketing.orders.hot_path import OrderAttempts
 from ticketing.orders.models import OrdersBase
 from ticketing.orders.routes import router
 from ticketing.orders.settings import OrdersSettings
+from ticketing.platform.embedded import free_port
 
 
 @pytest.fixture
@@ -139,3 +142,34 @@ async def test_attempts_answered_on_the_hot_path_are_counted(platform: Platform)
         metrics = (await client.get("/metrics")).text
     line = 'ticketing_http_requests_total{method="POST",route="/api/orders",status="400"} 1.0'
     assert line in metrics
+
+
+async def test_an_outage_is_a_503_as_from_the_route_and_the_error_goes_no_further(
+    settings_kwargs: dict[str, Any],
+) -> None:
+    """Nothing answers where the database should be. The attempt, answered in front of the
+    route's handlers, is told to come back as the route would tell it, and the error stops
+    there (the test client raises any that reaches the server, which would log a traceback
+    and close the buyer's connection)."""
+    nowhere = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"
+    settings = OrdersSettings(
+        **{**settings_kwargs, "database_url": nowhere, "env": "production", "jwt_key": "k" * 40}
+    )
+    apps = [
+        create_service_app("orders", settings, routers=[router], metadata=[OrdersBase.metadata],
+                           hot_path=hot_path) for hot_path in (OrderAttempts, None)
+    ]  # fmt: skip
+    token = issue_token(settings, user_id=new_user(), email="b@test.com")
+    answers = []
+    for app in apps:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://t"
+            ) as client,
+        ):
+            client.cookies.set(COOKIE_NAME, token)
+            answers.append(await client.post("/api/orders", json={"ticketId": str(uuid4())}))
+    hot, route = answers
+    assert hot.status_code == 503
+    _same(hot, route)

@@ -115,7 +115,7 @@ async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
 # connections, NATS unreachable): the request was fine, the service cannot serve it now.
 # (Not SQLAlchemy's InterfaceError, nor every NATS error: those include misuse, which must
 # stay a 500 with its traceback.)
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
+_UNAVAILABLE: tuple[type[Exception], ...] = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.TimeoutError,  # no pooled connection came free in time
     nats.errors.NoServersError,
@@ -146,11 +146,19 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE)
 
 
+def unavailable_response(method: str, path: str, exc: BaseException) -> JSONResponse | None:
+    """The 503 for an outage (see is_unavailable), logged in one line; None for anything else.
+    While a part is down every request would print the same traceback."""
+    if not is_unavailable(exc):
+        return None
+    log.warning("%s %s: unavailable: %r", method, path, exc)
+    return error_response(503, "Service unavailable; please try again shortly")
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    if is_unavailable(exc):
-        # One line: while a part is down, every request would print the same traceback.
-        log.warning("%s %s: unavailable: %r", request.method, request.url.path, exc)
-        return error_response(503, "Service unavailable; please try again shortly")
+    response = unavailable_response(request.method, request.url.path, exc)
+    if response is not None:
+        return response
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "Something went wrong")
 
@@ -160,4 +168,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _on_domain_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    # The kinds of error an outage raises get their handler by class, so that the answer is
+    # the whole of it: the handler for any Exception answers, then re-raises (Starlette), and
+    # uvicorn then logs a traceback and closes the client's keep-alive connection.
+    outages: tuple[type[Exception], ...] = (sqlalchemy.exc.DBAPIError, *_UNAVAILABLE)
+    for outage in outages:
+        app.add_exception_handler(outage, _on_unexpected)
     app.add_exception_handler(Exception, _on_unexpected)
