@@ -1,5 +1,7 @@
-"""Workers killed outright during the rush (`--kill-every`): what a crash cuts off must still
-add up. The checks after the run are the same; only answers cut off by a kill are expected."""
+"""Faults during the rush: workers killed outright (`--kill-every`), every database connection
+of the platform ended by the server (`--drop-connections-every`). What they cut off must
+still add up: the checks after the run are the same; only the answers a fault explains (none
+at all from a killed worker, a 503 from a dropped connection) are expected."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from itertools import cycle
 from typing import Self
 
+import asyncpg
 import nats
 import psutil
 
@@ -31,8 +34,13 @@ class Kill:
 @dataclass
 class ChaosResult:
     kills: list[Kill]  # in the rush
+    drops: list[int]  # in the rush: each time, how many of the platform's connections
     drained: bool  # every consumer caught up after the rush
     expiry_kills: list[Kill] = field(default_factory=list)  # while the unpaid orders fell due
+
+    @property
+    def killing(self) -> bool:
+        return bool(self.kills or self.expiry_kills)
 
     def by_role(self) -> dict[str, int]:
         return {role: sum(1 for k in self.kills if k.role == role) for role in ROLES}
@@ -116,6 +124,76 @@ class WorkerKiller:
             serves_the_port = self.port in ports
             if ports and serves_the_port == (role == "request"):
                 yield child
+
+
+class ConnectionDropper:
+    """While entered, every `every` seconds end every connection to the platform's databases
+    from the server's side (pg_terminate_backend), as a restart or a failover of PostgreSQL
+    does to its clients."""
+
+    def __init__(self, admin_dsn: str, databases: str, every: float) -> None:
+        self.admin_dsn = admin_dsn
+        self.databases = databases  # the prefix of the platform's databases' names
+        self.every = every
+        self.drops: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            while True:
+                await asyncio.sleep(self.every)
+                ended = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE left(datname, length($1)) = $1 AND datname <> $2"
+                    " AND pid <> pg_backend_pid()",
+                    self.databases,
+                    f"{self.databases}ceiling",  # the ceiling's is not the platform's
+                )
+                self.drops.append(int(ended))
+        finally:
+            await admin.close()
+
+
+class Chaos:
+    """The faults of a run's rush, each optional, entered together."""
+
+    def __init__(self, killer: WorkerKiller | None, dropper: ConnectionDropper | None) -> None:
+        self.killer = killer
+        self.dropper = dropper
+
+    async def __aenter__(self) -> Self:
+        for fault in (self.killer, self.dropper):
+            if fault is not None:
+                await fault.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for fault in (self.killer, self.dropper):
+            if fault is not None:
+                await fault.__aexit__(*exc)
+
+    def describe(self) -> str:
+        faults = []
+        if self.killer:
+            faults.append(f"a worker killed every {self.killer.every}s")
+        if self.dropper:
+            faults.append(f"database connections dropped every {self.dropper.every}s")
+        return ", ".join(faults)
+
+    def result(self, drained: bool) -> ChaosResult:
+        kills = self.killer.kills if self.killer else []
+        return ChaosResult(kills, self.dropper.drops if self.dropper else [], drained)
 
 
 async def drained(nats_url: str, stream: str, within: float) -> bool:

@@ -37,6 +37,9 @@ class Config:
     # the rush, request and events workers in turn: whatever it was doing is cut off, and the
     # checks must still find nothing oversold or lost.
     kill_every: float | None = None
+    # End every connection to the platform's databases from the server's side every so many
+    # seconds of the rush, as a restart of PostgreSQL does: a 503 is then an expected answer.
+    drop_connections_every: float | None = None
     ceiling: bool = True
     out_dir: Path = Path("artifacts/bench")
     json_path: Path | None = None
@@ -51,7 +54,7 @@ class Config:
 
     @property
     def chaos(self) -> bool:
-        return self.kill_every is not None
+        return self.kill_every is not None or self.drop_connections_every is not None
 
     @property
     def chart(self) -> Path:

@@ -70,13 +70,25 @@ class Report:
     expiry: ExpiryResult | None
     checks: Checks
     notes: list[str] = field(default_factory=list)
-    chaos: ChaosResult | None = None  # workers killed during the rush (--kill-every)
+    chaos: ChaosResult | None = None  # faults during the rush (--kill-every and the like)
+
+    @property
+    def _explained(self) -> set[str]:
+        """The answers a fault explains: none at all from a killed worker, a 503 from a
+        dropped database connection. They are expected, and counted apart."""
+        if self.chaos is None:
+            return set()
+        explained = set()
+        if self.chaos.killing:
+            explained.add("0")
+        if self.chaos.drops:
+            explained.add("503")
+        return explained
 
     def _unexpected(self, target: Target) -> dict[str, int]:
-        """Unexpected answers by status; with workers killed, attempts they cut off (no answer
-        at all) are expected, and counted apart."""
+        """Unexpected answers by status."""
         counts = target.rush.unexpected_statuses
-        return {k: v for k, v in counts.items() if not (self.chaos and k == "0")}
+        return {k: v for k, v in counts.items() if k not in self._explained}
 
     def summary(self) -> dict[str, Any]:
         p, c = self.platform, self.ceiling
@@ -113,12 +125,19 @@ class Report:
             "payments_failed": len(self.pay.statuses) - paid,
             "expiry_lateness_p50_ms": ms(pct(self.expiry.lateness, 50)) if self.expiry else None,
             "expiry_lateness_p99_ms": ms(pct(self.expiry.lateness, 99)) if self.expiry else None,
-            "errors_5xx": p.rush.errors_5xx + sum(1 for s in self.pay.statuses if s >= 500),
+            "errors_5xx": p.rush.errors_5xx
+            - p.rush.unexpected_statuses.get("503", 0) * ("503" in self._explained)
+            + sum(1 for s in self.pay.statuses if s >= 500),
             "unexpected_answers": sum(sum(counts.values()) for counts in unexpected.values()),
             "unexpected_statuses": unexpected,
             "workers_killed": self.chaos.by_role() if self.chaos else None,
             "events_workers_killed_in_expiry": len(self.chaos.expiry_kills) if self.chaos else None,
             "attempts_cut_off_by_kills": p.rush.transport_errors if self.chaos else None,
+            "connection_drops": len(self.chaos.drops) if self.chaos else None,
+            "connections_dropped": sum(self.chaos.drops) if self.chaos else None,
+            "answers_503_while_dropping": p.rush.unexpected_statuses.get("503", 0)
+            if self.chaos and self.chaos.drops
+            else None,
             "consumers_caught_up": self.chaos.drained if self.chaos else None,
             "cpu_seconds": {
                 "platform rush": _rounded(p.cpu),
@@ -148,7 +167,7 @@ class Report:
         ]
         if s["unexpected_answers"]:
             problems.append(f"unexpected answers by status: {s['unexpected_statuses']}")
-        if self.platform.rush.transport_errors and not self.chaos:
+        if self.platform.rush.transport_errors and "0" not in self._explained:
             problems.append(f"transport errors = {self.platform.rush.transport_errors}")
         if self.chaos and not self.chaos.drained:
             problems.append("consumers had not caught up after the workers were killed")
@@ -193,6 +212,12 @@ class Report:
                 ("workers killed in the rush", killed, None),
                 ("attempts cut off by the kills", s["attempts_cut_off_by_kills"], None),
                 ("events workers killed in the expiry", s["events_workers_killed_in_expiry"], None),
+                (
+                    "database connections dropped",
+                    f"{s['connections_dropped']} in {s['connection_drops']} drops",
+                    None,
+                ),
+                ("503 answers while dropping", s["answers_503_while_dropping"], None),
                 ("consumers caught up after", s["consumers_caught_up"], None),
             ]
         for part in sorted(set(self.platform.cpu) | set(self.ceiling.cpu if self.ceiling else {})):

@@ -20,7 +20,15 @@ from rich.console import Console
 
 from bench.ceiling.app import SCHEMA
 from bench.flash_sale.api import Api, bounded, client
-from bench.flash_sale.chaos import ROLES, ChaosResult, Kill, WorkerKiller, drained
+from bench.flash_sale.chaos import (
+    ROLES,
+    Chaos,
+    ChaosResult,
+    ConnectionDropper,
+    Kill,
+    WorkerKiller,
+    drained,
+)
 from bench.flash_sale.checks import check
 from bench.flash_sale.config import Config
 from bench.flash_sale.convergence import ConvergenceWatcher, EventClock
@@ -149,14 +157,14 @@ async def _platform_run(
         async with ConvergenceWatcher(config.nats_url, config.subject_prefix) as watcher:
             if ceiling is not None:
                 ceiling.api = Api(ceiling_http, ceiling.server.url)
-            turns = Turns(config, meter, watcher, ceiling, _killer(config, platform))
+            turns = Turns(config, meter, watcher, ceiling, _chaos(config, platform))
             with phase(console, turns.title):
                 target, ceiling_target = await turns.rush(api, people.buyers, ticket_ids, platform)
             if ceiling is not None:
                 ceiling.server.stop()  # its part is over; the pay phase is the platform's alone
             with phase(console, "convergence: every order reserved by the tickets service"):
                 lags, missing = await watcher.lags(target.rush.wins, CONVERGENCE_TIMEOUT)
-        chaos = await _after_kills(config, turns.killer, console)
+        chaos = await _after_faults(config, turns.chaos, console)
         with phase(console, f"pay: {len(target.rush.wins)} orders with tok_visa"):
             paid = await pay(api, people.buyers, target.rush.wins, PAY_TIMEOUT)
     expiry, expiry_kills = await _expiry(config, platform, people, console, notes)
@@ -182,16 +190,26 @@ def _killer(
     return WorkerKiller(pid, platform.port, every, roles, most)
 
 
-async def _after_kills(
-    config: Config, killer: WorkerKiller | None, console: Console
-) -> ChaosResult | None:
-    """Once workers were killed: until every consumer has caught up (what a killed worker had
-    fetched comes back after the ack wait), so that the pay phase finds every order."""
-    if killer is None:
+def _chaos(config: Config, platform: Platform) -> Chaos | None:
+    if not config.chaos or not platform.managed:
         return None
-    with phase(console, f"{len(killer.kills)} workers killed: every consumer catches up"):
+    dropper = None
+    if config.drop_connections_every is not None:
+        admin = f"{config.postgres_url}/postgres"
+        dropper = ConnectionDropper(admin, config.databases, config.drop_connections_every)
+    return Chaos(_killer(config, platform), dropper)
+
+
+async def _after_faults(
+    config: Config, chaos: Chaos | None, console: Console
+) -> ChaosResult | None:
+    """After a rush with faults: until every consumer has caught up (what a killed worker had
+    fetched comes back after the ack wait), so that the pay phase finds every order."""
+    if chaos is None:
+        return None
+    with phase(console, "after the rush's faults, every consumer catches up"):
         caught_up = await drained(config.nats_url, config.stream, DRAIN_TIMEOUT)
-    return ChaosResult(killer.kills, caught_up)
+    return chaos.result(caught_up)
 
 
 class Turns:
@@ -210,19 +228,19 @@ class Turns:
         meter: Meter,
         watcher: ConvergenceWatcher,
         ceiling: CeilingSide | None,
-        killer: WorkerKiller | None = None,
+        chaos: Chaos | None = None,
     ) -> None:
         self.config = config
         self.meter = meter
         self.watcher = watcher
         self.ceiling = ceiling
-        self.killer = killer  # kills the platform's workers during its turns
+        self.chaos = chaos  # the faults during the platform's turns
 
     @property
     def title(self) -> str:
         who = "ceiling and platform in turns" if self.ceiling else "the platform"
-        kills = f", a worker killed every {self.config.kill_every}s" if self.killer else ""
-        return f"rush: {self.config.buyers} buyers, {who}, {self.config.rounds} rounds{kills}"
+        faults = f", {self.chaos.describe()}" if self.chaos else ""
+        return f"rush: {self.config.buyers} buyers, {who}, {self.config.rounds} rounds{faults}"
 
     async def rush(
         self, api: Api, tokens: list[str], ticket_ids: list[str], platform: Platform
@@ -236,7 +254,7 @@ class Turns:
                 await self._turn(theirs, ceiling.api, ceiling.tokens, mine, ceiling.server.cpu)
             ids = _slice(ticket_ids, turn, rounds)
             await self._turn(
-                ours, api, tokens, ids, platform.cpu, settle=self._settled, killer=self.killer
+                ours, api, tokens, ids, platform.cpu, settle=self._settled, chaos=self.chaos
             )
         return ours, theirs
 
@@ -249,10 +267,10 @@ class Turns:
         cpu_of: Callable[[], dict[int, float]],
         settle: Callable[[RushResult, Callable[[], dict[int, float]]], Awaitable[None]]
         | None = None,
-        killer: WorkerKiller | None = None,
+        chaos: Chaos | None = None,
     ) -> None:
         with self.meter.measure(target.name, cpu_of) as cpu:
-            async with killer or contextlib.nullcontext():
+            async with chaos or contextlib.nullcontext():
                 result = await rush(api, tokens, ticket_ids, hot=self.config.hot)
             if settle is not None:
                 await settle(result, cpu_of)

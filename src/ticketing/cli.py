@@ -156,6 +156,13 @@ def flash_sale(
             help="Kill a platform worker outright every SECONDS of the rush (a crash test).",
         ),
     ] = None,
+    drop_connections_every: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="End every platform database connection every SECONDS of the rush.",
+        ),
+    ] = None,
     out_dir: Annotated[Path, typer.Option(help="Logs and the chart go here.")] = Path(
         "artifacts/bench"
     ),
@@ -178,8 +185,11 @@ def flash_sale(
     if url and not database_template:
         typer.secho("error: --url needs --database-template for the checks", err=True)
         raise typer.Exit(2)
-    if url and kill_every is not None:
-        typer.secho("error: --kill-every kills the workers of a platform it starts", err=True)
+    if url and (kill_every is not None or drop_connections_every is not None):
+        typer.secho(
+            "error: --kill-every and --drop-connections-every fault a platform it starts",
+            err=True,
+        )
         raise typer.Exit(2)
     sizes = {"sellers": sellers, "tickets": tickets, "buyers": buyers, "hot": hot,
              "rounds": rounds, "expiring": expiring, "workers": workers}  # fmt: skip
@@ -188,6 +198,7 @@ def flash_sale(
         url=url, database_template=database_template, postgres_url=postgres_url,
         nats_url=nats_url, redis_url=redis_url, ceiling=not no_ceiling, out_dir=out_dir,
         json_path=json_path, chart_path=chart, kill_every=kill_every,
+        drop_connections_every=drop_connections_every,
         subject_prefix=subject_prefix or ("ticketing" if url else "benchflash"),
     )  # fmt: skip
     config = Config.quick(**given, **common) if quick else Config(**given, **common)  # type: ignore[arg-type]

@@ -165,9 +165,12 @@ async def test_read_first_reads_on_a_new_connection_when_the_pooled_one_died(
 async def test_a_write_on_a_connection_the_server_ended_is_an_outage_not_a_bug(
     one_connection: Database, infra: Infra
 ) -> None:
-    """A rush's winning write meets a connection whose backend is gone: it fails as an outage
-    (so the buyer gets a 503, not a 500), and the next write gets a new connection."""
-    from sqlalchemy import bindparam, insert
+    """A rush's winning write loses its connection under it (the backend ended mid-statement):
+    it fails as an outage (so the buyer gets a 503, not a 500), and the next write gets a new
+    connection."""
+    import asyncio
+
+    from sqlalchemy import bindparam, insert, literal_column
 
     from ticketing.common.db import utcnow
     from ticketing.common.errors import is_unavailable
@@ -180,12 +183,24 @@ async def test_a_write_on_a_connection_the_server_ended_is_an_outage_not_a_bug(
         consumer="probe", event_id=bindparam("event_id"), handled_at=bindparam("at")
     )
     await db.write_on_driver(statement, {"event_id": "e-1", "at": utcnow()})
-    async with db.engine.connect() as connection:
-        pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar()
+    slow = insert(InboxEntry).values(
+        consumer=literal_column("(SELECT 'probe' FROM pg_sleep(30))"),
+        event_id=bindparam("event_id"),
+        handled_at=bindparam("at"),
+    )
+    write = asyncio.create_task(db.write_on_driver(slow, {"event_id": "e-2", "at": utcnow()}))
     async with _admin() as admin:
-        await admin.execute("SELECT pg_terminate_backend($1, 5000)", pid)
+
+        async def ended_under_the_write() -> bool:
+            return bool(await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+                " WHERE state = 'active' AND query LIKE '%pg_sleep(30)%'"
+                " AND pid <> pg_backend_pid()"
+            ))  # fmt: skip
+
+        await eventually(ended_under_the_write)
     with pytest.raises(Exception) as failed:
-        await db.write_on_driver(statement, {"event_id": "e-2", "at": utcnow()})
+        await write
     assert is_unavailable(failed.value), repr(failed.value)
     await db.write_on_driver(statement, {"event_id": "e-3", "at": utcnow()})
     with pytest.raises(Exception) as refused:  # a caller's bug stays one: not an outage

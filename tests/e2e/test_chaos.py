@@ -57,11 +57,11 @@ async def test_a_rush_with_workers_killed_outright_sells_each_ticket_once_and_lo
     assert summary["errors_5xx"] == 0
 
 
-def test_workers_are_killed_only_on_a_platform_the_benchmark_started() -> None:
+def test_faults_are_made_only_on_a_platform_the_benchmark_started() -> None:
     args = ["bench", "flash-sale", "--url", "http://127.0.0.1:1", "--database-template",
             "postgresql+asyncpg://127.0.0.1/x_{service}", "--kill-every", "1"]  # fmt: skip
     result = subprocess.run(
         [*TICKETING, *args], env=clean_env(), capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "--kill-every kills the workers of a platform it starts" in result.stderr
+    assert "--kill-every and --drop-connections-every fault a platform it starts" in result.stderr

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -375,11 +375,15 @@ def _compiled_for_driver(
 
 def _make_engine(url: str, *, is_sqlite: bool, pool_size: int) -> AsyncEngine:
     if not is_sqlite:
-        # No pre-ping: it costs a round trip on every checkout. A connection the server dropped
-        # fails its one transaction and is replaced (the caller sees an error, then recovery).
+        # No pre-ping: it costs a round trip on every checkout. A connection the server closed
+        # while it was pooled (a restart, a failover) is known closed to the driver, and is
+        # replaced at checkout (_refuse_closed); one that dies under its statement fails it
+        # (the caller sees a 503, then recovery).
         # No overflow: an overflow connection is opened and closed per use (a PostgreSQL backend
         # started and stopped), which under load costs far more than waiting for a pooled one.
-        return create_async_engine(url, pool_size=pool_size, max_overflow=0)
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+        event.listen(engine.sync_engine.pool, "checkout", _refuse_closed)
+        return engine
     engine = create_async_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -400,6 +404,15 @@ def _make_engine(url: str, *, is_sqlite: bool, pool_size: int) -> AsyncEngine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _refuse_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled connection the server has closed meanwhile (its driver read the end, a local
+    check, no round trip) is never handed out: the pool opens another in its place. Nothing
+    was sent on it, so nothing is lost; without this, the first statement on each would fail
+    (a 503 in every process after each restart of PostgreSQL)."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("closed by the server while pooled")
 
 
 async def ensure_database(url: str) -> None:
