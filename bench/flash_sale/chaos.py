@@ -46,7 +46,26 @@ class ChaosResult:
         return {role: sum(1 for k in self.kills if k.role == role) for role in ROLES}
 
 
-class WorkerKiller:
+class Fault:
+    """A fault made by a task of its own while the block runs (`_run`, until cancelled)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class WorkerKiller(Fault):
     """While entered, SIGKILL one worker process of a `ticketing up` every `every` seconds or
     so: request and events workers in turn, the longest-running of the role each time. The
     platform's supervisor starts a new one in its place; nothing tells the platform first."""
@@ -65,20 +84,12 @@ class WorkerKiller:
         self.roles = roles  # whose workers are killed, in turn
         self.most = most  # kills in all, if bounded
         self.kills: list[Kill] = []
-        self._task: asyncio.Task[None] | None = None
         self._began = 0.0
         self._full = 0  # the most workers seen at once: the platform with none missing
 
     async def __aenter__(self) -> Self:
         self._began = self._began or time.monotonic()  # once: a kill's time is since the first
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        return await super().__aenter__()
 
     async def _run(self) -> None:
         for role in cycle(self.roles):
@@ -126,7 +137,7 @@ class WorkerKiller:
                 yield child
 
 
-class ConnectionDropper:
+class ConnectionDropper(Fault):
     """While entered, every `every` seconds end every connection to the platform's databases
     from the server's side (pg_terminate_backend), as a restart or a failover of PostgreSQL
     does to its clients."""
@@ -136,17 +147,6 @@ class ConnectionDropper:
         self.databases = databases  # the prefix of the platform's databases' names
         self.every = every
         self.drops: list[int] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     async def _run(self) -> None:
         admin = await asyncpg.connect(self.admin_dsn)

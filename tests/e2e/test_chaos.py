@@ -1,6 +1,7 @@
 """A rush on `ticketing up --workers 2` with its workers killed outright (SIGKILL) one after
-another: whatever each was doing is cut off, mid-request, mid-batch, mid-publish. Afterwards
-nothing may be oversold, lost or left inconsistent between the services."""
+another and every database connection ended by the server now and then: whatever each was
+doing is cut off, mid-request, mid-batch, mid-publish. Afterwards nothing may be oversold,
+lost or left inconsistent between the services."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from tests.conftest import PG_URL, Infra
 from tests.support import TICKETING, clean_env
 
 
-async def test_a_rush_with_workers_killed_outright_sells_each_ticket_once_and_loses_nothing(
+async def test_a_rush_with_workers_killed_and_connections_dropped_loses_nothing(
     infra: Infra, namespace: str, settings_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
     """The benchmark's own run and checks (bench/flash_sale), small, with a worker killed about
-    every second of the rush, request and events workers in turn, and each events worker
+    every second of the rush, request and events workers in turn, every database connection
+    of the platform ended every second and a half, and each events worker
     killed once while the expiry phase's orders fall due. (settings_kwargs: this test's
     databases and stream, dropped after it.)"""
     if not infra.postgres:
@@ -32,6 +34,7 @@ async def test_a_rush_with_workers_killed_outright_sells_each_ticket_once_and_lo
         rounds=1,
         ceiling=False,
         kill_every=1.0,
+        drop_connections_every=1.5,
         postgres_url=PG_URL.replace("+asyncpg", ""),
         nats_url=infra.nats_url,
         redis_url=infra.redis_url,
@@ -46,6 +49,7 @@ async def test_a_rush_with_workers_killed_outright_sells_each_ticket_once_and_lo
     assert report.failed() == [], summary
     assert summary["workers_killed"]["request"] >= 1
     assert summary["workers_killed"]["events"] >= 1
+    assert summary["connection_drops"] >= 1 and summary["connections_dropped"] > 0
     assert summary["consumers_caught_up"] is True
     # The unpaid orders expired though their jobs' worker was killed while they fell due.
     assert summary["events_workers_killed_in_expiry"] >= 1
