@@ -211,6 +211,56 @@ async def test_a_write_on_a_connection_the_server_ended_is_an_outage_not_a_bug(
         assert list(ids) == ["e-1", "e-3"]
 
 
+@pytest.mark.parametrize("other_commits", [False, True])
+async def test_a_write_whose_connection_ends_under_it_is_found_out_not_an_outage(
+    one_connection: Database, infra: Infra, other_commits: bool
+) -> None:
+    """A rush's winning order, written with its outbox row, loses its connection while the
+    statement waits (here: on another transaction's insert of the same key). Whether it was
+    written is found out on another connection, and the write made again if it was not: the
+    caller gets the write's own answer (done; or refused, when the other transaction took the
+    key), not a 503, and never two rows."""
+    import asyncio
+
+    from sqlalchemy.exc import IntegrityError
+
+    from ticketing.common.db import utcnow
+    from ticketing.common.outbox import InboxEntry, insert_with_event_on_driver
+
+    if not infra.postgres:
+        pytest.skip("the write runs through the driver on PostgreSQL only")
+    db = one_connection
+    row = {"consumer": "probe", "event_id": "e-1", "handled_at": utcnow()}
+    dsn = PG_URL.replace("+asyncpg", "") + f"/{db.engine.url.database}"
+    other = await asyncpg.connect(dsn)
+    try:
+        await other.execute("BEGIN")
+        await other.execute("INSERT INTO inbox VALUES ('probe', 'e-1', now())")
+        write = asyncio.create_task(
+            insert_with_event_on_driver(db, InboxEntry, row, ExpirationComplete(order_id="o"))
+        )
+        async with _admin() as admin:
+
+            async def ended_while_it_waited() -> bool:
+                return bool(await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO inbox%'"
+                ))  # fmt: skip
+
+            await eventually(ended_while_it_waited)
+        await other.execute("COMMIT" if other_commits else "ROLLBACK")
+        if other_commits:
+            with pytest.raises(IntegrityError):
+                await write
+        else:
+            await write
+        stored = await other.fetchval("SELECT count(*) FROM outbox")
+        assert stored == (0 if other_commits else 1)
+        assert await other.fetchval("SELECT count(*) FROM inbox") == 1
+    finally:
+        await other.close()
+
+
 async def test_read_first_cancelled_mid_statement_leaves_the_pool_usable(
     one_connection: Database, infra: Infra
 ) -> None:

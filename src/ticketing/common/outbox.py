@@ -29,6 +29,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.dml import ReturningUpdate
@@ -36,6 +37,7 @@ from sqlalchemy.sql.selectable import CTE
 
 from ticketing.common.db import (
     Base,
+    ConnectionLost,
     Database,
     OutboxRows,
     UtcDateTime,
@@ -184,9 +186,40 @@ async def insert_with_event_on_driver(
             return await insert_with_event(connection, entity, row, event)
     envelope = Envelope.wrap(event)
     outbox_row = _outbox_row(envelope)
-    await db.write_on_driver(_insert_with_outbox_row(entity), {**row, **_prefixed(outbox_row)})
+    statement, params = _insert_with_outbox_row(entity), {**row, **_prefixed(outbox_row)}
+    try:
+        await db.write_on_driver(statement, params)
+    except ConnectionLost:
+        await _write_if_lost(db, statement, params, envelope.id)
     db.hand_on([outbox_row])
     return envelope
+
+
+async def _write_if_lost(
+    db: Database, statement: Insert, params: dict[str, Any], event_id: str
+) -> None:
+    """The connection ended under the write (PostgreSQL restarted, a failover): it committed
+    or it did not, and its outbox row, written by the same statement, tells which. Not: the
+    same write once more, on another connection (refused if, after all, the first was still
+    committing: then the row is there too). The caller gets the answer the write deserved,
+    not a 503 for a write that was done."""
+    if await _stored(db, event_id):
+        return
+    try:
+        await db.write_on_driver(statement, params)
+    except IntegrityError:
+        if not await _stored(db, event_id):
+            raise
+
+
+async def _stored(db: Database, event_id: str) -> bool:
+    return await db.read_first(_outbox_row_of(), {"event_id": event_id}) is not None
+
+
+@cache
+def _outbox_row_of() -> Select[Any]:
+    outbox = OutboxEvent.__table__.c
+    return select(outbox.event_id).where(outbox.event_id == bindparam("event_id"))
 
 
 async def update_with_event(
