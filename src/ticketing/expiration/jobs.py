@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 # A job waits up to a second, then announces within service.ANNOUNCE_WITHIN_SECONDS or asks to
 # be run again: a job arq times out would be over for good. arq hands the job of a process
-# that died mid-job to another worker only once this, plus ten seconds, has passed: that long,
-# an order whose job was cut off stays unexpired (its ticket off sale). Running a job twice
-# is harmless: its announcement has an id of its own.
+# that died mid-job to another worker only once this, plus IN_PROGRESS_SLACK_SECONDS, has
+# passed: that long, an order whose job was cut off stays unexpired (its ticket off sale).
+# Running a job twice is harmless: its announcement has an id of its own.
 JOB_TIMEOUT_SECONDS = 1 + service.ANNOUNCE_WITHIN_SECONDS + 4
+IN_PROGRESS_SLACK_SECONDS = 1
 # A pause before a worker that stopped is replaced (Redis away, each try fails at once),
 # doubled after each try that failed soon, up to the longest.
 WORKER_RESTART_SECONDS = 1.0
@@ -153,7 +154,7 @@ class JobQueue:
 
     def _worker(self, runtime: Runtime) -> Worker:
         assert self.pool is not None
-        return Worker(
+        worker = Worker(
             functions=[service.expire_order],
             queue_name=self.name,
             redis_pool=self.pool,
@@ -165,6 +166,12 @@ class JobQueue:
             keep_result=3600,
             max_tries=10_000,  # a job retries until it can announce the expiry
         )
+        # arq hands the jobs of a process that died to another worker once their in-progress
+        # mark lapses, the job timeout plus ten seconds: slack against running a job twice,
+        # which is harmless here (an announcement has an id of its own). One second of it:
+        # after a crash, the orders whose jobs were cut off expire ten seconds sooner.
+        worker.in_progress_timeout_s = JOB_TIMEOUT_SECONDS + IN_PROGRESS_SLACK_SECONDS
+        return worker
 
     async def ping(self) -> None:
         """Raises unless the queue runs and Redis answers."""
