@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import cycle
 from typing import Self
@@ -105,7 +104,7 @@ class WorkerKiller(Fault):
         kill never lands on a replacement still starting, nor leaves a role with none."""
         while True:
             await asyncio.sleep(min(self.every, POLL_SECONDS))
-            workers = {r: list(self._workers(r)) for r in ROLES}
+            workers = self._workers()
             everyone = [w for ws in workers.values() for w in ws]
             self._full = max(self._full, len(everyone))
             now = time.time()
@@ -117,13 +116,15 @@ class WorkerKiller(Fault):
                 oldest: int = min(workers[role], key=lambda w: w.create_time()).pid
                 return oldest
 
-    def _workers(self, role: str) -> Iterator[psutil.Process]:
-        """The supervisor's worker processes of a role: request workers serve the platform's
-        port (the listening socket they share), events workers a socket of their own."""
+    def _workers(self) -> dict[str, list[psutil.Process]]:
+        """The supervisor's worker processes by role, in one look: request workers serve the
+        platform's port (the listening socket they share), events workers a socket of their
+        own (a worker not listening yet is still starting: neither)."""
+        workers: dict[str, list[psutil.Process]] = {role: [] for role in ROLES}
         try:
             children = psutil.Process(self.supervisor_pid).children()
         except psutil.NoSuchProcess:
-            return
+            return workers
         for child in children:
             try:
                 if "--multiprocessing-fork" not in child.cmdline():
@@ -132,9 +133,9 @@ class WorkerKiller(Fault):
                          if c.status == psutil.CONN_LISTEN}  # fmt: skip
             except psutil.Error:
                 continue  # gone meanwhile
-            serves_the_port = self.port in ports
-            if ports and serves_the_port == (role == "request"):
-                yield child
+            if ports:
+                workers["request" if self.port in ports else "events"].append(child)
+        return workers
 
 
 class ConnectionDropper(Fault):

@@ -90,8 +90,23 @@ class Report:
         counts = target.rush.unexpected_statuses
         return {k: v for k, v in counts.items() if k not in self._explained}
 
+    def _faults(self) -> dict[str, Any]:
+        """What the rush's faults did (None each without them)."""
+        chaos, rush = self.chaos, self.platform.rush
+        keys = ("workers_killed", "events_workers_killed_in_expiry", "attempts_cut_off_by_kills",
+                "connection_drops", "connections_dropped", "answers_503_while_dropping",
+                "consumers_caught_up")  # fmt: skip
+        if chaos is None:
+            return dict.fromkeys(keys)
+        values = (chaos.by_role(), len(chaos.expiry_kills), rush.transport_errors,
+                  len(chaos.drops), sum(chaos.drops),
+                  rush.unexpected_statuses.get("503", 0) if chaos.drops else None,
+                  chaos.drained)  # fmt: skip
+        return dict(zip(keys, values, strict=True))
+
     def summary(self) -> dict[str, Any]:
         p, c = self.platform, self.ceiling
+        explained = self._explained
         unexpected = {"platform": self._unexpected(p), "ceiling": self._unexpected(c) if c else {}}
         ceiling_rate = c.orders_per_s if c else None
         paid = sum(1 for s in self.pay.statuses if s == 201)
@@ -125,20 +140,13 @@ class Report:
             "payments_failed": len(self.pay.statuses) - paid,
             "expiry_lateness_p50_ms": ms(pct(self.expiry.lateness, 50)) if self.expiry else None,
             "expiry_lateness_p99_ms": ms(pct(self.expiry.lateness, 99)) if self.expiry else None,
-            "errors_5xx": p.rush.errors_5xx
-            - p.rush.unexpected_statuses.get("503", 0) * ("503" in self._explained)
+            "errors_5xx": sum(
+                1 for a in p.rush.attempts if a.status >= 500 and str(a.status) not in explained
+            )
             + sum(1 for s in self.pay.statuses if s >= 500),
             "unexpected_answers": sum(sum(counts.values()) for counts in unexpected.values()),
             "unexpected_statuses": unexpected,
-            "workers_killed": self.chaos.by_role() if self.chaos else None,
-            "events_workers_killed_in_expiry": len(self.chaos.expiry_kills) if self.chaos else None,
-            "attempts_cut_off_by_kills": p.rush.transport_errors if self.chaos else None,
-            "connection_drops": len(self.chaos.drops) if self.chaos else None,
-            "connections_dropped": sum(self.chaos.drops) if self.chaos else None,
-            "answers_503_while_dropping": p.rush.unexpected_statuses.get("503", 0)
-            if self.chaos and self.chaos.drops
-            else None,
-            "consumers_caught_up": self.chaos.drained if self.chaos else None,
+            **self._faults(),
             "cpu_seconds": {
                 "platform rush": _rounded(p.cpu),
                 "ceiling rush": _rounded(c.cpu) if c else None,
@@ -170,7 +178,7 @@ class Report:
         if self.platform.rush.transport_errors and "0" not in self._explained:
             problems.append(f"transport errors = {self.platform.rush.transport_errors}")
         if self.chaos and not self.chaos.drained:
-            problems.append("consumers had not caught up after the workers were killed")
+            problems.append("consumers had not caught up after the rush's faults")
         return problems
 
     def write_json(self, path: Path) -> None:

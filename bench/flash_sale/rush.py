@@ -54,15 +54,6 @@ class RushResult:
         self.transport_errors += later.transport_errors
 
     @property
-    def errors_5xx(self) -> int:
-        return sum(1 for a in self.attempts if a.status >= 500)
-
-    @property
-    def unexpected(self) -> int:
-        """Answers other than 201 and 'already reserved' (400)."""
-        return sum(self.unexpected_statuses.values())
-
-    @property
     def unexpected_statuses(self) -> dict[str, int]:
         """How many of each unexpected answer, by status (0: no answer)."""
         counts = Counter(str(a.status) for a in self.attempts if a.status not in (201, 400))

@@ -199,10 +199,10 @@ async def _write_if_lost(
     db: Database, statement: Insert, params: dict[str, Any], event_id: str
 ) -> None:
     """The connection ended under the write (PostgreSQL restarted, a failover): it committed
-    or it did not, and its outbox row, written by the same statement, tells which. Not: the
-    same write once more, on another connection (refused if, after all, the first was still
-    committing: then the row is there too). The caller gets the answer the write deserved,
-    not a 503 for a write that was done."""
+    or it did not, and its outbox row, written by the same statement, tells which. If it did
+    not, the same write once more, on another connection; refused, it may still be ours (the
+    first was committing after all), and the row tells again. The caller gets the answer the
+    write deserved, not a 503 for a write that was done."""
     if await _stored(db, event_id):
         return
     try:
