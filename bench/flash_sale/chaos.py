@@ -1,5 +1,5 @@
-"""Faults during the rush: workers killed outright (`--kill-every`), every database connection
-of the platform ended by the server (`--drop-connections-every`). What they cut off must
+"""Faults during the rush: workers killed outright (`--kill-every`), every connection of the
+platform to PostgreSQL, NATS and Redis ended (`--drop-connections-every`). What they cut off must
 still add up: the checks after the run are the same; only the answers a fault explains (none
 at all from a killed worker, a 503 from a dropped connection) are expected."""
 
@@ -18,6 +18,8 @@ import asyncpg
 import nats
 import psutil
 
+from bench.flash_sale.relay import Relay
+
 ROLES = ("request", "events")
 POLL_SECONDS = 0.1
 DRAIN_POLL_SECONDS = 0.2
@@ -33,9 +35,11 @@ class Kill:
 @dataclass
 class ChaosResult:
     kills: list[Kill]  # in the rush
-    drops: list[int]  # in the rush: each time, how many of the platform's connections
+    drops: list[int]  # in the rush: each time, how many of the platform's database connections
     drained: bool  # every consumer caught up after the rush
     expiry_kills: list[Kill] = field(default_factory=list)  # while the unpaid orders fell due
+    cut: dict[str, int] = field(default_factory=dict)  # in the rush: NATS, Redis connections
+    expiry_drops: list[int] = field(default_factory=list)  # while the unpaid orders fell due
 
     @property
     def killing(self) -> bool:
@@ -141,13 +145,18 @@ class WorkerKiller(Fault):
 class ConnectionDropper(Fault):
     """While entered, every `every` seconds end every connection to the platform's databases
     from the server's side (pg_terminate_backend), as a restart or a failover of PostgreSQL
-    does to its clients."""
+    does to its clients, and every connection through the relays it is given (the platform's
+    to NATS and Redis), as a restart of those servers does."""
 
-    def __init__(self, admin_dsn: str, databases: str, every: float) -> None:
+    def __init__(
+        self, admin_dsn: str, databases: str, every: float, relays: dict[str, Relay]
+    ) -> None:
         self.admin_dsn = admin_dsn
         self.databases = databases  # the prefix of the platform's databases' names
         self.every = every
+        self.relays = relays
         self.drops: list[int] = []
+        self.cut = dict.fromkeys(relays, 0)
 
     async def _run(self) -> None:
         admin = await asyncpg.connect(self.admin_dsn)
@@ -162,6 +171,8 @@ class ConnectionDropper(Fault):
                     f"{self.databases}ceiling",  # the ceiling's is not the platform's
                 )
                 self.drops.append(int(ended))
+                for name, relay in self.relays.items():
+                    self.cut[name] += relay.cut()
         finally:
             await admin.close()
 
@@ -189,12 +200,20 @@ class Chaos:
         if self.killer:
             faults.append(f"a worker killed every {self.killer.every}s")
         if self.dropper:
-            faults.append(f"database connections dropped every {self.dropper.every}s")
+            faults.append(f"connections dropped every {self.dropper.every}s")
         return ", ".join(faults)
 
+    @property
+    def kills(self) -> list[Kill]:
+        return self.killer.kills if self.killer else []
+
+    @property
+    def drops(self) -> list[int]:
+        return self.dropper.drops if self.dropper else []
+
     def result(self, drained: bool) -> ChaosResult:
-        kills = self.killer.kills if self.killer else []
-        return ChaosResult(kills, self.dropper.drops if self.dropper else [], drained)
+        cut = dict(self.dropper.cut) if self.dropper else {}
+        return ChaosResult(self.kills, self.drops, drained, cut=cut)
 
 
 async def drained(nats_url: str, stream: str, within: float) -> bool:

@@ -37,8 +37,9 @@ class Config:
     # the rush, request and events workers in turn: whatever it was doing is cut off, and the
     # checks must still find nothing oversold or lost.
     kill_every: float | None = None
-    # End every connection to the platform's databases from the server's side every so many
-    # seconds of the rush, as a restart of PostgreSQL does: a 503 is then an expected answer.
+    # End every connection of the platform to PostgreSQL (from the server's side), NATS and
+    # Redis (a relay in between) every so many seconds of the rush and of the expiry phase, as
+    # a restart of those servers does: a 503 is then an expected answer.
     drop_connections_every: float | None = None
     ceiling: bool = True
     out_dir: Path = Path("artifacts/bench")

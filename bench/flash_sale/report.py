@@ -94,12 +94,14 @@ class Report:
         """What the rush's faults did (None each without them)."""
         chaos, rush = self.chaos, self.platform.rush
         keys = ("workers_killed", "events_workers_killed_in_expiry", "attempts_cut_off_by_kills",
-                "connection_drops", "connections_dropped", "answers_503_while_dropping",
-                "consumers_caught_up")  # fmt: skip
+                "connection_drops", "connections_dropped", "nats_connections_cut",
+                "redis_connections_cut", "connection_drops_in_expiry",
+                "answers_503_while_dropping", "consumers_caught_up")  # fmt: skip
         if chaos is None:
             return dict.fromkeys(keys)
         values = (chaos.by_role(), len(chaos.expiry_kills), rush.transport_errors,
-                  len(chaos.drops), sum(chaos.drops),
+                  len(chaos.drops), sum(chaos.drops), chaos.cut.get("NATS"),
+                  chaos.cut.get("Redis"), len(chaos.expiry_drops),
                   rush.unexpected_statuses.get("503", 0) if chaos.drops else None,
                   chaos.drained)  # fmt: skip
         return dict(zip(keys, values, strict=True))
@@ -225,6 +227,12 @@ class Report:
                     f"{s['connections_dropped']} in {s['connection_drops']} drops",
                     None,
                 ),
+                (
+                    "NATS / Redis connections cut",
+                    f"{s['nats_connections_cut']} / {s['redis_connections_cut']}",
+                    None,
+                ),
+                ("connection drops in the expiry", s["connection_drops_in_expiry"], None),
                 ("503 answers while dropping", s["answers_503_while_dropping"], None),
                 ("consumers caught up after", s["consumers_caught_up"], None),
             ]

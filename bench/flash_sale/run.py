@@ -25,7 +25,6 @@ from bench.flash_sale.chaos import (
     Chaos,
     ChaosResult,
     ConnectionDropper,
-    Kill,
     WorkerKiller,
     drained,
 )
@@ -42,6 +41,7 @@ from bench.flash_sale.phases import (
     replicated,
     sign_up,
 )
+from bench.flash_sale.relay import Relay
 from bench.flash_sale.report import Report, Target
 from bench.flash_sale.rush import RushResult, rush
 from bench.flash_sale.servers import (
@@ -116,17 +116,27 @@ async def run(config: Config, console: Console) -> Report:
     with phase(console, "fresh databases, stream and queue"):
         await reset(config)
     ceiling = CeilingSide(Ceiling(config, jwt_key)) if config.ceiling else None
-    platform = Platform(config, jwt_key)
-    try:
-        if ceiling is not None:
-            await _start_ceiling(config, jwt_key, ceiling, console)
-        with phase(console, f"starting the platform ({config.workers} workers)"):
-            await platform.start(RUSH_TTL_SECONDS)
-        return await _platform_run(config, platform, meter, console, ceiling)
-    finally:
-        platform.stop()
-        if ceiling is not None:
-            ceiling.server.stop()
+    async with contextlib.AsyncExitStack() as relays:
+        platform = Platform(config, jwt_key, await _relays(config, relays))
+        try:
+            if ceiling is not None:
+                await _start_ceiling(config, jwt_key, ceiling, console)
+            with phase(console, f"starting the platform ({config.workers} workers)"):
+                await platform.start(RUSH_TTL_SECONDS)
+            return await _platform_run(config, platform, meter, console, ceiling)
+        finally:
+            platform.stop()
+            if ceiling is not None:
+                ceiling.server.stop()
+
+
+async def _relays(config: Config, stack: contextlib.AsyncExitStack) -> dict[str, Relay]:
+    """With connections dropped: the relays through which the platform reaches NATS and Redis
+    (the benchmark's own connections go straight to them)."""
+    if config.drop_connections_every is None or config.url is not None:
+        return {}
+    servers = {"NATS": config.nats_url, "Redis": config.redis_url}
+    return {name: await stack.enter_async_context(Relay(url)) for name, url in servers.items()}
 
 
 @dataclass
@@ -167,9 +177,10 @@ async def _platform_run(
         chaos = await _after_faults(config, turns.chaos, console)
         with phase(console, f"pay: {len(target.rush.wins)} orders with tok_visa"):
             paid = await pay(api, people.buyers, target.rush.wins, PAY_TIMEOUT)
-    expiry, expiry_kills = await _expiry(config, platform, people, console, notes)
-    if chaos is not None:
-        chaos.expiry_kills = expiry_kills
+    expiry, expiry_faults = await _expiry(config, platform, people, console, notes)
+    if chaos is not None and expiry_faults is not None:
+        chaos.expiry_kills = expiry_faults.kills
+        chaos.expiry_drops = expiry_faults.drops
     with phase(console, "checks in every service's database"):
         checks = await check(config)
     settings = {
@@ -190,14 +201,18 @@ def _killer(
     return WorkerKiller(pid, platform.port, every, roles, most)
 
 
+def _dropper(config: Config, platform: Platform) -> ConnectionDropper | None:
+    if config.drop_connections_every is None:
+        return None
+    admin = f"{config.postgres_url}/postgres"
+    every = config.drop_connections_every
+    return ConnectionDropper(admin, config.databases, every, platform.relays)
+
+
 def _chaos(config: Config, platform: Platform) -> Chaos | None:
     if not config.chaos or not platform.managed:
         return None
-    dropper = None
-    if config.drop_connections_every is not None:
-        admin = f"{config.postgres_url}/postgres"
-        dropper = ConnectionDropper(admin, config.databases, config.drop_connections_every)
-    return Chaos(_killer(config, platform), dropper)
+    return Chaos(_killer(config, platform), _dropper(config, platform))
 
 
 async def _after_faults(
@@ -303,9 +318,10 @@ def _slice(ids: list[str], turn: int, rounds: int) -> list[str]:
 
 async def _expiry(
     config: Config, platform: Platform, people: People, console: Console, notes: list[str]
-) -> tuple[ExpiryResult | None, list[Kill]]:
-    """The expiry phase, on a platform restarted with a short window; with --kill-every, its
-    events workers (the expiry jobs, the cancellations) are killed while the orders fall due."""
+) -> tuple[ExpiryResult | None, Chaos | None]:
+    """The expiry phase, on a platform restarted with a short window; with faults, they go on
+    while the orders fall due: its events workers (the expiry jobs, the cancellations) are
+    killed, its connections dropped."""
     if platform.managed:
         with phase(console, f"restart with a {config.expiry_ttl_seconds}s reservation window"):
             platform.stop()
@@ -314,23 +330,25 @@ async def _expiry(
         config.nats_url, f"{config.subject_prefix}.order.cancelled", lambda data: data["id"]
     )
     # Each events worker once: arq gives the jobs a killed worker held to another only once
-    # their in-progress mark has lapsed (the job timeout and ten seconds), so each kill
-    # delays them by that much.
+    # their in-progress mark has lapsed (the job timeout and a second), so each kill delays
+    # them by that much.
     killer = _killer(config, platform, roles=("events",), most=2)
+    faulty = config.chaos and platform.managed
+    chaos = Chaos(killer, _dropper(config, platform)) if faulty else None
     within = EXPIRY_TIMEOUT + (EXPIRY_JOBS_HANDED_ON_SECONDS if killer else 0)
     async with client(config.buyers) as http, cancelled:
         api = Api(http, platform.url)
         with phase(console, f"expiry: {config.expiring} orders left unpaid"):
             orders_dsn = service_dsn(config, "orders")
             expiry = await expire(
-                api, people, config.expiring, within, orders_dsn, cancelled, killer
+                api, people, config.expiring, within, orders_dsn, cancelled, chaos
             )
     if expiry is None:
         notes.append(
             "expiry phase skipped: the running platform's reservation window is long; "
             "start it with a short TICKETING_ORDER_TTL_SECONDS to measure it"
         )
-    return expiry, killer.kills if killer else []
+    return expiry, chaos
 
 
 async def _start_ceiling(

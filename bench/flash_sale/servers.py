@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from nats.js.errors import NotFoundError
 
 from bench.flash_sale.config import Config
+from bench.flash_sale.relay import Relay
 from ticketing.platform.embedded import free_port
 
 SERVICES_WITH_DB = ("auth", "tickets", "orders", "expiration", "payments")
@@ -174,13 +175,17 @@ class Served:
 class Platform(Served):
     """`ticketing up` on the real PostgreSQL, NATS and Redis, or a platform already running."""
 
-    def __init__(self, config: Config, jwt_key: str) -> None:
+    def __init__(
+        self, config: Config, jwt_key: str, relays: dict[str, Relay] | None = None
+    ) -> None:
         self.config = config
         self.jwt_key = jwt_key
         self.child: Child | None = None
         self.port = free_port()
         self.url = config.url or f"http://127.0.0.1:{self.port}"
         self.ttl_seconds: int | None = None
+        # With connections dropped, the platform reaches NATS and Redis through these.
+        self.relays = relays or {}
 
     @property
     def managed(self) -> bool:
@@ -193,8 +198,8 @@ class Platform(Served):
             {
                 **(chaos if config.chaos else {}),
                 "TICKETING_DATABASE_URL": database_url(config, "{service}", "postgresql+asyncpg"),
-                "TICKETING_NATS_URL": config.nats_url,
-                "TICKETING_REDIS_URL": config.redis_url,
+                "TICKETING_NATS_URL": self._via("NATS", config.nats_url),
+                "TICKETING_REDIS_URL": self._via("Redis", config.redis_url),
                 "TICKETING_NATS_STREAM": config.stream,
                 "TICKETING_NATS_SUBJECT_PREFIX": config.subject_prefix,
                 "TICKETING_JWT_KEY": self.jwt_key,
@@ -203,6 +208,10 @@ class Platform(Served):
                 "TICKETING_LOG_LEVEL": "WARNING",
             }
         )
+
+    def _via(self, server: str, url: str) -> str:
+        relay = self.relays.get(server)
+        return relay.url if relay else url
 
     async def start(self, ttl_seconds: int) -> None:
         if not self.managed:

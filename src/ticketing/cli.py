@@ -160,7 +160,8 @@ def flash_sale(
         float | None,
         typer.Option(
             min=0.1,
-            help="End every platform database connection every SECONDS of the rush.",
+            help="End the platform's every connection to PostgreSQL, NATS and Redis every"
+            " SECONDS of the rush and of the expiry.",
         ),
     ] = None,
     out_dir: Annotated[Path, typer.Option(help="Logs and the chart go here.")] = Path(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
 from tests.conftest import PG_URL, Infra
@@ -72,6 +74,54 @@ async def test_create_all_twice_is_harmless(settings: Settings) -> None:
             kept = await connection.scalar(text("SELECT count(*) FROM outbox"))
         await db.dispose()
         assert kept == 1
+
+
+async def test_create_all_makes_the_tables_again_when_its_connection_ends_under_it(
+    settings: Settings, infra: Infra
+) -> None:
+    """PostgreSQL restarting while a worker starts: the connection ends before the first table
+    is made (its backend terminated, as the server does to every client then); the DDL goes
+    again on a new connection, and the worker starts instead of failing its start-up."""
+    if not infra.postgres:
+        pytest.skip("SQLite has no server to end a connection")
+    db = Database(settings.service_database_url("probe"))
+    ended: list[str] = []
+
+    @sa_event.listens_for(db.engine.sync_engine, "before_cursor_execute")
+    def end_the_connection_once(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if not ended and statement.lstrip().upper().startswith("CREATE TABLE"):
+            ended.append(statement)
+            with contextlib.suppress(Exception):  # the backend ends under this statement
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    try:
+        await db.create_all()
+        assert ended, "no CREATE TABLE ran: the tables were there already"
+        async with db.transaction() as session:
+            assert (await session.execute(text("SELECT count(*) FROM outbox"))).scalar() == 0
+    finally:
+        await db.dispose()
+
+
+async def test_create_all_does_not_retry_what_is_not_a_lost_connection(
+    settings: Settings, infra: Infra
+) -> None:
+    """A failure of the schema itself is raised at once, not tried again."""
+    db = Database(settings.service_database_url("probe"))
+    tries: list[str] = []
+
+    @sa_event.listens_for(db.engine.sync_engine, "before_cursor_execute")
+    def refuse(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("CREATE TABLE"):
+            tries.append(statement)
+            raise ValueError("not a connection's failure")
+
+    try:
+        with pytest.raises(ValueError):
+            await db.create_all()
+        assert len(tries) == 1
+    finally:
+        await db.dispose()
 
 
 async def test_a_plain_transaction_hands_the_relay_only_the_outbox_rows_it_committed(

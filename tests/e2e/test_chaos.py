@@ -1,6 +1,6 @@
 """A rush on `ticketing up --workers 2` with its workers killed outright (SIGKILL) one after
-another and every database connection ended by the server now and then: whatever each was
-doing is cut off, mid-request, mid-batch, mid-publish. Afterwards nothing may be oversold,
+another and every connection to PostgreSQL, NATS and Redis ended now and then: whatever each
+was doing is cut off, mid-request, mid-batch, mid-publish. Afterwards nothing may be oversold,
 lost or left inconsistent between the services."""
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ async def test_a_rush_with_workers_killed_and_connections_dropped_loses_nothing(
     infra: Infra, namespace: str, settings_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
     """The benchmark's own run and checks (bench/flash_sale), small, with a worker killed about
-    every second of the rush, request and events workers in turn, every database connection
-    of the platform ended every second and a half, and each events worker
-    killed once while the expiry phase's orders fall due. (settings_kwargs: this test's
+    every second of the rush, request and events workers in turn, every connection of the
+    platform to PostgreSQL (by the server), NATS and Redis (by a relay in between) ended every
+    second and a half, in the rush and while the expiry phase's orders fall due, and each
+    events worker killed once meanwhile. (settings_kwargs: this test's
     databases and stream, dropped after it.)"""
     if not infra.postgres:
         pytest.skip("the flash sale runs on PostgreSQL, NATS and Redis")
     config = Config.quick(
-        tickets=800,
+        tickets=400,
         rounds=1,
         ceiling=False,
         kill_every=1.0,
@@ -50,9 +51,12 @@ async def test_a_rush_with_workers_killed_and_connections_dropped_loses_nothing(
     assert summary["workers_killed"]["request"] >= 1
     assert summary["workers_killed"]["events"] >= 1
     assert summary["connection_drops"] >= 1 and summary["connections_dropped"] > 0
+    assert summary["nats_connections_cut"] > 0 and summary["redis_connections_cut"] > 0
     assert summary["consumers_caught_up"] is True
-    # The unpaid orders expired though their jobs' worker was killed while they fell due.
+    # The unpaid orders expired though their jobs' worker was killed while they fell due, and
+    # the connections of the rest were cut.
     assert summary["events_workers_killed_in_expiry"] >= 1
+    assert summary["connection_drops_in_expiry"] >= 1
     assert summary["expiry_lateness_p99_ms"] is not None
     # Every order a buyer was told of was reserved, paid and completed: none was lost.
     assert summary["orders"] > 0

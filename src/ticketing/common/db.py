@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Between the tries of a write that lost a race: at most this long times the try's number.
 RETRY_PAUSE_SECONDS = 0.01
+CREATE_ATTEMPTS = 5
+CREATE_PAUSE_SECONDS = 0.2
 LOST_EVERY_RACE = "Changed by someone else at the same moment; please try again"
 
 
@@ -151,12 +153,24 @@ class Database:
 
     async def create_all(self) -> None:
         """Create the database if it is missing, then every table of this service, and add the
-        columns a newer version of a table has (dev: a data dir kept across an upgrade)."""
-        await ensure_database(self.url)
-        async with self.engine.begin() as conn:
-            for md in self.metadata:
-                await conn.run_sync(md.create_all)
-                await conn.run_sync(add_missing_columns, md)
+        columns a newer version of a table has (dev: a data dir kept across an upgrade).
+
+        Again, after a pause, when a connection ends under it (PostgreSQL restarting, say):
+        the DDL is one transaction, rolled back with its connection, and a worker that gave up
+        here would be started again from scratch, to meet the same moment."""
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                await ensure_database(self.url)
+                async with self.engine.begin() as conn:
+                    for md in self.metadata:
+                        await conn.run_sync(md.create_all)
+                        await conn.run_sync(add_missing_columns, md)
+                return
+            except (DBAPIError, *_DEAD_CONNECTION) as exc:
+                if attempt == CREATE_ATTEMPTS or not _lost_connection(exc):
+                    raise
+                log.warning("creating the tables lost the connection (%r); again", exc)
+                await asyncio.sleep(CREATE_PAUSE_SECONDS * attempt)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -348,6 +362,16 @@ _DEAD_CONNECTION = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.InternalClientError,
 )
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether an error is a connection lost (SQLAlchemy's disconnect, or the driver's own
+    errors of a closed connection), not the statement's or the schema's."""
+    if isinstance(exc, DBAPIError):
+        # SQLAlchemy's adapter raises its own error, caused by the driver's
+        driver_error = exc.orig.__cause__ if exc.orig is not None else None
+        return exc.connection_invalidated or isinstance(driver_error, _DEAD_CONNECTION)
+    return isinstance(exc, _DEAD_CONNECTION)
 
 
 def _driver_call(
