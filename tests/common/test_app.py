@@ -43,6 +43,11 @@ async def mine(user: RequireUser) -> dict[str, str]:
     return {"id": user.id}
 
 
+@router.post("/mine", status_code=201)
+async def add_mine(body: Body, user: RequireUser) -> dict[str, str]:
+    return {"id": user.id, "ticketId": body.ticketId}
+
+
 @router.get("/conflict")
 async def conflict() -> None:
     raise Conflict("Lost the race", field="ticketId")
@@ -126,6 +131,30 @@ async def test_require_user_is_401_without_a_session(
     assert response.json() == {"errors": [{"message": "Not authorized", "field": None}]}
     client.cookies.set("session", issue_token(settings, user_id="u-1", email="a@b.com"))
     assert (await client.get("/api/probe/mine")).json() == {"id": "u-1"}
+
+
+@pytest.mark.parametrize("body", [b"{oops", b"", b'{"quantity": "many"}', b"[1]"])
+async def test_not_signed_in_is_401_whatever_the_body(
+    client: httpx.AsyncClient, settings: Settings, body: bytes
+) -> None:
+    """Not signed in comes first, as on a route that reads no body: FastAPI parses the JSON
+    before it runs the route's dependencies, which would have answered 400 to a body that
+    does not parse. Signed in, the body's problem is the answer."""
+    json_body = {"content-type": "application/json"}
+    for cookie in (None, "not-a-token"):
+        if cookie:
+            client.cookies.set("session", cookie)
+        response = await client.post("/api/probe/mine", content=body, headers=json_body)
+        assert response.status_code == 401, (cookie, response.text)
+        assert response.json() == {"errors": [{"message": "Not authorized", "field": None}]}
+    client.cookies.set("session", issue_token(settings, user_id="u-1", email="a@b.com"))
+    response = await client.post("/api/probe/mine", content=body, headers=json_body)
+    assert response.status_code == 400
+    # A route for anyone still answers the body's problem.
+    client.cookies.clear()
+    assert (
+        await client.post("/api/probe/items", content=body, headers=json_body)
+    ).status_code == 400
 
 
 async def test_method_not_allowed_keeps_the_error_shape(client: httpx.AsyncClient) -> None:

@@ -115,6 +115,11 @@ async def test_create_requires_a_session(orders: Platform) -> None:
     ticket_id = await seed_ticket(orders)
     async with orders.client() as c:
         assert (await order(c, ticket_id)).status_code == 401
+        # Whatever the body: one that does not parse is not a reason to answer 400 first.
+        for body in (b"{oops", b'{"ticketId": 5}', b"[]"):
+            headers = {"content-type": "application/json"}
+            response = await c.post("/api/orders", content=body, headers=headers)
+            assert response.status_code == 401, (body, response.text)
 
 
 @pytest.mark.parametrize(

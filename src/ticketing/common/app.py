@@ -18,6 +18,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ticketing.common.auth import install_session_first
 from ticketing.common.body_limit import BodyLimit
 from ticketing.common.db import Database
 from ticketing.common.errors import install_error_handlers
@@ -163,6 +164,7 @@ def create_service_app(
     app.state.runtime = runtime
     app.state.metrics = runtime.metrics  # read by `ticketing up`'s root /metrics
     install_error_handlers(app)
+    install_session_first(app)
     install_contract_openapi(app)
     if hot_path is not None:
         app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it

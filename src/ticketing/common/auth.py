@@ -7,10 +7,13 @@ from functools import lru_cache
 from typing import Annotated, Literal, cast
 
 import jwt
-from fastapi import Depends, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from ticketing.common.errors import NotAuthorized
+from ticketing.common.errors import NotAuthorized, error_response, on_validation_error
 from ticketing.common.settings import Settings
 
 COOKIE_NAME = "session"
@@ -100,6 +103,33 @@ async def require_user(user: Annotated[UserClaims | None, Depends(current_user)]
     if user is None:
         raise NotAuthorized()
     return user
+
+
+def requires_user(dependant: Dependant | None) -> bool:
+    """Whether a route's dependencies, at any depth, include require_user."""
+    pending = [dependant] if dependant is not None else []
+    while pending:
+        here = pending.pop()
+        if here.call is require_user:
+            return True
+        pending.extend(here.dependencies)
+    return False
+
+
+async def _on_invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """Not signed in comes first: a route for signed-in users answers 401 to anyone without a
+    session, whatever the body. FastAPI parses a JSON body before it runs the route's
+    dependencies, so a body that does not parse would otherwise be answered 400."""
+    route = request.scope.get("route")
+    if requires_user(getattr(route, "dependant", None)) and await current_user(request) is None:
+        unauthorized = NotAuthorized()
+        return error_response(unauthorized.status_code, unauthorized.message)
+    return await on_validation_error(request, exc)
+
+
+def install_session_first(app: FastAPI) -> None:
+    """Answer 401 before 400 on a route for signed-in users (after install_error_handlers)."""
+    app.add_exception_handler(RequestValidationError, _on_invalid_request)
 
 
 CurrentUser = Annotated[UserClaims | None, Depends(current_user)]

@@ -87,7 +87,7 @@ async def _on_domain_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, exc.message, exc.field)
 
 
-async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     items = [_validation_item(dict(e)) for e in exc.errors()]
     # One message per field: the first problem found is the one worth fixing first.
@@ -166,7 +166,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error, expected or not, in the contract's shape."""
     app.add_exception_handler(DomainError, _on_domain_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     # The kinds of error an outage raises get their handler by class, so that the answer is
     # the whole of it: the handler for any Exception answers, then re-raises (Starlette), and
