@@ -210,7 +210,11 @@ async def test_signin_is_rate_limited_per_email(
     assert codes == [400, 400, 400, 429]
     assert limited.status_code == 429
     assert messages(limited) == ["Too many attempts; please wait a minute and try again"]
+    # When to try again, for a client that retries by itself: by the end of the window.
+    assert 1 <= int(limited.headers["retry-after"]) <= settings.rate_limit_window_seconds
     assert other_email.status_code == 400
+    documented = app.openapi()["paths"]["/api/users/signin"]["post"]["responses"]["429"]
+    assert "Retry-After" in documented["headers"]
 
 
 async def test_guesses_from_others_do_not_lock_the_owner_out(

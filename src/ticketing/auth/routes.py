@@ -82,7 +82,10 @@ async def _rate_limit(
     async with runtime.db.transaction() as session:
         over = await service.over_limit(session, limits=limits, window=window)
     if over:
-        raise TooManyRequests("Too many attempts; please wait a minute and try again")
+        raise TooManyRequests(
+            "Too many attempts; please wait a minute and try again",
+            retry_after_seconds=service.seconds_left(window, settings.rate_limit_window_seconds),
+        )
     return Counted(list(limits), window)
 
 

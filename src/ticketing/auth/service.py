@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import secrets
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,12 @@ async def use_magic_link(session: AsyncSession, *, token: str) -> User:
 def current_window(window_seconds: int) -> int:
     """The fixed window of rate limiting that now falls in."""
     return int(datetime.now(UTC).timestamp()) // window_seconds
+
+
+def seconds_left(window: int, window_seconds: int) -> int:
+    """Whole seconds until `window` ends and a new one counts from zero (at least one)."""
+    ends = (window + 1) * window_seconds
+    return max(1, math.ceil(ends - datetime.now(UTC).timestamp()))
 
 
 async def count_attempt(session: AsyncSession, *, key: str, window: int) -> int:

@@ -24,6 +24,7 @@ class DomainError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.headers: dict[str, str] = {}
 
 
 class BadRequest(DomainError):
@@ -55,6 +56,11 @@ class PaymentRequired(DomainError):
 class TooManyRequests(DomainError):
     status_code = 429
 
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        # What a client that retries by itself reads, rather than the message.
+        self.headers["Retry-After"] = str(retry_after_seconds)
+
 
 class ServiceUnavailable(DomainError):
     status_code = 503
@@ -84,7 +90,9 @@ def _validation_item(err: dict[str, Any]) -> dict[str, Any]:
 
 async def _on_domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return error_response(exc.status_code, exc.message, exc.field)
+    response = error_response(exc.status_code, exc.message, exc.field)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -40,11 +40,24 @@ _MEANINGS = {
 }
 
 
+_HEADERS = {
+    429: {
+        "Retry-After": {
+            "description": "Seconds until the attempts are counted afresh",
+            "schema": {"type": "integer"},
+        }
+    },
+}
+
+
 def _error_response(status: int) -> dict[str, Any]:
-    return {
+    response: dict[str, Any] = {
         "description": _MEANINGS[status],
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
     }
+    if status in _HEADERS:
+        response["headers"] = _HEADERS[status]
+    return response
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
