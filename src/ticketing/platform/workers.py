@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 15.0
 # How much lower the request workers' CPU priority is than the events workers'.
 REQUEST_WORKER_NICENESS = 5
+# A worker that died before it served is started again after a pause, doubled for each
+# start-up in a row that failed, up to the longest.
+START_AGAIN_SECONDS = 1.0
+START_AGAIN_LONGEST_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,32 @@ def pool_size_per_service(processes: int) -> int:
     return max(size, MIN_POOL_SIZE)
 
 
+@dataclass
+class Restarts:
+    """When a dead worker is started again. One that had served (a crash, a kill) at once;
+    one that died before it served failed its start-up, most likely on what will still be
+    so a moment later (the database away, say): again after a pause, growing with each such
+    failure in a row, instead of a new process every second or two, each with a traceback."""
+
+    failures: int = 0  # start-ups in a row that failed
+    due: float | None = None  # set from when the worker was found dead until it is replaced
+
+    def died(self, served: bool, now: float) -> float:
+        """Note the worker found dead; the pause before another starts."""
+        self.failures = 0 if served else self.failures + 1
+        pause = 0.0 if served else START_AGAIN_SECONDS * 2 ** (self.failures - 1)
+        pause = min(pause, START_AGAIN_LONGEST_SECONDS)
+        self.due = now + pause
+        return pause
+
+    def start_now(self, now: float) -> bool:
+        """Whether the dead worker's replacement is due (once: the next is due at its death)."""
+        if self.due is None or now < self.due:
+            return False
+        self.due = None
+        return True
+
+
 class WorkerPool:
     """The worker processes; one that dies is replaced by one of the same role."""
 
@@ -191,6 +222,7 @@ class WorkerPool:
         self.pool_size = MIN_POOL_SIZE
         self.processes: list[BaseProcess] = []
         self.ready: list[Any] = []  # per process, an Event it sets once it serves
+        self.restarts: list[Restarts] = []
         self._context = multiprocessing.get_context("spawn")
 
     def _spawn(self, role: Role) -> tuple[BaseProcess, Any]:
@@ -216,12 +248,24 @@ class WorkerPool:
         spawned = [self._spawn(role) for role in self.roles]
         self.processes = [process for process, _ready in spawned]
         self.ready = [ready for _process, ready in spawned]
+        self.restarts = [Restarts() for _ in spawned]
 
     def replace_dead(self) -> None:
+        now = time.monotonic()
         for index, process in enumerate(self.processes):
-            if not process.is_alive():
-                log.warning("%s worker exited with %s; starting another",
-                            self.roles[index].name, process.exitcode)  # fmt: skip
+            if process.is_alive():
+                continue
+            restarts, name = self.restarts[index], self.roles[index].name
+            if restarts.due is None:  # found dead just now
+                served = self.ready[index].is_set()
+                pause = restarts.died(served, now)
+                if served:
+                    log.warning("%s worker exited with %s; starting another",
+                                name, process.exitcode)  # fmt: skip
+                else:
+                    log.warning("%s worker exited with %s before it served; another in %.0f s",
+                                name, process.exitcode, pause)  # fmt: skip
+            if restarts.start_now(now):
                 self.processes[index], self.ready[index] = self._spawn(self.roles[index])
 
     def serving(self) -> bool:
