@@ -40,6 +40,7 @@ class ChaosResult:
     expiry_kills: list[Kill] = field(default_factory=list)  # while the unpaid orders fell due
     cut: dict[str, int] = field(default_factory=dict)  # in the rush: NATS, Redis connections
     expiry_drops: list[int] = field(default_factory=list)  # while the unpaid orders fell due
+    expiry_cut: dict[str, int] = field(default_factory=dict)
 
     @property
     def killing(self) -> bool:
@@ -145,8 +146,8 @@ class WorkerKiller(Fault):
 class ConnectionDropper(Fault):
     """While entered, every `every` seconds end every connection to the platform's databases
     from the server's side (pg_terminate_backend), as a restart or a failover of PostgreSQL
-    does to its clients, and every connection through the relays it is given (the platform's
-    to NATS and Redis), as a restart of those servers does."""
+    does to its clients, and resets every connection through the relays it is given (the
+    platform's to NATS and Redis), as a restart of those servers does."""
 
     def __init__(
         self, admin_dsn: str, databases: str, every: float, relays: dict[str, Relay]
@@ -211,9 +212,12 @@ class Chaos:
     def drops(self) -> list[int]:
         return self.dropper.drops if self.dropper else []
 
+    @property
+    def cut(self) -> dict[str, int]:
+        return dict(self.dropper.cut) if self.dropper else {}
+
     def result(self, drained: bool) -> ChaosResult:
-        cut = dict(self.dropper.cut) if self.dropper else {}
-        return ChaosResult(self.kills, self.drops, drained, cut=cut)
+        return ChaosResult(self.kills, self.drops, drained, cut=self.cut)
 
 
 async def drained(nats_url: str, stream: str, within: float) -> bool:

@@ -106,6 +106,12 @@ class Report:
                   chaos.drained)  # fmt: skip
         return dict(zip(keys, values, strict=True))
 
+    def _expiry_drops(self) -> str:
+        assert self.chaos is not None
+        chaos = self.chaos
+        cut = " / ".join(str(chaos.expiry_cut.get(server, 0)) for server in ("NATS", "Redis"))
+        return f"{len(chaos.expiry_drops)} ({sum(chaos.expiry_drops)} database, {cut} NATS / Redis)"
+
     def summary(self) -> dict[str, Any]:
         p, c = self.platform, self.ceiling
         explained = self._explained
@@ -228,11 +234,11 @@ class Report:
                     None,
                 ),
                 (
-                    "NATS / Redis connections cut",
+                    "NATS / Redis connections cut in the rush",
                     f"{s['nats_connections_cut']} / {s['redis_connections_cut']}",
                     None,
                 ),
-                ("connection drops in the expiry", s["connection_drops_in_expiry"], None),
+                ("connection drops in the expiry", self._expiry_drops(), None),
                 ("503 answers while dropping", s["answers_503_while_dropping"], None),
                 ("consumers caught up after", s["consumers_caught_up"], None),
             ]

@@ -181,6 +181,7 @@ async def _platform_run(
     if chaos is not None and expiry_faults is not None:
         chaos.expiry_kills = expiry_faults.kills
         chaos.expiry_drops = expiry_faults.drops
+        chaos.expiry_cut = expiry_faults.cut
     with phase(console, "checks in every service's database"):
         checks = await check(config)
     settings = {

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from sqlalchemy import event as sa_event
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import PG_URL, Infra
 from tests.support import eventually
@@ -104,21 +105,22 @@ async def test_create_all_makes_the_tables_again_when_its_connection_ends_under_
 
 
 async def test_create_all_does_not_retry_what_is_not_a_lost_connection(
-    settings: Settings, infra: Infra
+    settings: Settings,
 ) -> None:
-    """A failure of the schema itself is raised at once, not tried again."""
+    """A failure of the statement itself, on a connection that is fine, is raised at once."""
     db = Database(settings.service_database_url("probe"))
     tries: list[str] = []
 
     @sa_event.listens_for(db.engine.sync_engine, "before_cursor_execute")
-    def refuse(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def fail_the_statement(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
         if statement.lstrip().upper().startswith("CREATE TABLE"):
             tries.append(statement)
-            raise ValueError("not a connection's failure")
+            cursor.execute("SELECT * FROM no_such_table")  # the driver's own error
 
     try:
-        with pytest.raises(ValueError):
+        with pytest.raises(DBAPIError) as raised:
             await db.create_all()
+        assert not raised.value.connection_invalidated
         assert len(tries) == 1
     finally:
         await db.dispose()

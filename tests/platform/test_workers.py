@@ -49,25 +49,27 @@ def test_the_reservation_path_has_a_worker_of_its_own() -> None:
     assert reservation.services == {"tickets"}
 
 
-def test_a_worker_that_had_served_is_replaced_at_once() -> None:
+def test_a_worker_that_did_not_fail_its_start_up_is_replaced_at_once() -> None:
+    """A crash once serving, or a kill (even while starting)."""
     restarts = Restarts()
-    assert restarts.died(served=True, now=100.0) == 0.0
+    assert restarts.died(start_failed=False, now=100.0) == 0.0
     assert restarts.start_now(100.0)
     assert not restarts.start_now(100.0)  # one replacement per death
 
 
 def test_start_ups_that_fail_in_a_row_are_tried_again_ever_more_slowly() -> None:
     """The database away, say: a new process every second or two would burn a core on its
-    imports and log a traceback each time. The pause doubles, up to the longest, and a
-    worker that serves again makes the next failure start from the first pause."""
+    imports and log a traceback each time. The pause doubles, up to the longest, and any
+    other death (the worker served, or was killed) makes the next failure start from the
+    first pause."""
     restarts, now, pauses = Restarts(), 0.0, []
     for _ in range(8):
-        pause = restarts.died(served=False, now=now)
+        pause = restarts.died(start_failed=True, now=now)
         assert not restarts.start_now(now + pause / 2)
         now += pause
         assert restarts.start_now(now)
         pauses.append(pause)
     assert pauses[:3] == [START_AGAIN_SECONDS, 2 * START_AGAIN_SECONDS, 4 * START_AGAIN_SECONDS]
     assert max(pauses) == pauses[-1] == START_AGAIN_LONGEST_SECONDS
-    assert restarts.died(served=True, now=now) == 0.0
-    assert restarts.died(served=False, now=now) == START_AGAIN_SECONDS
+    assert restarts.died(start_failed=False, now=now) == 0.0
+    assert restarts.died(start_failed=True, now=now) == START_AGAIN_SECONDS

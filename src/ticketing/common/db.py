@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Between the tries of a write that lost a race: at most this long times the try's number.
 RETRY_PAUSE_SECONDS = 0.01
-CREATE_ATTEMPTS = 5
-CREATE_PAUSE_SECONDS = 0.2
+CREATE_ATTEMPTS = 8
+CREATE_PAUSE_SECONDS = 0.25  # times the attempt: 7 s in all
 LOST_EVERY_RACE = "Changed by someone else at the same moment; please try again"
 
 
@@ -155,10 +155,12 @@ class Database:
         """Create the database if it is missing, then every table of this service, and add the
         columns a newer version of a table has (dev: a data dir kept across an upgrade).
 
-        Again, after a pause, when a connection ends under it (PostgreSQL restarting, say):
-        the DDL is one transaction, rolled back with its connection, and a worker that gave up
-        here would be started again from scratch, to meet the same moment."""
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
+        On PostgreSQL, again after a pause while the server is away or restarting (a refused
+        connection, one ended under the DDL, "the database system is starting up"): the DDL
+        is one transaction, rolled back with its connection, and a worker that gave up here
+        would be started again from scratch, to meet the same moment."""
+        attempts = 1 if self.is_sqlite else CREATE_ATTEMPTS
+        for attempt in range(1, attempts + 1):
             try:
                 await ensure_database(self.url)
                 async with self.engine.begin() as conn:
@@ -166,10 +168,10 @@ class Database:
                         await conn.run_sync(md.create_all)
                         await conn.run_sync(add_missing_columns, md)
                 return
-            except (DBAPIError, *_DEAD_CONNECTION) as exc:
-                if attempt == CREATE_ATTEMPTS or not _lost_connection(exc):
+            except (DBAPIError, *_SERVER_AWAY) as exc:
+                if attempt == attempts or not _server_away(exc):
                     raise
-                log.warning("creating the tables lost the connection (%r); again", exc)
+                log.warning("creating the tables: PostgreSQL is away (%r); again", exc)
                 await asyncio.sleep(CREATE_PAUSE_SECONDS * attempt)
 
     @asynccontextmanager
@@ -364,14 +366,19 @@ _DEAD_CONNECTION = (
 )
 
 
-def _lost_connection(exc: BaseException) -> bool:
-    """Whether an error is a connection lost (SQLAlchemy's disconnect, or the driver's own
-    errors of a closed connection), not the statement's or the schema's."""
+# What PostgreSQL away or restarting looks like from the driver: a connection it ended or
+# refused, or its refusal while it starts or stops.
+_SERVER_AWAY = (*_DEAD_CONNECTION, asyncpg.CannotConnectNowError)
+
+
+def _server_away(exc: BaseException) -> bool:
+    """Whether an error says the server is away (SQLAlchemy's disconnect, or the driver's own
+    errors of a connection closed or refused), not something about the statement or schema."""
     if isinstance(exc, DBAPIError):
-        # SQLAlchemy's adapter raises its own error, caused by the driver's
-        driver_error = exc.orig.__cause__ if exc.orig is not None else None
-        return exc.connection_invalidated or isinstance(driver_error, _DEAD_CONNECTION)
-    return isinstance(exc, _DEAD_CONNECTION)
+        # SQLAlchemy's adapter raises an error of its own, its `orig` the driver's
+        driver_error = getattr(exc.orig, "orig", None)
+        return exc.connection_invalidated or isinstance(driver_error, _SERVER_AWAY)
+    return isinstance(exc, _SERVER_AWAY)
 
 
 def _driver_call(

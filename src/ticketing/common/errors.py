@@ -88,11 +88,15 @@ def _validation_item(err: dict[str, Any]) -> dict[str, Any]:
     return {"message": message, "field": field}
 
 
-async def _on_domain_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DomainError)
+def domain_error_response(exc: DomainError) -> JSONResponse:
     response = error_response(exc.status_code, exc.message, exc.field)
     response.headers.update(exc.headers)
     return response
+
+
+async def _on_domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return domain_error_response(exc)
 
 
 async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:

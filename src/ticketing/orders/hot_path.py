@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ticketing.common.app import Runtime
 from ticketing.common.auth import COOKIE_NAME, verify_token
-from ticketing.common.errors import DomainError, error_response, unavailable_response
+from ticketing.common.errors import DomainError, domain_error_response, unavailable_response
 from ticketing.common.ids import canonical_id, is_id
 from ticketing.orders.routes import create_order, place, router
 
@@ -52,7 +52,7 @@ class OrderAttempts:
         try:
             order = await place(runtime, user_id=user_id, ticket_id=ticket_id)
         except DomainError as exc:
-            response = error_response(exc.status_code, exc.message, exc.field)
+            response = domain_error_response(exc)
         except Exception as exc:
             # An outage answered as the route's handlers would: here, in front of them, an
             # error left to rise would reach the server, which closes the connection.

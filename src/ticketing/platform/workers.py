@@ -187,18 +187,19 @@ def pool_size_per_service(processes: int) -> int:
 
 @dataclass
 class Restarts:
-    """When a dead worker is started again. One that had served (a crash, a kill) at once;
-    one that died before it served failed its start-up, most likely on what will still be
-    so a moment later (the database away, say): again after a pause, growing with each such
-    failure in a row, instead of a new process every second or two, each with a traceback."""
+    """When a dead worker is started again. One whose start-up failed (it exited with an
+    error before it served) most likely failed on what will still be so a moment later (the
+    database away, say): again after a pause, growing with each such failure in a row,
+    instead of a new process every second or two, each with a traceback. Any other (a crash
+    once serving, a kill at any time) at once."""
 
     failures: int = 0  # start-ups in a row that failed
     due: float | None = None  # set from when the worker was found dead until it is replaced
 
-    def died(self, served: bool, now: float) -> float:
+    def died(self, start_failed: bool, now: float) -> float:
         """Note the worker found dead; the pause before another starts."""
-        self.failures = 0 if served else self.failures + 1
-        pause = 0.0 if served else START_AGAIN_SECONDS * 2 ** (self.failures - 1)
+        self.failures = self.failures + 1 if start_failed else 0
+        pause = START_AGAIN_SECONDS * 2 ** (self.failures - 1) if start_failed else 0.0
         pause = min(pause, START_AGAIN_LONGEST_SECONDS)
         self.due = now + pause
         return pause
@@ -257,14 +258,15 @@ class WorkerPool:
                 continue
             restarts, name = self.restarts[index], self.roles[index].name
             if restarts.due is None:  # found dead just now
-                served = self.ready[index].is_set()
-                pause = restarts.died(served, now)
-                if served:
-                    log.warning("%s worker exited with %s; starting another",
-                                name, process.exitcode)  # fmt: skip
-                else:
+                # An exit status, not a signal (negative), before serving: start-up failed.
+                start_failed = not self.ready[index].is_set() and (process.exitcode or 0) > 0
+                pause = restarts.died(start_failed, now)
+                if start_failed:
                     log.warning("%s worker exited with %s before it served; another in %.0f s",
                                 name, process.exitcode, pause)  # fmt: skip
+                else:
+                    log.warning("%s worker exited with %s; starting another",
+                                name, process.exitcode)  # fmt: skip
             if restarts.start_now(now):
                 self.processes[index], self.ready[index] = self._spawn(self.roles[index])
 
