@@ -256,6 +256,11 @@ async def test_up_runs_the_reservation_flow_by_hand(
         assert (await eventually(lambda: ticket_at(2)))["orderId"] is None
         listed = (await buyer.get("/api/tickets")).json()
         assert [t["id"] for t in listed] == [ticket["id"]]
+        # HEAD, as HTTP asks of a server: the GET's status and headers, no body.
+        for path in ("/api/tickets", f"/api/tickets/{ticket['id']}", "/"):
+            got, head = await buyer.get(path), await buyer.head(path)
+            assert (head.status_code, head.content) == (200, b""), path
+            assert head.headers["content-type"] == got.headers["content-type"], path
         # Whichever worker answers, the root speaks for every service it serves.
         ready = await buyer.get("/readyz")
         assert (ready.status_code, set(ready.json()["services"])) == (200, set(SERVICES))

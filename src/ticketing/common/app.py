@@ -22,6 +22,7 @@ from ticketing.common.auth import install_session_first
 from ticketing.common.body_limit import BodyLimit
 from ticketing.common.db import Database
 from ticketing.common.errors import install_error_handlers
+from ticketing.common.head import HeadAsGet
 from ticketing.common.messaging import Bus, Listener, Publisher
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.common.migrate import SchemaAtHead
@@ -166,8 +167,9 @@ def create_service_app(
     install_error_handlers(app)
     install_session_first(app)
     install_contract_openapi(app)
+    app.add_middleware(HeadAsGet)  # innermost: the metrics count a HEAD as one
     if hot_path is not None:
-        app.add_middleware(hot_path, owner=app)  # added first: the metrics wrap it
+        app.add_middleware(hot_path, owner=app)  # the metrics wrap it
     app.add_middleware(BodyLimit)  # before anything reads a body; inside the metrics (a 413 counts)
     install_http_metrics(app, runtime.metrics)
     checks = dict(ready_checks or {}) if settings.run_listeners else {}

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ticketing.common.body_limit import BodyLimit
 from ticketing.common.errors import http_error_response
+from ticketing.common.head import HeadAsGet
 from ticketing.common.metrics import ServiceMetrics, install_http_metrics
 from ticketing.common.openapi import install_contract_openapi
 from ticketing.common.same_origin import NoFraming, SameOriginPosts
@@ -51,6 +52,7 @@ def create_app(settings: WebSettings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(router)
     metrics = app.state.metrics = ServiceMetrics("web")
+    app.add_middleware(HeadAsGet)  # innermost, as in every service
     app.add_middleware(SameOriginPosts, public_url=settings.public_url)
     app.add_middleware(NoFraming)
     app.add_middleware(BodyLimit)
