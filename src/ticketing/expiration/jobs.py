@@ -35,6 +35,8 @@ IN_PROGRESS_SLACK_SECONDS = 1
 # doubled after each try that failed soon, up to the longest.
 WORKER_RESTART_SECONDS = 1.0
 WORKER_RESTART_LONGEST_SECONDS = 30.0
+# A job worker that ran this long had reached Redis (one that cannot stops within a second).
+WORKER_HAD_REDIS_SECONDS = 5.0
 REDIS_TIMEOUT_SECONDS = 5.0
 STOP_WITHIN_SECONDS = 5.0  # how long a stop waits for the job worker and Redis
 
@@ -74,6 +76,13 @@ async def _close(worker: Worker, pool: ArqRedis) -> None:
     except (RedisError, TimeoutError) as exc:
         log.warning("the job worker stopped without reaching Redis: %r", exc)
     await pool.aclose()
+
+
+def restart_pause(failures: int) -> float:
+    """The pause before another job worker starts, after `failures` in a row stopped soon after
+    they started (1 for the first, or for one that had run a while): doubled for each, up to
+    the longest, while Redis stays away."""
+    return min(WORKER_RESTART_SECONDS * 2.0 ** (failures - 1), WORKER_RESTART_LONGEST_SECONDS)
 
 
 class JobQueue:
@@ -130,27 +139,29 @@ class JobQueue:
         """arq's worker stops for good at its first Redis error (a restart, a network blip), and
         every order due after it would stay unexpired: another one starts, until the service
         stops. Jobs the stopped one had started go on (each announces once, whoever runs it)."""
-        pause = WORKER_RESTART_SECONDS
+        failures = 0  # job workers in a row that stopped soon after they started
         while True:
             worker = self._worker(runtime)
             # Kept while it runs, and after while jobs it started do (for the stop to end them).
             workers[:] = [w for w in workers if any(not t.done() for t in w.tasks.values())]
             workers.append(worker)
             started = time.monotonic()
+            error: BaseException | None = None
             try:
                 await worker.async_run()
-            except RedisError as exc:
-                log.warning("the job worker lost Redis (%s); another starts in %.0f s", exc, pause)
-            except Exception:
-                log.exception("the job worker stopped; another starts in %.0f s", pause)
-            # A worker that ran a while had Redis: the next outage starts from a short pause.
-            ran_a_while = time.monotonic() - started > WORKER_RESTART_LONGEST_SECONDS
+            except Exception as exc:
+                error = exc
+            # One that ran a while had Redis: this outage is new, and starts from a short pause.
+            had_redis = time.monotonic() - started > WORKER_HAD_REDIS_SECONDS
+            failures = 1 if had_redis else failures + 1
+            pause = restart_pause(failures)
+            if isinstance(error, RedisError):
+                log.warning(
+                    "the job worker lost Redis (%s); another starts in %.0f s", error, pause
+                )
+            else:
+                log.error("the job worker stopped; another starts in %.0f s", pause, exc_info=error)
             await asyncio.sleep(pause)
-            pause = (
-                WORKER_RESTART_SECONDS
-                if ran_a_while
-                else min(2 * pause, WORKER_RESTART_LONGEST_SECONDS)
-            )
 
     def _worker(self, runtime: Runtime) -> Worker:
         assert self.pool is not None
