@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ticketing.common.events import Envelope, TicketCreated
 from ticketing.common.messaging import Bus, Publisher
 from ticketing.common.outbox import OutboxEvent, OutboxRelay, add_event
 from ticketing.common.settings import Settings
+from ticketing.platform.embedded import free_port
 
 
 def ticket(n: int) -> TicketCreated:
@@ -311,3 +313,31 @@ async def test_a_process_that_only_serves_requests_publishes_its_own_commits(
 async def _published(bus: Bus, count: int) -> list[Envelope] | None:
     envelopes = await stream_envelopes(bus)
     return envelopes if len(envelopes) >= count else None
+
+
+async def test_a_sweep_with_its_database_away_warns_without_a_traceback(
+    publisher: Publisher, relays: asyncio.Queue[OutboxRelay], caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL restarting is an outage to wait out, not a bug: a warning each sweep, no
+    ERROR with a traceback (those stay for what is wrong in the work itself)."""
+    away = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none")
+    with caplog.at_level(logging.WARNING, logger="ticketing.common.outbox"):
+        start_relay(away, publisher, relays, sweep=0.05)
+        await eventually(lambda: "a part is not answering" in caplog.text)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await away.dispose()
+
+
+async def test_a_sweep_that_fails_on_the_work_itself_logs_the_error(
+    settings: Settings,
+    publisher: Publisher,
+    relays: asyncio.Queue[OutboxRelay],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database that answers but has no outbox table (never created): that is a bug."""
+    bare = Database(settings.service_database_url("bare"))
+    with caplog.at_level(logging.WARNING, logger="ticketing.common.outbox"):
+        start_relay(bare, publisher, relays, sweep=0.05)
+        await eventually(lambda: "outbox relay failed" in caplog.text)
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+    await bare.dispose()

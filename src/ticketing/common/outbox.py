@@ -47,6 +47,7 @@ from ticketing.common.db import (
     utcnow,
     write_queued,
 )
+from ticketing.common.errors import is_unavailable
 from ticketing.common.events import Envelope, Event
 from ticketing.common.logs import correlation_id
 
@@ -515,8 +516,11 @@ class OutboxRelay:
                     pass
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("outbox relay failed; retrying on the next sweep")
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    log.exception("outbox relay failed; retrying on the next sweep")
+                else:  # the database or NATS away (a restart, say): no bug to trace
+                    log.warning("outbox sweep: a part is not answering (%r); again later", exc)
             await self._housekeeping()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self.sweep_seconds)
