@@ -83,6 +83,18 @@ async def test_a_link_works_once(client: httpx.AsyncClient, smtp_sink: SmtpSink)
     assert again.json()["errors"][0]["message"] == "This sign-in link is invalid, used or expired"
 
 
+async def test_a_head_of_a_link_leaves_it_unspent(
+    client: httpx.AsyncClient, smtp_sink: SmtpSink
+) -> None:
+    """A mail scanner or a link preview that asks with HEAD: no session, the link still works."""
+    await client.post("/api/users/magic-link", json={"email": "scanned@test.com"})
+    token = await _emailed_token(smtp_sink, "scanned@test.com")
+    head = await client.head(f"/api/users/verify-magic-link?token={token}")
+    assert head.status_code == 200
+    assert "set-cookie" not in head.headers
+    assert (await client.get(f"/api/users/verify-magic-link?token={token}")).status_code == 303
+
+
 async def test_bad_or_missing_tokens_are_400(client: httpx.AsyncClient) -> None:
     for url in ("/api/users/verify-magic-link?token=nope", "/api/users/verify-magic-link"):
         response = await client.get(url)

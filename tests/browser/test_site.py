@@ -260,6 +260,9 @@ def test_a_form_posted_from_another_site_is_refused(site: str) -> None:
         asked = client.get("/auth/signout", headers={"Sec-Fetch-Site": "cross-site"})
         assert asked.status_code == 200 and 'action="/auth/signout"' in asked.text
         assert client.get("/api/users/currentuser").json()["currentUser"] is not None
+        # Nor a HEAD of it (a link preview's, a checker's).
+        assert client.head("/auth/signout").status_code == 200
+        assert client.get("/api/users/currentuser").json()["currentUser"] is not None
         signed_out = client.post("/auth/signout", headers={"Origin": site})
         assert signed_out.status_code == 303
         assert client.get("/api/users/currentuser").json()["currentUser"] is None

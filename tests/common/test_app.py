@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import nats.errors
+import nats.js.errors
 import pytest
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel
@@ -51,6 +53,19 @@ async def add_mine(body: Body, user: RequireUser) -> dict[str, str]:
 @router.get("/conflict")
 async def conflict() -> None:
     raise Conflict("Lost the race", field="ticketId")
+
+
+@router.get("/nats-restarting/{kind}")
+async def nats_restarting(kind: str) -> None:
+    raise _NATS_RESTARTING[kind]()
+
+
+_NATS_RESTARTING: dict[str, type[Exception]] = {
+    "reconnecting": nats.errors.ConnectionReconnectingError,
+    "buffer": nats.errors.OutboundBufferLimitError,
+    "stale": nats.errors.StaleConnectionError,
+    "no-stream-response": nats.js.errors.NoStreamResponseError,
+}
 
 
 @router.get("/boom")
@@ -169,6 +184,12 @@ async def test_an_unexpected_error_is_500_with_the_error_body(client: httpx.Asyn
     assert response.json() == {"errors": [{"message": "Something went wrong", "field": None}]}
 
 
+@pytest.mark.parametrize("kind", sorted(_NATS_RESTARTING))
+async def test_nats_restarting_is_503_not_500(client: httpx.AsyncClient, kind: str) -> None:
+    response = await client.get(f"/api/probe/nats-restarting/{kind}")
+    assert response.status_code == 503, response.text
+
+
 async def test_a_database_that_does_not_answer_is_503_not_500(
     settings_kwargs: dict[str, Any],
 ) -> None:
@@ -201,6 +222,20 @@ async def test_metrics_count_requests_by_route(client: httpx.AsyncClient) -> Non
         in text
     )
     assert "ticketing_http_request_duration_seconds_bucket" in text
+
+
+async def test_a_head_is_answered_as_its_get_and_counted_by_its_route(
+    client: httpx.AsyncClient,
+) -> None:
+    head, get = await client.head("/api/probe/one"), await client.get("/api/probe/one")
+    assert head.status_code == get.status_code == 200
+    assert head.headers["content-type"] == get.headers["content-type"]
+    text = (await client.get("/metrics")).text
+    assert (
+        'ticketing_http_requests_total{method="HEAD",route="/api/probe/one",status="200"}' in text
+    )
+    # Not a route for GET: as for any method a route does not take.
+    assert (await client.head("/api/probe/items")).status_code == 405
 
 
 async def test_metrics_count_events_published_from_the_outbox(

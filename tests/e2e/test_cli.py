@@ -256,7 +256,8 @@ async def test_up_runs_the_reservation_flow_by_hand(
         assert (await eventually(lambda: ticket_at(2)))["orderId"] is None
         listed = (await buyer.get("/api/tickets")).json()
         assert [t["id"] for t in listed] == [ticket["id"]]
-        # HEAD, as HTTP asks of a server: the GET's status and headers, no body.
+        # HEAD, as HTTP asks of a server: the GET's status and headers, no body (a stray one
+        # would break the next GET on the same keep-alive connection).
         for path in ("/api/tickets", f"/api/tickets/{ticket['id']}", "/"):
             got, head = await buyer.get(path), await buyer.head(path)
             assert (head.status_code, head.content) == (200, b""), path

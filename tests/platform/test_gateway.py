@@ -99,6 +99,8 @@ async def test_the_root_reports_for_every_service_in_the_process(
                 return answer if answer.status_code == 503 else None
 
             down = (await eventually(not_ready)).json()
+            # A monitor asking with HEAD hears the same (not the web client's page).
+            assert (await visitor.head("/readyz")).status_code == 503
     finally:
         redis_server.stop()
     assert (down["status"], down["redis"], down["database"]) == ("unavailable", "down", "ok")

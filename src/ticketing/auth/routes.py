@@ -24,6 +24,7 @@ from ticketing.auth.settings import AuthSettings
 from ticketing.common.app import RuntimeDep, SessionDep
 from ticketing.common.auth import CurrentUser, clear_session_cookie, sign_in
 from ticketing.common.errors import BadRequest, TooManyRequests
+from ticketing.common.head import is_head
 from ticketing.common.openapi import error_responses
 from ticketing.common.same_origin import NO_FRAMING_HEADERS, REFUSED, from_another_site
 
@@ -212,7 +213,8 @@ async def verify_magic_link(
     settings: SettingsDep,
     token: Annotated[str | None, Query()] = None,
 ) -> Response:
-    if token and _from_another_site(request, settings):
+    # A HEAD (a mail scanner's, a preview's) is asked first too: it must not spend the link.
+    if token and (_from_another_site(request, settings) or is_head(request.scope)):
         email = await service.magic_link_email(session, token=token)
         if email is not None:
             page = _CONFIRM_PAGE.format(email=html.escape(email), token=html.escape(token))

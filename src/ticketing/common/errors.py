@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -132,6 +133,13 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     sqlalchemy.exc.TimeoutError,  # no pooled connection came free in time
     nats.errors.NoServersError,
     nats.errors.ConnectionClosedError,
+    # NATS restarting: the client reconnecting, its buffer full meanwhile, the stream not
+    # answering yet
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
     OSError,  # refused, unreachable, a name that does not resolve, timed out
 )
 

@@ -535,8 +535,10 @@ class OutboxRelay:
             if now >= self._next_prune:
                 self._next_prune = now + PRUNE_EVERY_SECONDS
                 await self.prune()
-        except Exception:
-            log.warning("outbox housekeeping failed; trying again later", exc_info=True)
+        except Exception as exc:
+            # A traceback only for what is wrong in the work; the database away is an outage.
+            trace = not is_unavailable(exc)
+            log.warning("outbox housekeeping failed (%r); trying again later", exc, exc_info=trace)
 
     async def prune(self) -> None:
         """Forget published events and handled ids older than the retention."""

@@ -35,9 +35,10 @@ IN_PROGRESS_SLACK_SECONDS = 1
 # doubled after each try that failed soon, up to the longest.
 WORKER_RESTART_SECONDS = 1.0
 WORKER_RESTART_LONGEST_SECONDS = 30.0
-# A job worker that ran this long had reached Redis (one that cannot stops within a second).
-WORKER_HAD_REDIS_SECONDS = 5.0
 REDIS_TIMEOUT_SECONDS = 5.0
+# A job worker that ran this long had Redis: one that cannot connect stops within a second,
+# one whose Redis stops answering after the read timeout.
+WORKER_HAD_REDIS_SECONDS = REDIS_TIMEOUT_SECONDS + 1.0
 STOP_WITHIN_SECONDS = 5.0  # how long a stop waits for the job worker and Redis
 
 # arq's enqueue_job for several jobs: the same checks and writes for each, in one round trip

@@ -23,6 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 
+# What the root answers for every service it serves (a HEAD as a GET: the server drops the body).
+_ROOT_REPORTS = ("/readyz", "/metrics")
+
+
 class Gateway:
     """Dispatches by path prefix and runs every app's lifespan as its own."""
 
@@ -53,7 +57,7 @@ class Gateway:
         if path == "/healthz":
             await _json(send, 200, {"status": "ok"})
             return
-        if self.services and scope.get("method") == "GET" and path in ("/readyz", "/metrics"):
+        if self.services and scope.get("method") in ("GET", "HEAD") and path in _ROOT_REPORTS:
             await (self._readiness(send) if path == "/readyz" else self._metrics(send))
             return
         app = self._app_for(path)

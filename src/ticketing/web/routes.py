@@ -13,6 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from ticketing.common.auth import COOKIE_NAME, current_user
 from ticketing.common.events import LEAST_CARD_PAYMENT
+from ticketing.common.head import is_head
 from ticketing.common.ids import is_id
 from ticketing.common.mailbox import mailbox_dir, read_mailbox
 from ticketing.common.same_origin import from_another_site
@@ -113,8 +114,8 @@ async def magic_link(request: Request, visitor: VisitorDep) -> Response:
 async def auth_page(request: Request, visitor: VisitorDep, mode: str) -> Response:
     if mode == "signout":
         # A link or an image on another site must not sign anyone out: from there, the page
-        # asks first (its form posts from here).
-        if from_another_site(request.scope):
+        # asks first (its form posts from here); so does a HEAD.
+        if from_another_site(request.scope) or is_head(request.scope):
             return render(request, visitor, "signout.html")
         return redirect("/", await visitor.api.call("POST", "/api/users/signout"))
     if mode not in ("signup", "signin"):
