@@ -32,6 +32,12 @@ async def _emailed_token(sink: SmtpSink, to: str) -> str:
     return match.group(1)
 
 
+async def _requested_token(client: httpx.AsyncClient, sink: SmtpSink, email: str) -> str:
+    """Ask for a link for `email`, and read its token from the mail."""
+    await client.post("/api/users/magic-link", json={"email": email})
+    return await _emailed_token(sink, email)
+
+
 async def test_request_is_202_and_emails_a_link(
     client: httpx.AsyncClient, smtp_sink: SmtpSink
 ) -> None:
@@ -48,8 +54,7 @@ async def test_request_is_202_and_emails_a_link(
 async def test_first_use_signs_up_and_sets_the_cookie(
     client: httpx.AsyncClient, smtp_sink: SmtpSink
 ) -> None:
-    await client.post("/api/users/magic-link", json={"email": "new@test.com"})
-    token = await _emailed_token(smtp_sink, "new@test.com")
+    token = await _requested_token(client, smtp_sink, "new@test.com")
     response = await client.get(f"/api/users/verify-magic-link?token={token}")
     assert response.status_code == 303
     assert response.headers["location"] == "/"
@@ -67,16 +72,14 @@ async def test_a_known_email_signs_in_to_the_same_account(
         )
     ).json()
     async with make_client() as browser:
-        await browser.post("/api/users/magic-link", json={"email": "known@test.com"})
-        token = await _emailed_token(smtp_sink, "known@test.com")
+        token = await _requested_token(browser, smtp_sink, "known@test.com")
         assert (await browser.get(f"/api/users/verify-magic-link?token={token}")).status_code == 303
         current = (await browser.get("/api/users/currentuser")).json()["currentUser"]
     assert current["id"] == user["id"]
 
 
 async def test_a_link_works_once(client: httpx.AsyncClient, smtp_sink: SmtpSink) -> None:
-    await client.post("/api/users/magic-link", json={"email": "once@test.com"})
-    token = await _emailed_token(smtp_sink, "once@test.com")
+    token = await _requested_token(client, smtp_sink, "once@test.com")
     assert (await client.get(f"/api/users/verify-magic-link?token={token}")).status_code == 303
     again = await client.get(f"/api/users/verify-magic-link?token={token}")
     assert again.status_code == 400
@@ -87,8 +90,7 @@ async def test_a_head_of_a_link_leaves_it_unspent(
     client: httpx.AsyncClient, smtp_sink: SmtpSink
 ) -> None:
     """A mail scanner or a link preview that asks with HEAD: no session, the link still works."""
-    await client.post("/api/users/magic-link", json={"email": "scanned@test.com"})
-    token = await _emailed_token(smtp_sink, "scanned@test.com")
+    token = await _requested_token(client, smtp_sink, "scanned@test.com")
     head = await client.head(f"/api/users/verify-magic-link?token={token}")
     assert head.status_code == 200
     assert "set-cookie" not in head.headers
@@ -106,8 +108,7 @@ async def test_a_browser_opening_a_spent_link_gets_a_page_saying_what_to_do(
     client: httpx.AsyncClient, smtp_sink: SmtpSink
 ) -> None:
     """Opened from an email, in a browser: still the 400, as a page; other clients, the JSON."""
-    await client.post("/api/users/magic-link", json={"email": "page@test.com"})
-    token = await _emailed_token(smtp_sink, "page@test.com")
+    token = await _requested_token(client, smtp_sink, "page@test.com")
     url = f"/api/users/verify-magic-link?token={token}"
     assert (await client.get(url)).status_code == 303
     browser = {"accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
@@ -126,8 +127,7 @@ async def test_a_link_another_site_sends_a_browser_to_asks_first_and_is_kept(
     """Login CSRF: another site may send a visitor's browser to a link it asked for itself,
     to have them buy into its account. Such a visit is asked whether the address is theirs;
     the link is spent only by the page's own form."""
-    await client.post("/api/users/magic-link", json={"email": "a@test.com"})
-    token = await _emailed_token(smtp_sink, "a@test.com")
+    token = await _requested_token(client, smtp_sink, "a@test.com")
     link = f"/api/users/verify-magic-link?token={token}"
     navigation = {"accept": "text/html,*/*;q=0.8", "sec-fetch-mode": "navigate"}
     for sent_by in ("cross-site", "same-site"):
@@ -150,8 +150,7 @@ async def test_a_link_another_site_sends_a_browser_to_asks_first_and_is_kept(
 async def test_a_link_typed_opened_from_a_mail_program_or_our_pages_signs_in_at_once(
     client: httpx.AsyncClient, smtp_sink: SmtpSink, sent_by: str | None
 ) -> None:
-    await client.post("/api/users/magic-link", json={"email": "b@test.com"})
-    token = await _emailed_token(smtp_sink, "b@test.com")
+    token = await _requested_token(client, smtp_sink, "b@test.com")
     headers = {"accept": "text/html"} | ({"sec-fetch-site": sent_by} if sent_by else {})
     opened = await client.get(f"/api/users/verify-magic-link?token={token}", headers=headers)
     assert opened.status_code == 303 and "session=" in opened.headers["set-cookie"]
@@ -160,8 +159,7 @@ async def test_a_link_typed_opened_from_a_mail_program_or_our_pages_signs_in_at_
 async def test_token_is_stored_hashed(
     client: httpx.AsyncClient, auth_app: Any, smtp_sink: SmtpSink
 ) -> None:
-    await client.post("/api/users/magic-link", json={"email": "hash@test.com"})
-    token = await _emailed_token(smtp_sink, "hash@test.com")
+    token = await _requested_token(client, smtp_sink, "hash@test.com")
     async with auth_app.state.runtime.db.transaction() as session:
         stored = list(await session.scalars(select(MagicLink.token_hash)))
     assert stored == [hash_token(token)]
@@ -186,8 +184,7 @@ async def test_an_expired_link_is_refused(auth_settings: AuthSettings, smtp_sink
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            await c.post("/api/users/magic-link", json={"email": "late@test.com"})
-            token = await _emailed_token(smtp_sink, "late@test.com")
+            token = await _requested_token(c, smtp_sink, "late@test.com")
             response = await c.get(f"/api/users/verify-magic-link?token={token}")
     assert response.status_code == 400
 
