@@ -17,7 +17,13 @@ from redis.asyncio import Redis
 from tests.conftest import Platform, new_user
 from tests.support import consumer_settled, eventually, frozen, stream_envelopes
 from ticketing.common.events import Envelope, OrderCreated
-from ticketing.expiration.jobs import WORKER_RESTART_LONGEST_SECONDS, JobQueue, restart_pause
+from ticketing.expiration.jobs import (
+    REDIS_TIMEOUT_SECONDS,
+    WORKER_HAD_REDIS_SECONDS,
+    WORKER_RESTART_LONGEST_SECONDS,
+    JobQueue,
+    WorkerRestarts,
+)
 from ticketing.expiration.service import Deferred, expiration_event_id, expire_order, job_id
 from ticketing.expiration.settings import ExpirationSettings
 
@@ -352,7 +358,11 @@ async def test_a_redis_that_stops_answering_is_an_error_not_a_hang(
 
 def test_job_workers_that_stop_at_once_are_started_again_ever_more_slowly() -> None:
     """Redis away: each new job worker stops at once, and the pause doubles up to the longest;
-    one that had run a while counts as the first of a new outage (1 s again)."""
-    pauses = [restart_pause(failures) for failures in range(1, 9)]
+    one that had run a while (it had Redis) starts a new outage from a second again, and one
+    whose Redis stopped answering (it stops after the read timeout) counts as stopping soon."""
+    restarts = WorkerRestarts()
+    pauses = [restarts.stopped(ran_for=0.01) for _ in range(8)]
     assert pauses[:4] == [1.0, 2.0, 4.0, 8.0]
     assert pauses[-1] == WORKER_RESTART_LONGEST_SECONDS == max(pauses)
+    assert restarts.stopped(ran_for=WORKER_HAD_REDIS_SECONDS + 60) == 1.0
+    assert restarts.stopped(ran_for=REDIS_TIMEOUT_SECONDS + 0.1) == 2.0

@@ -79,11 +79,19 @@ async def _close(worker: Worker, pool: ArqRedis) -> None:
     await pool.aclose()
 
 
-def restart_pause(failures: int) -> float:
-    """The pause before another job worker starts, after `failures` in a row stopped soon after
-    they started (1 for the first, or for one that had run a while): doubled for each, up to
-    the longest, while Redis stays away."""
-    return min(WORKER_RESTART_SECONDS * 2.0 ** (failures - 1), WORKER_RESTART_LONGEST_SECONDS)
+class WorkerRestarts:
+    """The pause before another job worker starts: a second after one that had run a while
+    (it had Redis: this outage is new), doubled for each in a row that stopped soon after it
+    started (Redis still away), up to the longest."""
+
+    def __init__(self) -> None:
+        self.failures = 0  # job workers in a row that stopped soon after they started
+
+    def stopped(self, ran_for: float) -> float:
+        """Note a job worker that stopped after `ran_for` seconds; the pause before the next."""
+        self.failures = 1 if ran_for > WORKER_HAD_REDIS_SECONDS else self.failures + 1
+        pause = WORKER_RESTART_SECONDS * 2.0 ** (self.failures - 1)
+        return min(pause, WORKER_RESTART_LONGEST_SECONDS)
 
 
 class JobQueue:
@@ -140,7 +148,7 @@ class JobQueue:
         """arq's worker stops for good at its first Redis error (a restart, a network blip), and
         every order due after it would stay unexpired: another one starts, until the service
         stops. Jobs the stopped one had started go on (each announces once, whoever runs it)."""
-        failures = 0  # job workers in a row that stopped soon after they started
+        restarts = WorkerRestarts()
         while True:
             worker = self._worker(runtime)
             # Kept while it runs, and after while jobs it started do (for the stop to end them).
@@ -152,10 +160,7 @@ class JobQueue:
                 await worker.async_run()
             except Exception as exc:
                 error = exc
-            # One that ran a while had Redis: this outage is new, and starts from a short pause.
-            had_redis = time.monotonic() - started > WORKER_HAD_REDIS_SECONDS
-            failures = 1 if had_redis else failures + 1
-            pause = restart_pause(failures)
+            pause = restarts.stopped(ran_for=time.monotonic() - started)
             if isinstance(error, RedisError):
                 log.warning(
                     "the job worker lost Redis (%s); another starts in %.0f s", error, pause
