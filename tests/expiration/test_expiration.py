@@ -23,6 +23,7 @@ from ticketing.expiration.jobs import (
     WORKER_RESTART_LONGEST_SECONDS,
     JobQueue,
     WorkerRestarts,
+    lost_redis,
 )
 from ticketing.expiration.service import Deferred, expiration_event_id, expire_order, job_id
 from ticketing.expiration.settings import ExpirationSettings
@@ -366,3 +367,18 @@ def test_job_workers_that_stop_at_once_are_started_again_ever_more_slowly() -> N
     assert pauses[-1] == WORKER_RESTART_LONGEST_SECONDS == max(pauses)
     assert restarts.stopped(ran_for=WORKER_HAD_REDIS_SECONDS + 60) == 1.0
     assert restarts.stopped(ran_for=REDIS_TIMEOUT_SECONDS + 0.1) == 2.0
+
+
+def test_a_job_worker_cut_off_from_redis_is_an_outage_not_a_bug() -> None:
+    """Logged as a warning without a traceback: redis-py's errors, and uvloop's own for a
+    write to a connection Redis reset; anything else is a bug, with its traceback."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    uvloop_closed = RuntimeError(
+        "unable to perform operation on <TCPTransport closed=True reading=False>;"
+        " the handler is closed"
+    )
+    assert lost_redis(RedisConnectionError("Connection closed by server."))
+    assert lost_redis(uvloop_closed)
+    assert not lost_redis(RuntimeError("a bug"))
+    assert not lost_redis(None)

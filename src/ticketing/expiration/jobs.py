@@ -79,6 +79,15 @@ async def _close(worker: Worker, pool: ArqRedis) -> None:
     await pool.aclose()
 
 
+def lost_redis(error: BaseException | None) -> bool:
+    """Whether a job worker stopped because its Redis connection went (an outage, not a bug).
+    Under uvloop, redis-py writing to a connection Redis has reset raises uvloop's own
+    RuntimeError ("the handler is closed"), not a ConnectionError."""
+    if isinstance(error, RedisError):
+        return True
+    return isinstance(error, RuntimeError) and "handler is closed" in str(error)
+
+
 class WorkerRestarts:
     """The pause before another job worker starts: a second after one that had run a while
     (it had Redis: this outage is new), doubled for each in a row that stopped soon after it
@@ -161,7 +170,7 @@ class JobQueue:
             except Exception as exc:
                 error = exc
             pause = restarts.stopped(ran_for=time.monotonic() - started)
-            if isinstance(error, RedisError):
+            if lost_redis(error):
                 log.warning(
                     "the job worker lost Redis (%s); another starts in %.0f s", error, pause
                 )
