@@ -167,7 +167,9 @@ async def _platform_run(
         async with ConvergenceWatcher(config.nats_url, config.subject_prefix) as watcher:
             if ceiling is not None:
                 ceiling.api = Api(ceiling_http, ceiling.server.url)
-            turns = Turns(config, meter, watcher, ceiling, _chaos(config, platform))
+            turns = Turns(
+                config, meter, watcher, ceiling, _chaos(config, platform, _killer(config, platform))
+            )
             with phase(console, turns.title):
                 target, ceiling_target = await turns.rush(api, people.buyers, ticket_ids, platform)
             if ceiling is not None:
@@ -210,10 +212,10 @@ def _dropper(config: Config, platform: Platform) -> ConnectionDropper | None:
     return ConnectionDropper(admin, config.databases, every, platform.relays)
 
 
-def _chaos(config: Config, platform: Platform) -> Chaos | None:
+def _chaos(config: Config, platform: Platform, killer: WorkerKiller | None) -> Chaos | None:
     if not config.chaos or not platform.managed:
         return None
-    return Chaos(_killer(config, platform), _dropper(config, platform))
+    return Chaos(killer, _dropper(config, platform))
 
 
 async def _after_faults(
@@ -334,8 +336,7 @@ async def _expiry(
     # their in-progress mark has lapsed (the job timeout and a second), so each kill delays
     # them by that much.
     killer = _killer(config, platform, roles=("events",), most=2)
-    faulty = config.chaos and platform.managed
-    chaos = Chaos(killer, _dropper(config, platform)) if faulty else None
+    chaos = _chaos(config, platform, killer)
     within = EXPIRY_TIMEOUT + (EXPIRY_JOBS_HANDED_ON_SECONDS if killer else 0)
     async with client(config.buyers) as http, cancelled:
         api = Api(http, platform.url)

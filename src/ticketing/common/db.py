@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -40,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.schema import CreateColumn
 
-from ticketing.common.errors import Conflict
+from ticketing.common.errors import Conflict, is_unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,8 +168,8 @@ class Database:
                         await conn.run_sync(md.create_all)
                         await conn.run_sync(add_missing_columns, md)
                 return
-            except (DBAPIError, *_SERVER_AWAY) as exc:
-                if attempt == attempts or not _server_away(exc):
+            except Exception as exc:
+                if attempt == attempts or not is_unavailable(exc):
                     raise
                 log.warning("creating the tables: PostgreSQL is away (%r); again", exc)
                 await asyncio.sleep(CREATE_PAUSE_SECONDS * attempt)
@@ -364,21 +364,6 @@ _DEAD_CONNECTION = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.InternalClientError,
 )
-
-
-# What PostgreSQL away or restarting looks like from the driver: a connection it ended or
-# refused, or its refusal while it starts or stops.
-_SERVER_AWAY = (*_DEAD_CONNECTION, asyncpg.CannotConnectNowError)
-
-
-def _server_away(exc: BaseException) -> bool:
-    """Whether an error says the server is away (SQLAlchemy's disconnect, or the driver's own
-    errors of a connection closed or refused), not something about the statement or schema."""
-    if isinstance(exc, DBAPIError):
-        # SQLAlchemy's adapter raises an error of its own, its `orig` the driver's
-        driver_error = getattr(exc.orig, "orig", None)
-        return exc.connection_invalidated or isinstance(driver_error, _SERVER_AWAY)
-    return isinstance(exc, _SERVER_AWAY)
 
 
 def _driver_call(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 import nats.errors
 import nats.js.errors
 import sqlalchemy.exc
@@ -153,8 +154,15 @@ _PG_UNAVAILABLE_STATES = ("08", "53", "57P01", "57P02", "57P03")
 _SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk")
 
 
+# The driver's own words for a connection lost: closed under a statement, or its protocol left
+# mid-operation by one that was cut off.
+_CONNECTION_LOST = (asyncpg.ConnectionDoesNotExistError, asyncpg.InternalClientError)
+
+
 def is_unavailable(exc: BaseException) -> bool:
-    """Whether `exc` says a part did not answer (an outage), not that the work is wrong."""
+    """Whether `exc` says a part did not answer (an outage), not that the work is wrong: as
+    SQLAlchemy raises it, or as the driver does (a connection of its own, not pooled)."""
+    driver: BaseException | None = exc
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         if exc.connection_invalidated:
             return True  # the connection broke under the statement
@@ -163,7 +171,10 @@ def is_unavailable(exc: BaseException) -> bool:
             return state.startswith(_PG_UNAVAILABLE_STATES)
         if type(exc.orig).__module__.startswith(("sqlite3", "aiosqlite")):
             return any(word in str(exc.orig).lower() for word in _SQLITE_UNAVAILABLE)
-    return isinstance(exc, _UNAVAILABLE)
+        driver = getattr(exc.orig, "orig", None)  # SQLAlchemy's adapter keeps the driver's
+    elif isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "").startswith(_PG_UNAVAILABLE_STATES)
+    return isinstance(exc, _UNAVAILABLE) or isinstance(driver, _CONNECTION_LOST)
 
 
 def unavailable_response(method: str, path: str, exc: BaseException) -> JSONResponse | None:

@@ -18,6 +18,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from ticketing.common.app import Runtime
+from ticketing.common.backoff import Backoff
 from ticketing.common.messaging import RetryLater
 from ticketing.expiration import service
 from ticketing.expiration.settings import ExpirationSettings
@@ -94,13 +95,14 @@ class WorkerRestarts:
     started (Redis still away), up to the longest."""
 
     def __init__(self) -> None:
-        self.failures = 0  # job workers in a row that stopped soon after they started
+        # of job workers in a row that stopped soon after they started
+        self.backoff = Backoff(WORKER_RESTART_SECONDS, WORKER_RESTART_LONGEST_SECONDS)
 
     def stopped(self, ran_for: float) -> float:
         """Note a job worker that stopped after `ran_for` seconds; the pause before the next."""
-        self.failures = 1 if ran_for > WORKER_HAD_REDIS_SECONDS else self.failures + 1
-        pause = WORKER_RESTART_SECONDS * 2.0 ** (self.failures - 1)
-        return min(pause, WORKER_RESTART_LONGEST_SECONDS)
+        if ran_for > WORKER_HAD_REDIS_SECONDS:
+            self.backoff.succeeded()
+        return self.backoff.failed()
 
 
 class JobQueue:

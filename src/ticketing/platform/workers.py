@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -33,6 +33,7 @@ import uvicorn
 from rich.console import Console
 from rich.live import Live
 
+from ticketing.common.backoff import Backoff
 from ticketing.common.db import Database
 from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
@@ -193,14 +194,18 @@ class Restarts:
     instead of a new process every second or two, each with a traceback. Any other (a crash
     once serving, a kill at any time) at once."""
 
-    failures: int = 0  # start-ups in a row that failed
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(START_AGAIN_SECONDS, START_AGAIN_LONGEST_SECONDS)
+    )  # of start-ups that failed
     due: float | None = None  # set from when the worker was found dead until it is replaced
 
     def died(self, start_failed: bool, now: float) -> float:
         """Note the worker found dead; the pause before another starts."""
-        self.failures = self.failures + 1 if start_failed else 0
-        pause = START_AGAIN_SECONDS * 2 ** (self.failures - 1) if start_failed else 0.0
-        pause = min(pause, START_AGAIN_LONGEST_SECONDS)
+        pause = 0.0
+        if start_failed:
+            pause = self.backoff.failed()
+        else:
+            self.backoff.succeeded()
         self.due = now + pause
         return pause
 
