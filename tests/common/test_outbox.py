@@ -8,9 +8,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from nats.js.errors import APIError, NoStreamResponseError
 from sqlalchemy import event, select
 
 from tests.support import eventually, frozen, own_nats_bus, stream_envelopes
+from ticketing.common import messaging
 from ticketing.common.db import Database
 from ticketing.common.events import Envelope, TicketCreated
 from ticketing.common.messaging import Bus, Publisher
@@ -345,3 +347,63 @@ async def test_a_sweep_that_fails_on_the_work_itself_logs_the_error(
         await eventually(lambda: "outbox relay failed" in caplog.text)
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
     await bare.dispose()
+
+
+async def test_send_committed_sends_in_the_callers_task_and_the_relay_marks_it(
+    db: Database, bus: Bus, publisher: Publisher, relays: asyncio.Queue[OutboxRelay]
+) -> None:
+    """A rush's winner sends its own order:created before its 201, without a turn of the
+    loop for the relay's task nor a wait for JetStream's ack; the relay marks it once acked."""
+    relay = start_relay(db, publisher, relays, sweeps=False)
+    async with db.transaction() as session:
+        envelope = add_event(session, ticket(1))
+    await relay.send_committed()
+    await relay.send_committed()  # nothing left to send: a no-op
+    published = await eventually(lambda: stream_envelopes(bus))
+    assert [e.id for e in published] == [envelope.id]
+    await eventually(lambda: _none_pending(db))
+
+
+async def test_a_send_never_acked_is_left_to_the_sweep(
+    db: Database,
+    bus: Bus,
+    settings: Settings,
+    relays: asyncio.Queue[OutboxRelay],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NATS stops answering after the send: the ack is given up after its deadline (its
+    client slot freed), the row stays pending, and a sweep publishes it."""
+    monkeypatch.setattr(messaging, "PUBLISH_ACK_SECONDS", 0.3)
+    async with own_nats_bus(settings, tmp_path / "nats") as (server, stalled):
+        relay = start_relay(db, Publisher(stalled), relays, sweeps=False)
+        with frozen(server):
+            async with db.transaction() as session:
+                envelope = add_event(session, ticket(1))
+            await relay.send_committed()
+            assert await relay.caught_up(within=10)  # given up: the sweep's now
+        assert [row.event_id for row in await pending_rows(db)] == [envelope.id]
+    start_relay(db, Publisher(bus), relays)
+    published = await eventually(lambda: stream_envelopes(bus))
+    assert [e.id for e in published] == [envelope.id]
+    await eventually(lambda: _none_pending(db))
+
+
+async def test_a_send_that_jetstream_refuses_raises_its_error(bus: Bus, settings: Settings) -> None:
+    """The ack of a send carries JetStream's refusal (here: the stream is not the one the
+    publish expects), as nats-py's own publish raises it."""
+    other = Bus(settings.model_copy(update={"nats_stream": f"{settings.nats_stream}-other"}))
+    other.nc, other._js = bus.nc, bus.js  # the same connection, expecting another stream
+    ack = await Publisher(other).send_raw("ticket:created", "id-1", b"{}")
+    with pytest.raises(APIError):
+        await Publisher.acked([ack])
+
+
+async def test_a_send_no_stream_takes_raises_no_stream_response(
+    bus: Bus, settings: Settings
+) -> None:
+    other = Bus(settings.model_copy(update={"nats_subject_prefix": "nobody-listens"}))
+    other.nc, other._js = bus.nc, bus.js
+    ack = await Publisher(other).send_raw("ticket:created", "id-1", b"{}")
+    with pytest.raises(NoStreamResponseError):
+        await Publisher.acked([ack])

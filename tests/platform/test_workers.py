@@ -11,30 +11,50 @@ from ticketing.platform.workers import (
     CONNECTION_BUDGET,
     EVENT_ROLES,
     EVENT_WORKERS,
+    EVENTS_POOL_SIZE,
     MIN_POOL_SIZE,
+    REQUESTS,
     START_AGAIN_LONGEST_SECONDS,
     START_AGAIN_SECONDS,
     Restarts,
-    pool_size_per_service,
+    pool_sizes,
 )
-
-SERVICES_WITH_DB = sum(1 for spec in SERVICES.values() if spec.has_database)
 
 
 @pytest.mark.parametrize("request_workers", [1, 2, 3, 4])
 def test_all_pools_at_their_fullest_stay_within_the_budget(request_workers: int) -> None:
-    processes = request_workers + EVENT_WORKERS
-    size = pool_size_per_service(processes)
-    assert size >= MIN_POOL_SIZE
-    assert processes * SERVICES_WITH_DB * size <= CONNECTION_BUDGET
+    roles = [*EVENT_ROLES, *[REQUESTS] * request_workers]
+    sizes = pool_sizes(roles)
+    pools = [(role, spec) for role in roles for spec in SERVICES.values()
+             if spec.has_database and (not role.listens or role.runs(spec.name))]  # fmt: skip
+    assert sum(sizes[role] for role, _spec in pools) <= CONNECTION_BUDGET
+    assert all(sizes[role] == EVENTS_POOL_SIZE for role in EVENT_ROLES)
+    # The request workers share what the events workers leave: more each when they are fewer.
+    assert sizes[REQUESTS] > EVENTS_POOL_SIZE if request_workers <= 2 else sizes[REQUESTS] >= 2
+
+
+def test_two_request_workers_get_more_connections_than_the_events_workers_need() -> None:
+    """A rush sends each request worker about eight attempts at once: with four connections
+    a service, attempts queued for one; with two workers each now has seven."""
+    assert pool_sizes([*EVENT_ROLES, REQUESTS, REQUESTS])[REQUESTS] == 7
 
 
 def test_too_many_processes_for_the_budget_are_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="ticketing.platform.workers"):
-        assert pool_size_per_service(30) == MIN_POOL_SIZE
+        assert pool_sizes([*EVENT_ROLES, *[REQUESTS] * 30])[REQUESTS] == MIN_POOL_SIZE
     assert "TICKETING_DB_POOL_SIZE" in caplog.text
+
+
+def test_only_the_follow_up_of_a_sale_runs_at_a_lower_priority() -> None:
+    """The request workers and the reservation's worker at the default priority; the worker
+    of orders, payments and expiration (replicas, jobs) below them."""
+    (reservation,) = [role for role in EVENT_ROLES if role.runs("tickets")]
+    (follow_up,) = [role for role in EVENT_ROLES if not role.runs("tickets")]
+    assert (REQUESTS.niceness, reservation.niceness) == (0, 0)
+    assert follow_up.niceness > 0
+    assert {"orders", "payments", "expiration"} <= follow_up.services
 
 
 def test_every_service_has_its_events_handled_by_exactly_one_events_worker() -> None:

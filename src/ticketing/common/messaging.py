@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -22,11 +23,12 @@ from nats.js.api import (
     ConsumerConfig,
     ConsumerInfo,
     DeliverPolicy,
+    Header,
     SequenceInfo,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +45,10 @@ from ticketing.common.settings import Settings
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_SECONDS = 120.0
+# How long a publish waits for JetStream's ack (nats-py's default for its API calls).
+PUBLISH_ACK_SECONDS = 5.0
+# The status of a request that no server took (nats-py's NO_RESPONDERS_STATUS).
+NO_RESPONDERS_STATUS = "503"
 # How long a fetch that found nothing ready waits for a first event (JetStream then hands over
 # what is ready at once, without waiting for the batch to fill); after it, the next message
 # alone, as soon as it comes.
@@ -226,19 +232,109 @@ class Publisher:
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
+        # JetStream's acks of sends (send_raw), by the token ending their reply subject, on an
+        # inbox of this publisher's (subscribed once per connection).
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._tokens = itertools.count()  # unique within the inbox: no random bytes needed
+        self._inbox: str | None = None
+        self._inbox_of: NATS | None = None
 
     async def publish_raw(
         self, event_type: str, event_id: str, body: bytes, *, correlation: str | None = None
     ) -> None:
-        headers = {"Nats-Msg-Id": event_id}
-        if correlation:
-            headers[NATS_CORRELATION_HEADER] = correlation
         await self.bus.js.publish(
-            subject_for(event_type, self.bus.prefix), body, stream=self.bus.stream, headers=headers
+            subject_for(event_type, self.bus.prefix),
+            body,
+            stream=self.bus.stream,
+            headers=_publish_headers(event_id, correlation),
         )
 
     async def publish(self, envelope: Envelope) -> None:
         await self.publish_raw(envelope.type, envelope.id, envelope.model_dump_json().encode())
+
+    async def send_raw(
+        self, event_type: str, event_id: str, body: bytes, *, correlation: str | None = None
+    ) -> asyncio.Future[None]:
+        """Hand a publish to the client and return at once (no turn of the loop is waited
+        for, unless the client's buffer is full); JetStream's ack comes to the future.
+        Await it through `acked`, which bounds the wait."""
+        nc = self.bus.nc
+        assert nc is not None, "Bus.connect() first"
+        if self._inbox_of is not nc:
+            await self._listen_for_acks(nc)
+        token = str(next(self._tokens))
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[token] = ack
+        ack.add_done_callback(lambda _: self._acks.pop(token, None))
+        headers = _publish_headers(event_id, correlation)
+        headers[Header.EXPECTED_STREAM] = self.bus.stream
+        try:
+            await nc.publish(
+                subject_for(event_type, self.bus.prefix),
+                body,
+                reply=f"{self._inbox}.{token}",
+                headers=headers,
+            )
+        except BaseException:
+            ack.cancel()
+            raise
+        return ack
+
+    @staticmethod
+    async def acked(sends: Sequence[asyncio.Future[None]]) -> None:
+        """Wait for the acks of sends, for at most PUBLISH_ACK_SECONDS (TimeoutError then);
+        any send left unanswered is given up."""
+        try:
+            async with asyncio.timeout(PUBLISH_ACK_SECONDS):
+                await asyncio.gather(*sends)
+        finally:
+            for send in sends:
+                send.cancel()  # a no-op on those answered
+
+    async def _listen_for_acks(self, nc: NATS) -> None:
+        # Set before the subscription is awaited: a send meanwhile uses the same inbox, its
+        # publish queued after the SUB (which the client queues before its first await).
+        self._inbox, self._inbox_of = nc.new_inbox(), nc
+        try:
+            await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+        except BaseException:
+            self._inbox_of = None
+            raise
+
+    async def _on_ack(self, msg: Msg) -> None:
+        ack = self._acks.get(msg.subject.rsplit(".", 1)[-1])
+        if ack is None or ack.done():
+            return  # given up meanwhile
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
+            ack.set_exception(NoStreamResponseError())  # no stream takes the subject
+            return
+        try:
+            answer = json.loads(msg.data)
+        except ValueError as exc:
+            ack.set_exception(exc)
+            return
+        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+            ack.set_exception(_api_error(answer["error"]))
+        else:
+            ack.set_result(None)
+
+
+def _api_error(error: dict[str, Any]) -> APIError:
+    """The APIError nats-py makes of a JetStream error (its from_error raises it)."""
+    try:
+        APIError.from_error(error)
+    except APIError as exc:
+        return exc
+    except (KeyError, TypeError):  # not the shape JetStream gives
+        pass
+    return APIError(description=str(error))
+
+
+def _publish_headers(event_id: str, correlation: str | None) -> dict[str, str]:
+    headers = {"Nats-Msg-Id": event_id}
+    if correlation:
+        headers[NATS_CORRELATION_HEADER] = correlation
+    return headers
 
 
 def _correlation_of(msg: Msg) -> str | None:

@@ -430,6 +430,7 @@ class OutboxRelay:
         # over (sent, or failed and left to a sweep): caught_up compares the two.
         self._handed = 0
         self._settled = 0
+        self._awaiting: set[asyncio.Task[None]] = set()  # acks of rounds sent
         self._progress = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         db.on_commit(self._committed)
@@ -447,7 +448,7 @@ class OutboxRelay:
     async def stop(self) -> None:
         # Rows not yet published or marked stay pending: the next sweep anywhere sends them.
         self._stopped.set()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._awaiting]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -474,20 +475,59 @@ class OutboxRelay:
             return False
         return True
 
+    async def send_committed(self) -> None:
+        """Send what this process has committed and not yet sent, now, in the caller's task;
+        the relay awaits JetStream's acks. A request that waits for its event to be on its
+        way (a rush's winning order) so waits for no turn of a busy loop: not for the relay's
+        task to wake, nor for the ack."""
+        rows = self._fresh.take_now()
+        if rows:
+            await self._send_round(rows)
+
     async def _publish_fresh(self) -> None:
         """Rows of this process's commits, in commit order, as soon as they commit: what
-        committed meanwhile goes in the same round (in batches, after a stall)."""
+        committed meanwhile goes in the same round (in batches, after a stall). A round is
+        sent without waiting for the acks of the one before: they are awaited apart."""
         while not self._stopped.is_set():
-            for rows in self._batches(await self._fresh.take()):
-                try:
-                    await self._publish(rows)
-                    self._sent.add(rows)
-                except Exception:
-                    log.warning("could not publish %d events; the sweep will", len(rows),
-                                exc_info=True)  # fmt: skip
-                async with self._progress:
-                    self._settled += len(rows)
-                    self._progress.notify_all()
+            await self._send_round(await self._fresh.take())
+
+    async def _send_round(self, rows: OutboxRows) -> None:
+        for batch in self._batches(rows):
+            sends: list[asyncio.Future[None]] = []
+            try:
+                for row in batch:
+                    sends.append(await self._send(row))
+            except Exception:
+                for send in sends:
+                    send.cancel()
+                log.warning("could not publish %d events; the sweep will", len(batch),
+                            exc_info=True)  # fmt: skip
+                await self._settle(len(batch))
+                continue
+            task = asyncio.create_task(self._acks(batch, sends), name="outbox-acks")
+            self._awaiting.add(task)
+            task.add_done_callback(self._awaiting.discard)
+
+    async def _send(self, row: Mapping[Any, Any]) -> asyncio.Future[None]:
+        return await self.publisher.send_raw(
+            row["type"], row["event_id"], row["body"].encode(), correlation=row["correlation_id"]
+        )
+
+    async def _acks(self, rows: OutboxRows, sends: list[asyncio.Future[None]]) -> None:
+        try:
+            await self.publisher.acked(sends)
+        except Exception:
+            # Left pending: a sweep publishes them again, and JetStream drops any copy.
+            log.warning("no ack for %d events; the sweep will send them", len(rows), exc_info=True)
+        else:
+            self._sent.add(rows)
+            self._count_published(rows)
+        await self._settle(len(rows))
+
+    async def _settle(self, settled: int) -> None:
+        async with self._progress:
+            self._settled += settled
+            self._progress.notify_all()
 
     async def _mark_sent(self) -> None:
         """Mark what went out, off the path of the next publish; one statement per batch."""
@@ -606,6 +646,9 @@ class OutboxRelay:
             )
             for row in rows
         ))  # fmt: skip
+        self._count_published(rows)
+
+    def _count_published(self, rows: Sequence[Mapping[Any, Any]]) -> None:
         if self.metrics:
             for row in rows:
                 self.metrics.events_published.labels(type=row["type"]).inc()
@@ -623,14 +666,18 @@ class _Handoff:
         self._rows.extend(rows)
         self._ready.set()
 
+    def take_now(self) -> OutboxRows:
+        """Everything handed over and not yet taken, without waiting."""
+        self._ready.clear()
+        rows, self._rows = self._rows, []
+        return rows
+
     async def take(self, *, gather: float = 0.0) -> OutboxRows:
         """Wait for rows; then `gather` seconds more, for those that follow, before taking."""
         await self._ready.wait()
         if gather:
             await asyncio.sleep(gather)
-        self._ready.clear()
-        rows, self._rows = self._rows, []
-        return rows
+        return self.take_now()
 
 
 @cache

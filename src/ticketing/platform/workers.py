@@ -4,9 +4,10 @@ Each request worker serves every service behind the gateway on one shared socket
 spreads connections over them); the events workers run the listeners, the expiration job
 worker and the outbox sweeps (every process publishes what its own commits wrote), so that
 events are handled at once instead of queueing behind requests: one those of tickets (the
-reservation), the other those of every other service. The request workers run
-at a lower CPU priority (nice): under overload the platform first keeps what it already sold
-consistent, then takes new orders.
+reservation), the other those of every other service. That last one runs at a lower CPU
+priority (nice): what a buyer waits on (an answer, then the reservation of what was sold) comes
+first; what follows a sale (the replicas of orders and payments, the expiry jobs) takes what the
+cores leave, in bigger batches the longer it waits.
 
 What stays correct with several processes is the services' own business: JetStream gives each
 durable consumer's messages to one process at a time, the outbox sweep runs under a PostgreSQL
@@ -25,6 +26,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -47,8 +49,10 @@ from ticketing.platform.stripe_sandbox import SandboxServer
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 15.0
-# How much lower the request workers' CPU priority is than the events workers'.
-REQUEST_WORKER_NICENESS = 5
+# How much lower the CPU priority of the events worker off the buyers' path is. A sale's
+# follow-up work, at the same priority, took a core from the requests in bursts: a rush's
+# slowest answers were those that waited behind it.
+FOLLOW_UP_NICENESS = 15
 # A worker that died before it served is started again after a pause, doubled for each
 # start-up in a row that failed, up to the longest.
 START_AGAIN_SECONDS = 1.0
@@ -136,6 +140,7 @@ class Role:
     name: str
     listens: bool
     services: frozenset[str] = frozenset()
+    niceness: int = 0
 
     def runs(self, service: str) -> bool:
         return service in self.services
@@ -156,14 +161,24 @@ REQUESTS = Role("requests", listens=False)
 _RESERVATION_PATH = frozenset({"tickets"})
 EVENT_ROLES = (
     Role("events", listens=True, services=_RESERVATION_PATH),
-    Role("events", listens=True, services=frozenset(SERVICES) - _RESERVATION_PATH),
+    Role(
+        "events",
+        listens=True,
+        services=frozenset(SERVICES) - _RESERVATION_PATH,
+        niceness=FOLLOW_UP_NICENESS,
+    ),
 )
-# Every process has a pool per service: all of them together, at their fullest, stay within
-# this, under PostgreSQL's default max_connections (100) with room for migrations and psql.
-# Pools only open what is used at once; beyond a few per core, more would only queue inside
-# PostgreSQL.
+# Every process has a pool per service it runs: all of them together, at their fullest, stay
+# within this, under PostgreSQL's default max_connections (100) with room for migrations and
+# psql. Pools only open what is used at once.
 CONNECTION_BUDGET = 90
 MIN_POOL_SIZE = 2
+# An events worker's pools serve a few statements at a time (a listener's batch, the relay's
+# marks and sweep, the expiry jobs' announcements); the request workers' pools share the rest:
+# a request worker serves as many attempts at once as its clients send, and an attempt that
+# waits for a connection waits for another's answer to be read first (with 4 each, the
+# rush's slowest attempts were those).
+EVENTS_POOL_SIZE = 4
 # Two, so that a burst of events (a rush, or a rush's orders expiring together) has a core
 # when the request workers leave one. One that dies is replaced; meanwhile its services'
 # events wait in their durable consumers.
@@ -173,17 +188,29 @@ EVENT_WORKERS = len(EVENT_ROLES)
 ROLES = (REQUESTS, *EVENT_ROLES)
 
 
-def pool_size_per_service(processes: int) -> int:
-    """Connections each service's pool keeps in each process, within CONNECTION_BUDGET."""
-    services = sum(1 for spec in SERVICES.values() if spec.has_database)
-    size = CONNECTION_BUDGET // (processes * services)
+def pool_sizes(roles: Sequence[Role]) -> dict[Role, int]:
+    """Connections each service's pool keeps in a worker of each role, within
+    CONNECTION_BUDGET: EVENTS_POOL_SIZE in an events worker, the rest shared by the request
+    workers' pools."""
+    events = sum(_databases(role) for role in roles if role.listens) * EVENTS_POOL_SIZE
+    requests = sum(_databases(role) for role in roles if not role.listens)
+    size = (CONNECTION_BUDGET - events) // max(requests, 1)
     if size < MIN_POOL_SIZE:
         log.warning(
-            "%d processes x %d services x %d connections may exceed PostgreSQL's max_connections;"
-            " set TICKETING_DB_POOL_SIZE, or raise max_connections",
-            processes, services, MIN_POOL_SIZE,
+            "%d request workers x %d connections a service may exceed PostgreSQL's"
+            " max_connections; set TICKETING_DB_POOL_SIZE, or raise max_connections",
+            sum(1 for role in roles if not role.listens), MIN_POOL_SIZE,
         )  # fmt: skip
-    return max(size, MIN_POOL_SIZE)
+    return {role: EVENTS_POOL_SIZE if role.listens else max(size, MIN_POOL_SIZE) for role in roles}
+
+
+def _databases(role: Role) -> int:
+    """How many pools a worker of the role has: one per service with a database it runs."""
+    return sum(
+        1
+        for spec in SERVICES.values()
+        if spec.has_database and (not role.listens or role.runs(spec.name))
+    )
 
 
 @dataclass
@@ -225,7 +252,7 @@ class WorkerPool:
         self.log_level = log_level
         self.overrides = overrides
         self.roles: list[Role] = []
-        self.pool_size = MIN_POOL_SIZE
+        self.pool_sizes: dict[Role, int] = {}
         self.processes: list[BaseProcess] = []
         self.ready: list[Any] = []  # per process, an Event it sets once it serves
         self.restarts: list[Restarts] = []
@@ -236,7 +263,7 @@ class WorkerPool:
         sock = self.sock if role is REQUESTS else listening_socket("127.0.0.1", 0)
         overrides = {**self.overrides, "run_listeners": role.listens}
         if "TICKETING_DB_POOL_SIZE" not in os.environ:
-            overrides["db_pool_size"] = self.pool_size
+            overrides["db_pool_size"] = self.pool_sizes[role]
         ready = self._context.Event()
         process = self._context.Process(
             target=worker_main,
@@ -250,7 +277,7 @@ class WorkerPool:
 
     def start(self, request_workers: int) -> None:
         self.roles = [*EVENT_ROLES, *[REQUESTS] * request_workers]
-        self.pool_size = pool_size_per_service(len(self.roles))
+        self.pool_sizes = pool_sizes(self.roles)
         spawned = [self._spawn(role) for role in self.roles]
         self.processes = [process for process, _ready in spawned]
         self.ready = [ready for _process, ready in spawned]
@@ -333,8 +360,8 @@ def serve_worker(
     role = ROLES[role_index]
     configure_logging(json_lines=False, level=log_level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    if not role.listens:
-        os.nice(REQUEST_WORKER_NICENESS)
+    if role.niceness:
+        os.nice(role.niceness)
     # An events worker builds only the services it handles events of: nobody calls it.
     specs = [spec for spec in SERVICES.values() if not role.listens or role.runs(spec.name)]
     services = {spec.name: spec.create_app(**overrides) for spec in specs}
