@@ -10,12 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tests.conftest import Platform, new_user
 from tests.support import eventually, stream_envelopes
 from ticketing.common import messaging
 from ticketing.common.events import Envelope, TicketCreated
+from ticketing.common.outbox import OutboxEvent
 from ticketing.orders import service
 from ticketing.orders.models import Order, OrderStatus
 
@@ -91,24 +92,41 @@ async def test_create_publishes_order_created(orders: Platform) -> None:
     }
 
 
-async def test_the_201_comes_once_order_created_is_on_the_stream(
+async def test_the_201_comes_once_order_created_is_sent_not_once_it_is_acked(
     orders: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No waiting here: the reservation is under way by the time the buyer reads the 201, even
-    when the publish is slow (well within the route's wait)."""
-    publisher = orders.runtime("orders").relay.publisher
-    publish = publisher.publish_raw
+    """The 201's request hands order:created to NATS itself; JetStream's ack is the relay's
+    business: with every ack held back, the 201 still comes, the event is stored, and its row
+    waits, unmarked, for the relay to hear of the ack."""
+    runtime = orders.runtime("orders")
+    release = asyncio.Event()
 
-    async def slow(*args: Any, **kwargs: Any) -> None:
-        await asyncio.sleep(0.2)  # a slow NATS, not a wait for a condition
-        await publish(*args, **kwargs)
+    async def held_back(sends: Any) -> None:
+        await release.wait()
 
-    monkeypatch.setattr(publisher, "publish_raw", slow)
+    monkeypatch.setattr(runtime.relay.publisher, "acked", held_back)
     ticket_id = await seed_ticket(orders)
-    async with orders.client(new_user()) as c:
-        body = (await order(c, ticket_id)).json()
-    published = await stream_envelopes(orders.runtime("orders").bus, "order:created")
-    assert [e.data["id"] for e in published] == [body["id"]]
+    try:
+        async with orders.client(new_user()) as c:
+            body = (await order(c, ticket_id)).json()
+        published = await eventually(lambda: stream_envelopes(runtime.bus, "order:created"))
+        assert [e.data["id"] for e in published] == [body["id"]]
+        async with runtime.db.transaction() as session:
+            unmarked = await session.scalars(
+                select(OutboxEvent.type).where(OutboxEvent.published_at.is_(None))
+            )
+            assert "order:created" in set(unmarked)
+    finally:
+        release.set()  # acked now: the relay marks it
+    await eventually(lambda: _all_marked(runtime.db))
+
+
+async def _all_marked(db: Any) -> bool:
+    async with db.transaction() as session:
+        pending = await session.scalars(
+            select(OutboxEvent.seq).where(OutboxEvent.published_at.is_(None))
+        )
+        return not list(pending)
 
 
 async def test_create_requires_a_session(orders: Platform) -> None:

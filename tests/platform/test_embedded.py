@@ -11,7 +11,12 @@ import pytest
 
 from tests.support import eventually
 from ticketing.platform import up
-from ticketing.platform.embedded import EmbeddedRedis, listening_socket, port_answers
+from ticketing.platform.embedded import (
+    EmbeddedRedis,
+    joining_socket,
+    listening_socket,
+    port_answers,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +41,40 @@ def test_a_port_in_use_is_refused_with_a_clear_message_on_ipv4_and_ipv6(
     with listening_socket(host, port) as sock:  # free again once its holder closed it
         assert sock.getsockname()[1] == port
         assert sock.get_inheritable()  # request workers serve on this very socket
+
+
+def test_a_shared_port_is_refused_when_in_use_and_spreads_connections_over_its_sockets() -> None:
+    """`ticketing up --workers N`: each request worker listens on a socket of its own on the
+    port. A port anyone holds is still refused; while the workers' sockets listen, nobody
+    else can take the port; and the kernel spreads new connections over the sockets."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):
+            listening_socket("127.0.0.1", taken.getsockname()[1], shared=True)
+    with listening_socket("127.0.0.1", 0, shared=True) as first, joining_socket(first) as other:
+        port = first.getsockname()[1]
+        assert other.getsockname()[1] == port
+        with pytest.raises(up.ListenError, match="already in use"):
+            up.run_up(host="127.0.0.1", port=port)  # a second `ticketing up`
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        try:
+            assert _accepted(first) and _accepted(other)  # 32 to 0: odds of 2 in 4 billion
+        finally:
+            for client in clients:
+                client.close()
+
+
+def _accepted(sock: socket.socket) -> int:
+    sock.setblocking(False)
+    count = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
 
 
 def test_an_address_that_cannot_be_listened_on_is_named() -> None:

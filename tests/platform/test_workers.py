@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from ticketing.platform.embedded import listening_socket
 from ticketing.platform.services import SERVICES
 from ticketing.platform.workers import (
     CONNECTION_BUDGET,
@@ -17,6 +18,7 @@ from ticketing.platform.workers import (
     START_AGAIN_LONGEST_SECONDS,
     START_AGAIN_SECONDS,
     Restarts,
+    WorkerPool,
     pool_sizes,
 )
 
@@ -25,8 +27,9 @@ from ticketing.platform.workers import (
 def test_all_pools_at_their_fullest_stay_within_the_budget(request_workers: int) -> None:
     roles = [*EVENT_ROLES, *[REQUESTS] * request_workers]
     sizes = pool_sizes(roles)
-    pools = [(role, spec) for role in roles for spec in SERVICES.values()
-             if spec.has_database and (not role.listens or role.runs(spec.name))]  # fmt: skip
+    # A request worker fills the pools of the services it serves requests of.
+    pools = [(role, spec) for role in roles for spec in SERVICES.values() if spec.has_database
+             and (role.runs(spec.name) if role.listens else spec.prefix is not None)]  # fmt: skip
     assert sum(sizes[role] for role, _spec in pools) <= CONNECTION_BUDGET
     assert all(sizes[role] == EVENTS_POOL_SIZE for role in EVENT_ROLES)
     # The request workers share what the events workers leave: more each when they are fewer.
@@ -34,9 +37,9 @@ def test_all_pools_at_their_fullest_stay_within_the_budget(request_workers: int)
 
 
 def test_two_request_workers_get_more_connections_than_the_events_workers_need() -> None:
-    """A rush sends each request worker about eight attempts at once: with four connections
-    a service, attempts queued for one; with two workers each now has seven."""
-    assert pool_sizes([*EVENT_ROLES, REQUESTS, REQUESTS])[REQUESTS] == 7
+    """A rush sends a request worker some eight to eleven attempts at once: with four
+    connections a service, attempts queued for one; with two workers each now has nine."""
+    assert pool_sizes([*EVENT_ROLES, REQUESTS, REQUESTS])[REQUESTS] == 9
 
 
 def test_too_many_processes_for_the_budget_are_warned_about(
@@ -93,3 +96,16 @@ def test_start_ups_that_fail_in_a_row_are_tried_again_ever_more_slowly() -> None
     assert max(pauses) == pauses[-1] == START_AGAIN_LONGEST_SECONDS
     assert restarts.died(start_failed=False, now=now) == 0.0
     assert restarts.died(start_failed=True, now=now) == START_AGAIN_SECONDS
+
+
+def test_each_request_worker_listens_on_a_socket_of_its_own_kept_for_its_replacement() -> None:
+    with listening_socket("127.0.0.1", 0, shared=True) as sock:
+        pool = WorkerPool(sock, "info", {})
+        first, second = pool._request_socket(2), pool._request_socket(3)
+        try:
+            assert first is sock and second is not sock
+            assert second.getsockname() == sock.getsockname()
+            assert pool._request_socket(3) is second  # a replacement takes over its backlog
+        finally:
+            pool.stop()
+        assert second.fileno() == -1 and sock.fileno() != -1  # the pool's own are closed

@@ -32,13 +32,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound and listening on `host:port`, which child processes may inherit."""
+def listening_socket(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """A socket bound and listening on `host:port`, which child processes may inherit.
+
+    `shared`: other sockets of this user may then listen on the port too (joining_socket), and
+    the kernel spreads new connections over them all. It is bound alone first, so a port that
+    anyone holds is refused all the same; only then opened to the others (before listen, when
+    the kernel groups the port's listeners)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _listening(family, (host, port), reuse_port_before_bind=False, shared=shared)
+
+
+def joining_socket(shared: socket.socket) -> socket.socket:
+    """Another socket listening on the port of `shared` (a listening_socket made shared)."""
+    address = shared.getsockname()[:2]
+    return _listening(shared.family, address, reuse_port_before_bind=True, shared=True)
+
+
+def _listening(
+    family: int, address: tuple[str, int], *, reuse_port_before_bind: bool, shared: bool
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        if reuse_port_before_bind:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.listen(2048)
     except OSError:
         sock.close()

@@ -149,9 +149,9 @@ def _stripe_sandbox(
     return [(SANDBOX_PREFIX, app)]
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
     try:
-        return listening_socket(host, port)
+        return listening_socket(host, port, shared=shared)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ListenError(
@@ -179,7 +179,8 @@ def run_up(*, host: str, port: int, log_level: str = "info", workers: int = 1) -
     board = StatusBoard()
     with ExitStack() as stack:
         # The port is ours before any embedded server picks a free one, which could be it.
-        sock = stack.enter_context(_listen(host, port))
+        # With several request workers, each gets a socket of its own on it (see WorkerPool).
+        sock = stack.enter_context(_listen(host, port, shared=workers > 1))
         local = _local_url(host, sock.getsockname()[1])  # the port chosen, for --port 0
         overrides = _start_infrastructure(stack, settings, board)
         given = "TICKETING_PUBLIC_URL" in os.environ

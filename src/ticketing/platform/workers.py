@@ -1,13 +1,13 @@
 """`ticketing up --workers N`: N request workers and two events workers, under a supervisor.
 
-Each request worker serves every service behind the gateway on one shared socket (the kernel
-spreads connections over them); the events workers run the listeners, the expiration job
-worker and the outbox sweeps (every process publishes what its own commits wrote), so that
-events are handled at once instead of queueing behind requests: one those of tickets (the
-reservation), the other those of every other service. That last one runs at a lower CPU
-priority (nice): what a buyer waits on (an answer, then the reservation of what was sold) comes
-first; what follows a sale (the replicas of orders and payments, the expiry jobs) takes what the
-cores leave, in bigger batches the longer it waits.
+Each request worker serves every service behind the gateway on a socket of its own on the
+platform's port (the kernel spreads connections over them); the events workers run the
+listeners, the expiration job worker and the outbox sweeps (every process publishes what its
+own commits wrote), so that events are handled at once instead of queueing behind requests:
+one those of tickets (the reservation), the other those of every other service. That last
+one runs at a lower CPU priority (nice): what a buyer waits on (an answer, then the reservation
+of what was sold) comes first; what follows a sale (the replicas of orders and payments, the
+expiry jobs) takes what the cores leave, in bigger batches the longer it waits.
 
 What stays correct with several processes is the services' own business: JetStream gives each
 durable consumer's messages to one process at a time, the outbox sweep runs under a PostgreSQL
@@ -40,10 +40,10 @@ from ticketing.common.db import Database
 from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET, SANDBOX_SECRET_KEY
-from ticketing.platform.embedded import listening_socket
+from ticketing.platform.embedded import joining_socket, listening_socket
 from ticketing.platform.gateway import Gateway, until_started
 from ticketing.platform.lifeline import worker_main
-from ticketing.platform.services import SERVICES
+from ticketing.platform.services import SERVICES, ServiceSpec
 from ticketing.platform.stripe_sandbox import SandboxServer
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ MIN_POOL_SIZE = 2
 # a request worker serves as many attempts at once as its clients send, and an attempt that
 # waits for a connection waits for another's answer to be read first (with 4 each, the
 # rush's slowest attempts were those).
-EVENTS_POOL_SIZE = 4
+EVENTS_POOL_SIZE = 3
 # Two, so that a burst of events (a rush, or a rush's orders expiring together) has a core
 # when the request workers leave one. One that dies is replaced; meanwhile its services'
 # events wait in their durable consumers.
@@ -205,12 +205,14 @@ def pool_sizes(roles: Sequence[Role]) -> dict[Role, int]:
 
 
 def _databases(role: Role) -> int:
-    """How many pools a worker of the role has: one per service with a database it runs."""
-    return sum(
-        1
-        for spec in SERVICES.values()
-        if spec.has_database and (not role.listens or role.runs(spec.name))
-    )
+    """How many pools a worker of the role fills: one per service with a database whose
+    events it handles, or whose requests it serves. (A request worker also builds the services
+    without routes, expiration, but nothing there makes a statement: their pools stay empty.)"""
+    return sum(1 for spec in SERVICES.values() if spec.has_database and _fills(role, spec))
+
+
+def _fills(role: Role, spec: ServiceSpec) -> bool:
+    return role.runs(spec.name) if role.listens else spec.prefix is not None
 
 
 @dataclass
@@ -256,11 +258,12 @@ class WorkerPool:
         self.processes: list[BaseProcess] = []
         self.ready: list[Any] = []  # per process, an Event it sets once it serves
         self.restarts: list[Restarts] = []
+        self.request_sockets: dict[int, socket.socket] = {}
         self._context = multiprocessing.get_context("spawn")
 
-    def _spawn(self, role: Role) -> tuple[BaseProcess, Any]:
+    def _spawn(self, role: Role, index: int) -> tuple[BaseProcess, Any]:
         # An events worker serves nothing anyone calls: its own socket only runs the lifespans.
-        sock = self.sock if role is REQUESTS else listening_socket("127.0.0.1", 0)
+        sock = self._request_socket(index) if role is REQUESTS else listening_socket("127.0.0.1", 0)
         overrides = {**self.overrides, "run_listeners": role.listens}
         if "TICKETING_DB_POOL_SIZE" not in os.environ:
             overrides["db_pool_size"] = self.pool_sizes[role]
@@ -271,14 +274,25 @@ class WorkerPool:
             name=f"ticketing-{role.name}",
         )
         process.start()
-        if sock is not self.sock:
+        if sock not in self.request_sockets.values():
             sock.close()  # the child has its own copy
         return process, ready
+
+    def _request_socket(self, index: int) -> socket.socket:
+        """The listening socket of the request worker at `index`, kept for whoever takes its
+        place: one of its own on the port. On one shared socket, a burst of new connections
+        (a rush's buyers) went to whichever worker woke first, which took all that waited:
+        12 of 16 on one worker, whose loop and pools then made the rush's slowest answers.
+        The kernel spreads them over sockets of their own (9 to 7)."""
+        if index not in self.request_sockets:
+            first = not self.request_sockets
+            self.request_sockets[index] = self.sock if first else joining_socket(self.sock)
+        return self.request_sockets[index]
 
     def start(self, request_workers: int) -> None:
         self.roles = [*EVENT_ROLES, *[REQUESTS] * request_workers]
         self.pool_sizes = pool_sizes(self.roles)
-        spawned = [self._spawn(role) for role in self.roles]
+        spawned = [self._spawn(role, index) for index, role in enumerate(self.roles)]
         self.processes = [process for process, _ready in spawned]
         self.ready = [ready for _process, ready in spawned]
         self.restarts = [Restarts() for _ in spawned]
@@ -300,7 +314,7 @@ class WorkerPool:
                     log.warning("%s worker exited with %s; starting another",
                                 name, process.exitcode)  # fmt: skip
             if restarts.start_now(now):
-                self.processes[index], self.ready[index] = self._spawn(self.roles[index])
+                self.processes[index], self.ready[index] = self._spawn(self.roles[index], index)
 
     def serving(self) -> bool:
         """Whether every worker has started: its services' start-up done, serving."""
@@ -325,6 +339,9 @@ class WorkerPool:
             if process.is_alive():
                 process.kill()
                 process.join()
+        for sock in self.request_sockets.values():
+            if sock is not self.sock:  # that one is its opener's to close
+                sock.close()
 
 
 async def _watch(
