@@ -40,25 +40,27 @@ def listening_socket(host: str, port: int, *, shared: bool = False) -> socket.so
     anyone holds is refused all the same; only then opened to the others (before listen, when
     the kernel groups the port's listeners)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return _listening(family, (host, port), reuse_port_before_bind=False, shared=shared)
+    return _listening(family, (host, port), joins=False, shared=shared)
 
 
 def joining_socket(shared: socket.socket) -> socket.socket:
     """Another socket listening on the port of `shared` (a listening_socket made shared)."""
     address = shared.getsockname()[:2]
-    return _listening(shared.family, address, reuse_port_before_bind=True, shared=True)
+    return _listening(shared.family, address, joins=True, shared=True)
 
 
 def _listening(
-    family: int, address: tuple[str, int], *, reuse_port_before_bind: bool, shared: bool
+    family: int, address: tuple[str, int], *, joins: bool, shared: bool
 ) -> socket.socket:
+    """`joins`: open to the port's other listeners before binding (else bound alone first);
+    `shared`: open to them from listen on."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port_before_bind:
+        if joins:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        if shared:
+        if shared and not joins:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.listen(2048)
     except OSError:
