@@ -493,13 +493,9 @@ class OutboxRelay:
 
     async def _send_round(self, rows: OutboxRows) -> None:
         for batch in self._batches(rows):
-            sends: list[asyncio.Future[None]] = []
             try:
-                for row in batch:
-                    sends.append(await self._send(row))
+                sends = await self._send_all(batch)
             except Exception:
-                for send in sends:
-                    send.cancel()
                 log.warning("could not publish %d events; the sweep will", len(batch),
                             exc_info=True)  # fmt: skip
                 await self._settle(len(batch))
@@ -508,10 +504,25 @@ class OutboxRelay:
             self._awaiting.add(task)
             task.add_done_callback(self._awaiting.discard)
 
-    async def _send(self, row: Mapping[Any, Any]) -> asyncio.Future[None]:
-        return await self.publisher.send_raw(
-            row["type"], row["event_id"], row["body"].encode(), correlation=row["correlation_id"]
-        )
+    async def _send_all(self, rows: Sequence[Mapping[Any, Any]]) -> list[asyncio.Future[None]]:
+        """Every row handed to NATS, in row order (so the stream keeps the outbox's order);
+        their acks to come. If one cannot be, those already handed are given up (a sweep sends
+        them again, Nats-Msg-Id dropping the copies) and the error raised."""
+        sends: list[asyncio.Future[None]] = []
+        try:
+            for row in rows:
+                body = row["body"].encode()
+                correlation = row["correlation_id"]
+                sends.append(
+                    await self.publisher.send_raw(
+                        row["type"], row["event_id"], body, correlation=correlation
+                    )
+                )
+        except BaseException:
+            for send in sends:
+                send.cancel()
+            raise
+        return sends
 
     async def _acks(self, rows: OutboxRows, sends: list[asyncio.Future[None]]) -> None:
         try:
@@ -637,15 +648,8 @@ class OutboxRelay:
 
     async def _publish(self, rows: Sequence[Mapping[Any, Any]]) -> None:
         # All of a batch on the wire at once, acks awaited together: one round trip, not one per
-        # row. Tasks start in row order, so the stream keeps the outbox's order; if any publish
-        # fails, none is marked and the whole batch goes again (Nats-Msg-Id drops the copies).
-        await asyncio.gather(*(
-            self.publisher.publish_raw(
-                row["type"], row["event_id"], row["body"].encode(),
-                correlation=row["correlation_id"],
-            )
-            for row in rows
-        ))  # fmt: skip
+        # row. If any publish fails, none is marked and the whole batch goes again.
+        await self.publisher.acked(await self._send_all(rows))
         self._count_published(rows)
 
     def _count_published(self, rows: Sequence[Mapping[Any, Any]]) -> None:
