@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -13,14 +14,19 @@ from ticketing.platform.workers import (
     EVENT_ROLES,
     EVENT_WORKERS,
     EVENTS_POOL_SIZE,
+    FOLLOW_UP_NICENESS,
     MIN_POOL_SIZE,
     REQUESTS,
+    RESERVATION_NICENESS,
     START_AGAIN_LONGEST_SECONDS,
     START_AGAIN_SECONDS,
     Restarts,
     WorkerPool,
+    change_priority,
     pool_sizes,
 )
+
+NOBODY = 65534  # the unprivileged user of Debian and most Linux systems
 
 
 @pytest.mark.parametrize("request_workers", [1, 2, 3, 4])
@@ -50,14 +56,55 @@ def test_too_many_processes_for_the_budget_are_warned_about(
     assert "TICKETING_DB_POOL_SIZE" in caplog.text
 
 
-def test_only_the_follow_up_of_a_sale_runs_at_a_lower_priority() -> None:
-    """The request workers and the reservation's worker at the default priority; the worker
-    of orders, payments and expiration (replicas, jobs) below them."""
+def test_the_reservation_comes_first_and_the_follow_up_of_a_sale_last() -> None:
+    """The reservation's worker slightly above the request workers (at the default priority);
+    the worker of orders, payments and expiration (replicas, jobs) far below them."""
     (reservation,) = [role for role in EVENT_ROLES if role.runs("tickets")]
     (follow_up,) = [role for role in EVENT_ROLES if not role.runs("tickets")]
-    assert (REQUESTS.niceness, reservation.niceness) == (0, 0)
-    assert follow_up.niceness > 0
+    assert reservation.niceness < REQUESTS.niceness == 0 < follow_up.niceness
     assert {"orders", "payments", "expiration"} <= follow_up.services
+
+
+def _niceness_after_change(niceness: int, *, as_nobody: bool = False) -> int:
+    """The niceness a forked child runs at once change_priority(niceness) has run in it (not
+    in this process, whose priority would stay changed), with the privileges of nobody if
+    asked."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, then exit at once, whatever happens
+        status = 1
+        try:
+            if as_nobody:
+                os.setuid(NOBODY)
+            os.write(write, str(change_priority(niceness)).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    try:
+        _, status = os.waitpid(pid, 0)
+        answer = os.read(read, 16)
+    finally:
+        os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return int(answer)
+
+
+def test_a_worker_runs_at_a_lower_priority_when_asked() -> None:
+    assert _niceness_after_change(FOLLOW_UP_NICENESS) == FOLLOW_UP_NICENESS
+
+
+def test_a_worker_runs_at_a_higher_priority_where_it_may_raise_it() -> None:
+    privileged = os.geteuid() == 0
+    expected = RESERVATION_NICENESS if privileged else 0
+    assert _niceness_after_change(RESERVATION_NICENESS) == expected
+
+
+def test_a_worker_without_the_privilege_to_raise_its_priority_runs_at_the_default() -> None:
+    """Not an error: on most laptops nobody may raise a priority."""
+    # As root, the child drops to nobody; otherwise it is unprivileged already.
+    as_nobody = os.geteuid() == 0
+    assert _niceness_after_change(RESERVATION_NICENESS, as_nobody=as_nobody) == 0
 
 
 def test_every_service_has_its_events_handled_by_exactly_one_events_worker() -> None:
