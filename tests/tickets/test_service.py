@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from tests.conftest import Platform, new_user
 from tests.support import eventually
@@ -246,3 +246,45 @@ async def test_orders_created_together_wait_for_a_cancellation_in_progress(
     await asyncio.gather(first, second)
     assert (await _ticket(db, ticket_id)).order_id is None
     assert (await _ticket(db, other)).order_id == kept.id
+
+
+async def test_an_order_cancelled_before_its_creation_leaves_its_ticket_to_the_next_in_the_run(
+    platform: Platform,
+) -> None:
+    """Two orders of one run on one ticket, the first cancelled before its creation came: the
+    second holds the ticket, as it would have handled one by one."""
+    db, ticket_id = await _on_sale(platform)
+    gone, next_one = _created(ticket_id), _created(ticket_id)
+    await _handle(db, service.release, ticket_id, gone.id)
+    before = len(await _events(db))
+    await _reserve_all(db, gone, next_one)
+    ticket = await _ticket(db, ticket_id)
+    assert (ticket.order_id, ticket.version) == (next_one.id, 1)
+    assert [e.data["orderId"] for e in (await _events(db))[before:]] == [next_one.id]
+
+
+async def test_a_run_of_orders_on_free_tickets_is_held_in_two_statements(
+    platform: Platform,
+) -> None:
+    """The locks, then the holds with their events (each checked against the released orders
+    in the same statement): a round trip fewer than reading the released orders first."""
+    db, first = await _on_sale(platform)
+    if db.is_sqlite:
+        pytest.skip("SQLite handles each event in a transaction of its own: no runs to hold")
+    async with platform.client(new_user()) as seller:
+        second = (await create(seller))["id"]
+    statements: list[str] = []
+
+    def executed(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+        statements.append(sql)
+
+    orders = [_created(first), _created(second)]
+    async with db.transaction() as session:
+        await session.connection()
+        event.listen(db.engine.sync_engine, "before_cursor_execute", executed)
+        try:
+            await service.reserve_all(session, [Delivered(o, None) for o in orders])
+        finally:
+            event.remove(db.engine.sync_engine, "before_cursor_execute", executed)
+    assert len(statements) == 2, statements
+    assert [(await _ticket(db, o.ticket.id)).order_id for o in orders] == [o.id for o in orders]

@@ -29,11 +29,13 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.selectable import CTE
+from sqlalchemy.types import TypeEngine
 
 from ticketing.common.db import (
     Base,
@@ -274,6 +276,76 @@ async def update_each_with_event_in(
         await connection.execute(insert(OutboxEvent), rows)
     for row in rows:
         note_outbox_row(session.info, row)
+
+
+def changes_with_events(columns: Mapping[str, type[TypeEngine[Any]]]) -> CTE:
+    """A CTE `changes` of the rows handed to `write_changed_with_events`, one array parameter
+    per column (unnest): the given columns of each change, then its event's outbox row
+    (event_id, type, body, correlation_id) and its place among them (ord). For a statement
+    that changes several rows at once and writes the events of only those it changed, in one
+    round trip where reading first what to change costs another."""
+    arrays = {**columns, **_EVENT_ARRAYS}
+    # Named apart from every column: SQLAlchemy takes a parameter named as a column of an
+    # UPDATE's table for a value to SET it to.
+    unnested = func.unnest(
+        *(bindparam(f"{_CHANGES}{name}", type_=ARRAY(kind)) for name, kind in arrays.items())
+    )
+    table = unnested.table_valued(*arrays, with_ordinality="ord").render_derived()
+    return select(table).cte("changes")
+
+
+_CHANGES = "changes_"
+_EVENT_ARRAYS: dict[str, type[TypeEngine[Any]]] = {
+    "event_id": String,
+    "type": String,
+    "body": Text,
+    "correlation_id": String,
+}
+
+
+def events_of_changed(changes: CTE, changed: CTE) -> Insert:
+    """The INSERT into the outbox of the events of the `changes` whose event_id `changed` (a
+    data-modifying CTE over them) returns, in the changes' order; returns the event ids."""
+    outbox = OutboxEvent.__table__.c
+    rows = (
+        select(
+            changes.c.event_id,
+            changes.c.type,
+            changes.c.body,
+            bindparam(f"{_CHANGES}created_at", type_=UtcDateTime),
+            changes.c.correlation_id,
+        )
+        .where(changes.c.event_id.in_(select(changed.c.event_id)))
+        .order_by(changes.c.ord)  # the outbox's seq in the changes' order: nextval after a sort
+    )
+    names = ["event_id", "type", "body", "created_at", "correlation_id"]
+    return insert(OutboxEvent).from_select(names, rows).returning(outbox.event_id)
+
+
+async def write_changed_with_events(
+    session: AsyncSession,
+    statement: Insert,
+    changes: Sequence[tuple[dict[str, Any], Event, str | None]],
+) -> set[str]:
+    """Run a statement built on `changes_with_events` and `events_of_changed` for these
+    changes, each (its columns, its event, the correlation id the event carries), in the
+    session's transaction; the events written are handed on at the commit. Returns their
+    ids. PostgreSQL only."""
+    await write_queued(session)  # as in update_with_event_in: the outbox keeps their order
+    connection = await session.connection()
+    rows = [_outbox_row_correlated(Envelope.wrap(event), corr) for _, event, corr in changes]
+    params: dict[str, Any] = {f"{_CHANGES}{name}": [] for name in changes[0][0]} if changes else {}
+    for columns, _, _ in changes:
+        for name, value in columns.items():
+            params[f"{_CHANGES}{name}"].append(value)
+    for name in _EVENT_ARRAYS:
+        params[f"{_CHANGES}{name}"] = [row[name] for row in rows]
+    params[f"{_CHANGES}created_at"] = utcnow()
+    written = set((await connection.execute(statement, params)).scalars())
+    for row in rows:
+        if row["event_id"] in written:
+            note_outbox_row(session.info, row)
+    return written
 
 
 async def _update_with_event(

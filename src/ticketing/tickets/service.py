@@ -8,7 +8,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, exists, select, update
+from sqlalchemy import Insert, Select, String, Update, bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import flag_modified
 
@@ -16,7 +16,14 @@ from ticketing.common.db import next_version
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import OrderCreated, TicketCreated, TicketUpdated
 from ticketing.common.messaging import Delivered, RetryLater
-from ticketing.common.outbox import add_event, update_each_with_event_in, update_with_event_in
+from ticketing.common.outbox import (
+    add_event,
+    changes_with_events,
+    events_of_changed,
+    update_each_with_event_in,
+    update_with_event_in,
+    write_changed_with_events,
+)
 from ticketing.tickets.models import ReleasedOrder, Ticket
 
 log = logging.getLogger(__name__)
@@ -119,8 +126,11 @@ async def reserve(session: AsyncSession, *, ticket_id: str, order_id: str) -> No
 
 async def reserve_all(session: AsyncSession, orders: list[Delivered[OrderCreated]]) -> None:
     """order:created of several orders, one after another in the stream: what reserve does for
-    each in turn, in three statements instead of two each (the locks, the orders already
-    released, the holds with their events). A run of one goes through reserve."""
+    each in turn, in two statements for the whole run: the locks, then the holds with their
+    events, each unless its order was released (cancelled before its creation came). A ticket
+    found held by another order costs a third between them, reading which orders were
+    released: such an order holds nothing, any other waits. A run of one goes through
+    reserve."""
     if len(orders) == 1:
         event = orders[0].event
         await reserve(session, ticket_id=event.ticket.id, order_id=event.id)
@@ -130,27 +140,57 @@ async def reserve_all(session: AsyncSession, orders: list[Delivered[OrderCreated
     ticket_ids = sorted({order.event.ticket.id for order in orders})
     locked = await connection.execute(_tickets_for_update(), {"ticket_ids": ticket_ids})
     tickets = {row.id: dict(row._mapping) for row in locked}
-    # After the locks, as in reserve: a cancellation committed while we waited is seen, and
-    # none of these orders can be released before we commit (release locks the ticket first).
+    if connection.dialect.name == "postgresql":
+        try:
+            holds = _holds(orders, tickets, released=None)
+        except _HeldByAnother:
+            pass  # the released orders decide: read them first
+        else:
+            # A statement after the locks: it sees a cancellation committed while we waited,
+            # and none of these orders can be released before we commit (release locks first).
+            if holds:
+                await write_changed_with_events(session, _hold_each_unless_released(), holds)
+            return
     order_ids = [order.event.id for order in orders]
     released = set(
         (await connection.execute(_released_among(), {"order_ids": order_ids})).scalars()
     )
+    holds = _holds(orders, tickets, released=released)
+    if holds:
+        await update_each_with_event_in(session, _hold(), holds)
+
+
+class _HeldByAnother(Exception):
+    """A ticket of the run is held by another order: whether this one was released decides."""
+
+
+def _holds(
+    orders: list[Delivered[OrderCreated]],
+    locked: dict[str, dict[str, Any]],
+    *,
+    released: set[str] | None,
+) -> list[tuple[dict[str, Any], TicketUpdated, str | None]]:
+    """The holds of a run of orders on their locked tickets, in stream order, each (its
+    parameters, its ticket:updated, its correlation id). With `released` unknown (None), every
+    order on a free ticket is taken to hold it: the hold's statement checks the released
+    orders itself."""
+    tickets = {ticket_id: dict(ticket) for ticket_id, ticket in locked.items()}
     holds: list[tuple[dict[str, Any], TicketUpdated, str | None]] = []
     for order in orders:
         ticket_id, order_id = order.event.ticket.id, order.event.id
         ticket = tickets.get(ticket_id)
         if ticket is None:
             raise RetryLater(f"ticket {ticket_id} is unknown here")
-        if ticket["order_id"] == order_id or order_id in released:
+        if ticket["order_id"] == order_id or (released is not None and order_id in released):
             continue  # already done, or cancelled before its creation came: nothing to hold
+        if ticket["order_id"] is not None and released is None:
+            raise _HeldByAnother(ticket_id)
         if ticket["order_id"] is not None:
             raise RetryLater(f"ticket {ticket_id} is still held by order {ticket['order_id']}")
         ticket.update(version=next_version(ticket["version"]), order_id=order_id)
         params = {"ticket_id": ticket_id, "order_id": order_id}
         holds.append((params, TicketUpdated(**ticket), order.correlation))
-    if holds:
-        await update_each_with_event_in(session, _hold(), holds)
+    return holds
 
 
 @cache
@@ -192,6 +232,25 @@ def _hold() -> Update:
         .where(tickets.id == bindparam("ticket_id"))
         .values(order_id=bindparam("order_id"), version=tickets.version + 1)
     )
+
+
+@cache
+def _hold_each_unless_released() -> Insert:
+    """_hold for each of a run's orders whose ticket reserve_all found free and locked, unless
+    the order is among the released ones, with the ticket:updated of each hold."""
+    tickets, released = Ticket.__table__.c, ReleasedOrder.__table__.c
+    holds = changes_with_events({"ticket_id": String, "order_id": String})
+    held = (
+        update(Ticket)
+        .where(
+            tickets.id == holds.c.ticket_id,
+            ~exists().where(released.order_id == holds.c.order_id),
+        )
+        .values(order_id=holds.c.order_id, version=tickets.version + 1)
+        .returning(holds.c.event_id)
+        .cte("held")
+    )
+    return events_of_changed(holds, held)
 
 
 @cache
