@@ -21,6 +21,9 @@ def main() -> None:
         workers=args.workers,
         log_level="warning",
         access_log=False,
+        # As the platform's servers (ticketing.platform.gateway.KEEP_ALIVE_SECONDS): longer
+        # than the load generator keeps an idle connection, so no request meets its close.
+        timeout_keep_alive=75,
     )
 
 

@@ -46,6 +46,7 @@ def serve(
 
     from ticketing.common.gc_tuning import tune_for_serving
     from ticketing.common.logs import configure_logging
+    from ticketing.platform.gateway import KEEP_ALIVE_SECONDS
     from ticketing.platform.services import SERVICES
 
     spec = SERVICES.get(service)
@@ -65,7 +66,14 @@ def serve(
         logging.getLogger("ticketing").warning(UNSET_ENV_WARNING)
     app = spec.factory()(settings)
     tune_for_serving()
-    uvicorn.run(app, host=host, port=port, proxy_headers=True, log_config=None)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        proxy_headers=True,
+        log_config=None,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
 
 
 UNSET_ENV_WARNING = (

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Platform, payments_settings
 from tests.support import eventually
-from ticketing.platform.embedded import EmbeddedRedis
+from ticketing.platform.embedded import EmbeddedRedis, listening_socket
+from ticketing.platform.gateway import KEEP_ALIVE_SECONDS, server_config, until_started
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import SandboxServer
 
+UVICORN_KEEP_ALIVE_SECONDS = 5  # uvicorn's own default
 NOT_FOUND = {"errors": [{"message": "Not found", "field": None}]}
 
 
@@ -153,3 +159,42 @@ async def test_no_page_of_the_site_may_be_framed_by_another(platform: Platform) 
             assert page.headers["x-frame-options"] == "DENY", path
             assert page.headers["content-security-policy"] == "frame-ancestors 'none'", path
             assert page.headers["x-content-type-options"] == "nosniff", path
+
+
+class _Server(uvicorn.Server):
+    """The real server, leaving the signals to pytest."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _answer(scope: Any, receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+    await writer.drain()
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+
+
+async def test_a_server_keeps_an_idle_connection_longer_than_what_sits_in_front() -> None:
+    """A connection idle for longer than uvicorn's own 5 s still serves the next request: the
+    server does not close it just as a client (or ingress-nginx, 60 s) sends on it."""
+    assert server_config(_answer, "warning").timeout_keep_alive == KEEP_ALIVE_SECONDS > 60
+    with listening_socket("127.0.0.1", 0) as sock:
+        server = _Server(server_config(_answer, "warning"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            assert await until_started(server, serving)
+            reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            assert (await _exchange(reader, writer)).startswith(b"HTTP/1.1 204")
+            await asyncio.sleep(UVICORN_KEEP_ALIVE_SECONDS + 1)  # idle: the stimulus itself
+            assert (await _exchange(reader, writer)).startswith(b"HTTP/1.1 204")
+            writer.close()
+        finally:
+            server.should_exit = True
+            await serving

@@ -31,7 +31,7 @@ from ticketing.platform.embedded import (
     SmtpSink,
     listening_socket,
 )
-from ticketing.platform.gateway import Gateway, until_started
+from ticketing.platform.gateway import Gateway, server_config, until_started
 from ticketing.platform.services import SERVICES
 from ticketing.platform.stripe_sandbox import create_sandbox_app
 
@@ -224,7 +224,7 @@ def _serve_in_process(
         routes.append((prefix, app))
         where = f"{overrides['public_url']}{prefix}" if prefix else "(no routes)"
         board.add(f"{name} service", where, "in process", _service(app))
-    config = uvicorn.Config(Gateway(routes, services), log_level=log_level.lower())
+    config = server_config(Gateway(routes, services), log_level)
     tune_for_serving()
     # uvicorn re-raises the signal it handled once shut down; as KeyboardInterrupt (SIGTERM
     # included) it unwinds the caller's block, so the embedded servers stop with us.

@@ -41,7 +41,7 @@ from ticketing.common.gc_tuning import tune_for_serving
 from ticketing.common.logs import configure_logging
 from ticketing.payments.settings import DEV_WEBHOOK_SECRET, SANDBOX_SECRET_KEY
 from ticketing.platform.embedded import joining_socket, listening_socket
-from ticketing.platform.gateway import Gateway, until_started
+from ticketing.platform.gateway import Gateway, server_config, until_started
 from ticketing.platform.lifeline import worker_main
 from ticketing.platform.services import SERVICES, ServiceSpec
 from ticketing.platform.stripe_sandbox import SandboxServer
@@ -390,7 +390,7 @@ def serve_worker(
     services = {spec.name: spec.create_app(**overrides) for spec in specs}
     routes = [(SERVICES[name].prefix, app) for name, app in services.items()]
     tune_for_serving()
-    config = uvicorn.Config(Gateway(routes, services), log_level=log_level.lower())
+    config = server_config(Gateway(routes, services), log_level)
     # uvicorn's own loop choice (uvloop when installed), as `uvicorn.Server.run` makes it.
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(_serve(uvicorn.Server(config), sock, ready))
