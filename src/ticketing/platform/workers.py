@@ -54,10 +54,10 @@ STOP_GRACE_SECONDS = 15.0
 # slowest answers were those that waited behind it.
 FOLLOW_UP_NICENESS = 15
 # And how much higher the reservation's worker's is. At the requests' priority, each of its
-# round trips to PostgreSQL (six a batch) waited its turn for a core behind them: a rush's
-# convergence p99 was 96-161 ms. Slightly above (it takes a sixth of a core), 71-85 ms, while
-# the requests' p99 stays within the noise. Raising a priority takes the privilege to (root,
-# CAP_SYS_NICE): without it, the worker runs at the requests' priority.
+# round trips to PostgreSQL waited its turn for a core behind them: a rush's convergence p99
+# was 94-109 ms (six runs). Slightly above (it takes a sixth of a core), 71-93 ms in 24 runs of
+# 26, the requests' p99 the same within the noise (bench/README.md). Raising a priority takes
+# the privilege to (root, CAP_SYS_NICE): without it, the worker runs at the requests'.
 RESERVATION_NICENESS = -2
 # A worker that died before it served is started again after a pause, doubled for each
 # start-up in a row that failed, up to the longest.
