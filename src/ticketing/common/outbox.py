@@ -331,10 +331,12 @@ async def write_changed_with_events(
     changes, each (its columns, its event, the correlation id the event carries), in the
     session's transaction; the events written are handed on at the commit. Returns their
     ids. PostgreSQL only."""
+    if not changes:
+        return set()
     await write_queued(session)  # as in update_with_event_in: the outbox keeps their order
     connection = await session.connection()
     rows = [_outbox_row_correlated(Envelope.wrap(event), corr) for _, event, corr in changes]
-    params: dict[str, Any] = {f"{_CHANGES}{name}": [] for name in changes[0][0]} if changes else {}
+    params: dict[str, Any] = {f"{_CHANGES}{name}": [] for name in changes[0][0]}
     for columns, _, _ in changes:
         for name, value in columns.items():
             params[f"{_CHANGES}{name}"].append(value)

@@ -5,9 +5,10 @@ platform's port (the kernel spreads connections over them); the events workers r
 listeners, the expiration job worker and the outbox sweeps (every process publishes what its
 own commits wrote), so that events are handled at once instead of queueing behind requests:
 one those of tickets (the reservation), the other those of every other service. That last
-one runs at a lower CPU priority (nice): what a buyer waits on (an answer, then the reservation
-of what was sold) comes first; what follows a sale (the replicas of orders and payments, the
-expiry jobs) takes what the cores leave, in bigger batches the longer it waits.
+one runs at a lower CPU priority (nice), the first a little above the requests where it may:
+what a buyer waits on (an answer, then the reservation of what was sold) comes first; what
+follows a sale (the replicas of orders and payments, the expiry jobs) takes what the cores
+leave, in bigger batches the longer it waits.
 
 What stays correct with several processes is the services' own business: JetStream gives each
 durable consumer's messages to one process at a time, the outbox sweep runs under a PostgreSQL
@@ -397,8 +398,8 @@ def serve_worker(
 
 
 def change_priority(niceness: int) -> int:
-    """Run this process `niceness` steps below the default CPU priority (above it, if
-    negative and allowed); returns the niceness it runs at."""
+    """Run this process `niceness` steps below its CPU priority (above it, if negative and
+    allowed); returns the niceness it runs at."""
     try:
         return os.nice(niceness)
     except PermissionError:

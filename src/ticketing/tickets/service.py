@@ -148,8 +148,7 @@ async def reserve_all(session: AsyncSession, orders: list[Delivered[OrderCreated
         else:
             # A statement after the locks: it sees a cancellation committed while we waited,
             # and none of these orders can be released before we commit (release locks first).
-            if holds:
-                await write_changed_with_events(session, _hold_each_unless_released(), holds)
+            await write_changed_with_events(session, _hold_each_unless_released(), holds)
             return
     order_ids = [order.event.id for order in orders]
     released = set(
