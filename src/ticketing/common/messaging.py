@@ -355,7 +355,7 @@ def _correlated(msg: Msg) -> Iterator[None]:
 @dataclass(frozen=True)
 class Delivered(Generic[E]):
     """One event of those a batch handler takes at once, with the correlation id of the
-    request that caused it (for the events it adds: see update_each_with_event_in)."""
+    request that caused it (for the events it adds: see write_changed_with_events)."""
 
     event: E
     correlation: str | None

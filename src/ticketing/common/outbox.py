@@ -252,7 +252,8 @@ async def update_each_with_event_in(
     changes: Sequence[tuple[dict[str, Any], Event, str | None]],
 ) -> None:
     """update_with_event_in for several rows, each (its parameters, its event, the correlation
-    id the event carries) in one round trip on PostgreSQL. Only for updates that the caller
+    id the event carries), a statement each: where `write_changed_with_events` cannot run
+    (SQLite, whose one writer has no round trips to save). Only for updates that the caller
     knows will each change their row (it holds their locks and has checked them): this does
     not find out which did, and hands every event on at the commit."""
     await write_queued(session)  # as in update_with_event_in: the outbox keeps their order
@@ -261,19 +262,9 @@ async def update_each_with_event_in(
         _outbox_row_correlated(Envelope.wrap(event), correlation)
         for _, event, correlation in changes
     ]
-    if connection.dialect.name == "postgresql":
-        written = _update_with_outbox_rows(statement)
-        await connection.execute(
-            written,
-            [
-                {**params, **_prefixed(row)}
-                for (params, _, _), row in zip(changes, rows, strict=True)
-            ],
-        )
-    else:  # SQLite gives each event a transaction of its own: only tests come here
-        for params, _, _ in changes:
-            await connection.execute(statement, params)
-        await connection.execute(insert(OutboxEvent), rows)
+    for params, _, _ in changes:
+        await connection.execute(statement, params)
+    await connection.execute(insert(OutboxEvent), rows)
     for row in rows:
         note_outbox_row(session.info, row)
 
@@ -398,16 +389,11 @@ def _insert_with_outbox_row(entity: type[DeclarativeBase]) -> Insert:
 
 
 @cache
-def _update_with_outbox_rows(statement: Update) -> Insert:
-    """As above for an UPDATE: the outbox row is written when the update changed a row. For an
-    executemany, which takes no RETURNING."""
-    return _outbox_row_from(statement.returning(literal_column("1")).cte("written"))
-
-
-@cache
 def _update_with_outbox_row(statement: Update) -> Insert:
-    """_update_with_outbox_rows for one row, saying whether it wrote the outbox row."""
-    return _update_with_outbox_rows(statement).returning(OutboxEvent.seq)
+    """As above for an UPDATE of one row: the outbox row is written when the update changed
+    the row; says whether it wrote it."""
+    written = statement.returning(literal_column("1")).cte("written")
+    return _outbox_row_from(written).returning(OutboxEvent.seq)
 
 
 def _outbox_row_from(written: CTE) -> Insert:

@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import Insert, Select, String, Update, bindparam, exists, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import flag_modified
 
 from ticketing.common.db import next_version
@@ -140,23 +140,28 @@ async def reserve_all(session: AsyncSession, orders: list[Delivered[OrderCreated
     ticket_ids = sorted({order.event.ticket.id for order in orders})
     locked = await connection.execute(_tickets_for_update(), {"ticket_ids": ticket_ids})
     tickets = {row.id: dict(row._mapping) for row in locked}
-    if connection.dialect.name == "postgresql":
-        try:
-            holds = _holds(orders, tickets, released=None)
-        except _HeldByAnother:
-            pass  # the released orders decide: read them first
-        else:
-            # A statement after the locks: it sees a cancellation committed while we waited,
-            # and none of these orders can be released before we commit (release locks first).
-            await write_changed_with_events(session, _hold_each_unless_released(), holds)
-            return
-    order_ids = [order.event.id for order in orders]
-    released = set(
-        (await connection.execute(_released_among(), {"order_ids": order_ids})).scalars()
-    )
-    holds = _holds(orders, tickets, released=released)
-    if holds:
+    on_postgresql = connection.dialect.name == "postgresql"
+    try:
+        # On PostgreSQL the holds' statement checks the released orders itself (see below):
+        # they are read first only when a ticket is held by another order, which they decide.
+        released = None if on_postgresql else await _released_of(connection, orders)
+        holds = _holds(orders, tickets, released=released)
+    except _HeldByAnother:
+        holds = _holds(orders, tickets, released=await _released_of(connection, orders))
+    if on_postgresql:
+        # A statement after the locks: it sees a cancellation committed while we waited, and
+        # none of these orders can be released before we commit (release locks first).
+        await write_changed_with_events(session, _hold_each_unless_released(), holds)
+    elif holds:
         await update_each_with_event_in(session, _hold(), holds)
+
+
+async def _released_of(
+    connection: AsyncConnection, orders: list[Delivered[OrderCreated]]
+) -> set[str]:
+    """Which of these orders were released (cancelled before their creation came)."""
+    order_ids = [order.event.id for order in orders]
+    return set((await connection.execute(_released_among(), {"order_ids": order_ids})).scalars())
 
 
 class _HeldByAnother(Exception):
