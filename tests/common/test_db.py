@@ -10,14 +10,14 @@ from typing import Any
 import asyncpg
 import pytest
 from sqlalchemy import event as sa_event
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import PG_URL, Infra
 from tests.support import eventually
-from ticketing.common.db import Database
+from ticketing.common.db import Database, one_of
 from ticketing.common.events import ExpirationComplete
-from ticketing.common.outbox import add_event, insert_event_once
+from ticketing.common.outbox import OutboxEvent, add_event, insert_event_once, mark_all_handled
 from ticketing.common.settings import Settings
 
 
@@ -343,3 +343,45 @@ async def _running(fragment: str, *, database: str) -> bool:
             f"%{fragment}%$1%",
         )
     return bool(found)
+
+
+async def _prepared_like(db: Database, prefix: str) -> int:
+    """How many statements starting with `prefix` the one pooled connection has prepared."""
+    query = text("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE :prefix")
+    async with db.engine.connect() as connection:
+        return int((await connection.execute(query, {"prefix": prefix + "%"})).scalar_one())
+
+
+async def test_one_of_matches_a_list_of_any_length_in_one_prepared_statement(
+    one_connection: Database,
+) -> None:
+    """A list of any length, empty included, and on PostgreSQL one statement text for all of
+    them: prepared once, where an IN list has a text (a statement to prepare) per length."""
+    db = one_connection
+    async with db.autocommit() as connection:
+        for n in range(1, 5):
+            await insert_event_once(connection, ExpirationComplete(order_id="o"), event_id=f"e-{n}")
+    event_id = OutboxEvent.__table__.c.event_id
+    statement = select(event_id).where(one_of(event_id, "event_ids"))
+    for ids in ([], ["e-1"], ["e-2", "missing"], ["e-1", "e-2", "e-3", "e-4"]):
+        async with db.engine.connect() as connection:
+            found = (await connection.execute(statement, {"event_ids": ids})).scalars().all()
+        assert sorted(found) == [i for i in ids if i != "missing"]
+    if not db.is_sqlite:
+        assert await _prepared_like(db, "SELECT outbox.event_id") == 1
+
+
+async def test_a_batch_is_marked_handled_once_each_in_one_prepared_statement(
+    one_connection: Database,
+) -> None:
+    """The events of a batch not handled before, each once (a repeat within the batch too);
+    on PostgreSQL one statement for batches of every size."""
+    db = one_connection
+    batches = [["a"], ["a", "b"], ["c", "b", "c", "d"], ["e", "f", "g"]]
+    new = []
+    for batch in batches:
+        async with db.transaction() as session:
+            new.append(await mark_all_handled(session, consumer="probe", event_ids=batch))
+    assert new == [{"a"}, {"b"}, {"c", "d"}, {"e", "f", "g"}]
+    if not db.is_sqlite:
+        assert await _prepared_like(db, "INSERT INTO inbox") == 1

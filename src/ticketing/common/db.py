@@ -16,11 +16,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import (
+    ColumnElement,
     DateTime,
     Insert,
     MetaData,
     Select,
     TypeDecorator,
+    any_,
+    bindparam,
     event,
     insert,
     inspect,
@@ -36,9 +39,13 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.schema import CreateColumn
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.sqltypes import NullType
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from ticketing.common.errors import Conflict, is_unavailable
 
@@ -311,6 +318,44 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+class _OneOf(ColumnElement[Any]):
+    """`column` is one of the values bound to `name`, a list of any length.
+
+    On PostgreSQL `column = ANY(:name)`, the list bound as one array: the statement's text is
+    the same for any length, so the driver prepares it once per connection. An IN list (as
+    `in_` with an expanding parameter writes it) has a text of its own for every length: a
+    batch's lists, of every length from one up, filled the prepared-statement cache and sent
+    a statement to be prepared again, an extra round trip, again and again. Elsewhere (SQLite,
+    which has no arrays), that IN list."""
+
+    inherit_cache = True
+    type = NullType()  # no "= 1" after it where booleans are integers (SQLite)
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("name", InternalTraversal.dp_string),
+    ]
+
+    def __init__(self, column: ColumnElement[Any], name: str) -> None:
+        self.column = column
+        self.name = name
+
+
+def one_of(column: ColumnElement[Any], name: str) -> _OneOf:
+    """`column` is one of the list bound to `name` (see _OneOf for why)."""
+    return _OneOf(column, name)
+
+
+@compiles(_OneOf)
+def _one_of_in_list(element: _OneOf, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column.in_(bindparam(element.name, expanding=True)), **kw)
+
+
+@compiles(_OneOf, "postgresql")
+def _one_of_array(element: _OneOf, compiler: SQLCompiler, **kw: Any) -> str:
+    values = bindparam(element.name, type_=postgresql.ARRAY(element.column.type))
+    return compiler.process(element.column == any_(values), **kw)
 
 
 @cache

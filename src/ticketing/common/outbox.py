@@ -45,6 +45,7 @@ from ticketing.common.db import (
     UtcDateTime,
     insert_ignoring_duplicates,
     note_outbox_row,
+    one_of,
     queue_insert,
     utcnow,
     write_queued,
@@ -437,16 +438,35 @@ async def mark_all_handled(
     back)."""
     connection = await session.connection()  # plain SQL: no ORM bookkeeping on a hot path
     now = utcnow()
-    rows = [{"consumer": consumer, "event_id": e, "handled_at": now} for e in event_ids]
-    result = await connection.execute(_inbox_insert(connection.dialect.name), rows)
+    if connection.dialect.name == "postgresql":
+        listed = {"consumer": consumer, "event_ids": event_ids, "handled_at": now}
+        result = await connection.execute(_inbox_insert_listed(), listed)
+    else:
+        rows = [{"consumer": consumer, "event_id": e, "handled_at": now} for e in event_ids]
+        result = await connection.execute(_inbox_insert(connection.dialect.name), rows)
     return set(result.scalars())
 
 
 @cache
 def _inbox_insert(dialect: str) -> Insert:
-    # Built once and given its rows as parameters: a statement with its values inline would
-    # differ by batch size and be compiled again for almost every batch.
+    # SQLite's. Built once and given its rows as parameters: a statement with its values
+    # inline would differ by batch size and be compiled again for almost every batch.
     return insert_ignoring_duplicates(InboxEntry, dialect).returning(InboxEntry.event_id)
+
+
+@cache
+def _inbox_insert_listed() -> Insert:
+    """On PostgreSQL, a batch's ids as one array: rows given as parameters are sent as a
+    statement of as many VALUES as rows, a text (so a statement to prepare) per batch size."""
+    inbox = InboxEntry.__table__.c
+    event_ids = func.unnest(bindparam("event_ids", type_=ARRAY(inbox.event_id.type)))
+    consumer = bindparam("consumer", type_=inbox.consumer.type)
+    rows = select(consumer, event_ids, bindparam("handled_at", type_=inbox.handled_at.type))
+    return (
+        insert_ignoring_duplicates(InboxEntry, "postgresql")
+        .from_select(["consumer", "event_id", "handled_at"], rows)
+        .returning(inbox.event_id)
+    )
 
 
 class OutboxRelay:
@@ -785,7 +805,7 @@ def _mark_published_events() -> Update:
     return (
         update(OutboxEvent)
         .where(
-            table.event_id.in_(bindparam("event_ids", expanding=True)),
+            one_of(table.event_id, "event_ids"),
             table.published_at.is_(None),
         )
         .values(published_at=bindparam("now"))

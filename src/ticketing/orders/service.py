@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql.dml import ReturningUpdate
 
-from ticketing.common.db import Database, next_version, utcnow
+from ticketing.common.db import Database, next_version, one_of, utcnow
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import (
     OrderCancelled,
@@ -330,7 +330,7 @@ async def _check_holds(session: AsyncSession, events: Sequence[TicketUpdated]) -
 def _unpaid_prices() -> Select[Any]:
     orders = Order.__table__.c
     return select(orders.id, orders.price).where(
-        orders.id.in_(bindparam("order_ids", expanding=True)),
+        one_of(orders.id, "order_ids"),
         orders.status == OrderStatus.CREATED.value,
     )
 
@@ -343,7 +343,7 @@ def _note_held() -> ReturningUpdate[Any]:
     orders = Order.__table__.c
     return (
         update(Order)
-        .where(orders.id.in_(bindparam("order_ids", expanding=True)), orders.held.is_(False))
+        .where(one_of(orders.id, "order_ids"), orders.held.is_(False))
         .values(held=True)
         .returning(orders.id, orders.paid)
     )
@@ -395,9 +395,7 @@ def _replica_version() -> Select[int]:
 @cache
 def _replica_versions() -> Select[Any]:
     tickets = TicketReplica.__table__.c
-    return select(tickets.id, tickets.version).where(
-        tickets.id.in_(bindparam("ticket_ids", expanding=True))
-    )
+    return select(tickets.id, tickets.version).where(one_of(tickets.id, "ticket_ids"))
 
 
 async def expire(session: AsyncSession, *, order_id: str) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import Insert, Select, String, Update, bindparam, exists, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import flag_modified
 
-from ticketing.common.db import next_version
+from ticketing.common.db import next_version, one_of
 from ticketing.common.errors import BadRequest, NotAuthorized, NotFound
 from ticketing.common.events import OrderCreated, TicketCreated, TicketUpdated
 from ticketing.common.messaging import Delivered, RetryLater
@@ -208,7 +208,7 @@ def _tickets_for_update() -> Select[Any]:
     tickets = Ticket.__table__.c
     return (
         _ticket_fields()
-        .where(tickets.id.in_(bindparam("ticket_ids", expanding=True)))
+        .where(one_of(tickets.id, "ticket_ids"))
         .order_by(tickets.id)
         .with_for_update()
     )
@@ -222,9 +222,7 @@ def _ticket_fields() -> Select[Any]:
 @cache
 def _released_among() -> Select[Any]:
     released = ReleasedOrder.__table__.c
-    return select(released.order_id).where(
-        released.order_id.in_(bindparam("order_ids", expanding=True))
-    )
+    return select(released.order_id).where(one_of(released.order_id, "order_ids"))
 
 
 @cache
