@@ -443,15 +443,15 @@ async def mark_all_handled(
         result = await connection.execute(_inbox_insert_listed(), listed)
     else:
         rows = [{"consumer": consumer, "event_id": e, "handled_at": now} for e in event_ids]
-        result = await connection.execute(_inbox_insert(connection.dialect.name), rows)
+        result = await connection.execute(_inbox_insert_rows(), rows)
     return set(result.scalars())
 
 
 @cache
-def _inbox_insert(dialect: str) -> Insert:
-    # SQLite's. Built once and given its rows as parameters: a statement with its values
-    # inline would differ by batch size and be compiled again for almost every batch.
-    return insert_ignoring_duplicates(InboxEntry, dialect).returning(InboxEntry.event_id)
+def _inbox_insert_rows() -> Insert:
+    """On SQLite, built once and given its rows as parameters: a statement with its values
+    inline would differ by batch size and be compiled again for almost every batch."""
+    return insert_ignoring_duplicates(InboxEntry, "sqlite").returning(InboxEntry.event_id)
 
 
 @cache
