@@ -89,7 +89,8 @@ class WorkerKiller(Fault):
         self.most = most  # kills in all, if bounded
         self.kills: list[Kill] = []
         self._began = 0.0
-        self._full = 0  # the most workers seen at once: the platform with none missing
+        # The most workers of each role seen serving at once: the role with none missing.
+        self._full = dict.fromkeys(ROLES, 0)
 
     async def __aenter__(self) -> Self:
         self._began = self._began or time.monotonic()  # once: a kill's time is since the first
@@ -105,26 +106,28 @@ class WorkerKiller(Fault):
                 self.kills.append(Kill(time.monotonic() - self._began, role, victim))
 
     async def _next_victim(self, role: str) -> int:
-        """The oldest worker of the role, once every worker has run for `every` seconds: a
-        kill never lands on a replacement still starting, nor leaves a role with none."""
+        """The oldest worker of the role, once every worker of the role serves and has run for
+        `every` seconds: a kill never lands on a replacement still starting, nor leaves a role
+        with none. (The other role's may still be starting.)"""
         while True:
             await asyncio.sleep(min(self.every, POLL_SECONDS))
-            workers = self._workers()
-            everyone = [w for ws in workers.values() for w in ws]
-            self._full = max(self._full, len(everyone))
+            serving = self._workers()[role]
+            self._full[role] = max(self._full[role], len(serving))
             now = time.time()
-            if len(everyone) < self._full or any(
-                now - w.create_time() < self.every for w in everyone
-            ):
+            if not serving or len(serving) < self._full[role]:
                 continue
-            if workers[role]:
-                oldest: int = min(workers[role], key=lambda w: w.create_time()).pid
-                return oldest
+            if any(now - w.create_time() < self.every for w in serving):
+                continue
+            oldest: int = min(serving, key=lambda w: w.create_time()).pid
+            return oldest
 
     def _workers(self) -> dict[str, list[psutil.Process]]:
-        """The supervisor's worker processes by role, in one look: request workers serve the
-        platform's port (the listening socket they share), events workers a socket of their
-        own (a worker not listening yet is still starting: neither)."""
+        """The supervisor's worker processes that serve, by role, in one look: request workers
+        on the platform's port, events workers on a socket of their own. Each is handed its
+        listening socket by the supervisor, so it listens from its first moment; it serves once
+        its event loop watches that socket (after its start-up), and until then it is still
+        starting: neither. Killed before that, again and again (a start-up that waits out a
+        dropped database connection takes longer than `every`), no worker would ever serve."""
         workers: dict[str, list[psutil.Process]] = {role: [] for role in ROLES}
         try:
             children = psutil.Process(self.supervisor_pid).children()
@@ -134,13 +137,27 @@ class WorkerKiller(Fault):
             try:
                 if "--multiprocessing-fork" not in child.cmdline():
                     continue
-                ports = {c.laddr.port for c in child.net_connections("tcp")
-                         if c.status == psutil.CONN_LISTEN}  # fmt: skip
-            except psutil.Error:
+                listening = {c.fd: c.laddr.port for c in child.net_connections("tcp")
+                             if c.status == psutil.CONN_LISTEN}  # fmt: skip
+                watched = watched_fds(child.pid)
+            except (psutil.Error, OSError):
                 continue  # gone meanwhile
+            ports = {port for fd, port in listening.items() if fd in watched}
             if ports:
                 workers["request" if self.port in ports else "events"].append(child)
         return workers
+
+
+def watched_fds(pid: int) -> set[int]:
+    """The file descriptors the epoll instances of process `pid` watch (Linux's fdinfo)."""
+    watched: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                watched |= {int(line.split()[1]) for line in info if line.startswith("tfd:")}
+    return watched
 
 
 class ConnectionDropper(Fault):

@@ -5,18 +5,23 @@ lost or left inconsistent between the services."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bench.flash_sale.chaos import watched_fds
 from bench.flash_sale.config import Config
 from bench.flash_sale.run import run
 from rich.console import Console
 
 from tests.conftest import PG_URL, Infra
 from tests.support import TICKETING, clean_env
+from ticketing.platform.embedded import listening_socket
 
 
 async def test_a_rush_with_workers_killed_and_connections_dropped_loses_nothing(
@@ -73,3 +78,18 @@ def test_faults_are_made_only_on_a_platform_the_benchmark_started() -> None:
     )
     assert result.returncode == 2
     assert "--kill-every and --drop-connections-every fault a platform it starts" in result.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads Linux's /proc fdinfo")
+async def test_a_worker_counts_as_serving_once_its_loop_watches_its_listening_socket() -> None:
+    """What the killer waits for before it kills a worker: a socket handed over listening is
+    not yet served (the worker is still starting); once a server runs on it, it is."""
+    with listening_socket("127.0.0.1", 0) as sock:
+        assert sock.fileno() not in watched_fds(os.getpid())
+        server = await asyncio.start_server(lambda _r, _w: None, sock=sock)
+        try:
+            served = server.sockets[0].fileno()
+            assert served in watched_fds(os.getpid())
+        finally:
+            server.close()
+            await server.wait_closed()
