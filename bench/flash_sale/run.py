@@ -19,7 +19,7 @@ import jwt
 from rich.console import Console
 
 from bench.ceiling.app import SCHEMA
-from bench.flash_sale.api import Api, bounded, client
+from bench.flash_sale.api import Api, ApiError, bounded, client
 from bench.flash_sale.chaos import (
     ROLES,
     Chaos,
@@ -164,6 +164,7 @@ async def _platform_run(
             people = await sign_up(api, secrets.token_hex(4), config.sellers, config.buyers)
             ticket_ids = await list_tickets(api, people.sellers, config.tickets, "Flash")
             await replicated(service_dsn(config, "orders"), ticket_ids)
+            await _warm_up_orders(api, people.sellers, ticket_ids, config.buyers)
         async with ConvergenceWatcher(config.nats_url, config.subject_prefix) as watcher:
             if ceiling is not None:
                 ceiling.api = Api(ceiling_http, ceiling.server.url)
@@ -361,7 +362,7 @@ async def _start_ceiling(
         await ceiling.server.start()
         async with client(config.buyers) as http:
             api = Api(http, ceiling.server.url)
-            # Warm every worker's connection pool, as the platform's setup warms its own.
+            # Warm every worker's connection pool, as _warm_up_orders warms the platform's.
             tokens = ceiling.tokens
             warm_up = [
                 partial(api.call, "POST", "/api/orders", tokens[i % len(tokens)],
@@ -369,6 +370,23 @@ async def _start_ceiling(
                 for i in range(WARM_UP_REQUESTS)
             ]  # fmt: skip
             await bounded(config.buyers, warm_up)
+
+
+async def _warm_up_orders(
+    api: Api, sellers: list[str], ticket_ids: list[str], concurrency: int
+) -> None:
+    """Warm the orders service's pools and hot path as the ceiling's warm-up warms its own (the
+    setup's sign-ups and listings never reach orders): sellers try to buy the tickets they
+    listed, each attempt read and refused, nothing ordered."""
+    listed = [i % len(ticket_ids) for i in range(WARM_UP_REQUESTS)]  # list_tickets' order
+    attempts = [
+        partial(api.call, "POST", "/api/orders", sellers[i % len(sellers)],
+                {"ticketId": ticket_ids[i]})
+        for i in listed
+    ]  # fmt: skip
+    refused = [status for status, _ in await bounded(concurrency, attempts) if status != 400]
+    if refused:
+        raise ApiError(f"warming up: a seller's own ticket answered {sorted(set(refused))}")
 
 
 async def _ceiling_data(config: Config, jwt_key: str) -> tuple[list[str], list[str]]:

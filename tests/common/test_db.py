@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -311,6 +312,68 @@ async def test_a_write_whose_connection_ends_under_it_is_found_out_not_an_outage
         assert await other.fetchval("SELECT count(*) FROM inbox") == 1
     finally:
         await other.close()
+
+
+@pytest.fixture
+async def pool_of_six(settings: Settings, infra: Infra) -> AsyncIterator[Database]:
+    """A service's database whose pool holds six connections, two of which the driver's calls
+    may keep (PostgreSQL only: on SQLite they go through SQLAlchemy)."""
+    if not infra.postgres:
+        pytest.skip("the driver's calls keep connections on PostgreSQL only")
+    db = Database(settings.service_database_url("probe"), pool_size=6)
+    await db.create_all()
+    yield db
+    await db.dispose()
+
+
+def _backend_pid() -> Any:
+    from sqlalchemy import func
+
+    return select(func.pg_backend_pid().label("pid"))
+
+
+async def test_the_driver_keeps_its_connection_between_calls_and_gives_it_back_when_quiet(
+    pool_of_six: Database,
+) -> None:
+    """A rush's attempts follow one another on the connection the last one used, checked out
+    of the pool once; a quiet spell hands it back."""
+    db = pool_of_six
+    first = await db.read_first(_backend_pid(), {})
+    second = await db.read_first(_backend_pid(), {})
+    assert first is not None and second is not None and first["pid"] == second["pid"]
+    assert db.engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    await eventually(lambda: db.engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
+
+
+async def test_the_driver_keeps_a_third_of_the_pool_and_sessions_have_the_rest(
+    pool_of_six: Database,
+) -> None:
+    from sqlalchemy import func
+
+    db = pool_of_six
+    slow = select(func.pg_sleep(0.2).label("slept"))
+    await asyncio.gather(*(db.read_first(slow, {}) for _ in range(5)))
+    assert db.engine.pool.checkedout() == 2  # type: ignore[attr-defined]
+    sessions = [await db.engine.connect() for _ in range(4)]  # the rest of the pool, at once
+    try:
+        for connection in sessions:
+            assert (await connection.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        for connection in sessions:
+            await connection.close()
+
+
+async def test_a_kept_connection_the_server_ended_is_not_read_on(pool_of_six: Database) -> None:
+    """PostgreSQL restarted (here: ended the kept connection's backend) between two attempts:
+    the next read is made on a new connection, as a pooled one's would be."""
+    db = pool_of_six
+    for _ in range(3):
+        before = await db.read_first(_backend_pid(), {})
+        assert before is not None
+        async with _admin() as admin:
+            await admin.execute("SELECT pg_terminate_backend($1, 5000)", before["pid"])
+        after = await db.read_first(_backend_pid(), {})
+        assert after is not None and after["pid"] != before["pid"]
 
 
 async def test_read_first_cancelled_mid_statement_leaves_the_pool_usable(

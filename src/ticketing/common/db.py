@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.schema import CreateColumn
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.sqltypes import NullType
@@ -91,6 +93,10 @@ class Base(DeclarativeBase):
 
 
 POOL_SIZE = 10
+# Of a pool's connections, how many the driver's own calls may keep between them (a third),
+# and for how long a quiet spell before they go back.
+KEPT_SHARE = 3
+KEPT_IDLE_SECONDS = 0.5
 # The outbox rows a transaction wrote, listed in its session's or connection's info until it
 # commits; then they go to the commit hooks (the relay publishes them at once).
 OUTBOX_WRITTEN = "outbox_written"
@@ -133,6 +139,7 @@ class Database:
         self.metadata = [Base.metadata, *metadata]
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self.engine: AsyncEngine = _make_engine(url, is_sqlite=self.is_sqlite, pool_size=pool_size)
+        self._kept = KeptConnections(pool_size // KEPT_SHARE, KEPT_IDLE_SECONDS)
         # A session class of its own, so the commit hook sees only this database's sessions.
         sync_class = type("ServiceSession", (Session,), {})
         self.sessionmaker = async_sessionmaker(
@@ -278,10 +285,11 @@ class Database:
         a new one. The statements are fixed, so a failure is rare and almost always the
         connection; one the server closed is raised as ConnectionLost, an outage as SQLAlchemy
         reports it of its own connections."""
-        pooled = await self.engine.raw_connection()
+        pooled = self._kept.take() or await self.engine.raw_connection()
         try:
             yield pooled.driver_connection
         except asyncpg.IntegrityConstraintViolationError:
+            self._kept.give_back(pooled)
             raise  # the statement's answer: the connection is as good as before
         except _DEAD_CONNECTION as exc:
             pooled.invalidate()
@@ -289,8 +297,7 @@ class Database:
         except BaseException:
             pooled.invalidate()
             raise
-        finally:
-            pooled.close()
+        self._kept.give_back(pooled)
 
     async def retrying(
         self,
@@ -317,7 +324,60 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
+        self._kept.release()
         await self.engine.dispose()
+
+
+class KeptConnections:
+    """Pooled connections the driver's own calls (`Database.read_first`, `write_on_driver`)
+    keep checked out between them, for a rush's every attempt: a checkout from SQLAlchemy's
+    pool and its return (a greenlet, the pool's events and bookkeeping) cost about as much CPU
+    as the attempt's statement. At most `size` are kept, so that sessions always have the rest
+    of the pool; all go back after `idle_seconds` without a call."""
+
+    def __init__(self, size: int, idle_seconds: float) -> None:
+        self.size = size
+        self.idle_seconds = idle_seconds
+        self._connections: list[PoolProxiedConnection] = []
+        self._last_use = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def take(self) -> PoolProxiedConnection | None:
+        """The connection used last, or None when none is kept."""
+        while self._connections:
+            pooled = self._connections.pop()
+            driver = pooled.driver_connection
+            if driver is not None and not driver.is_closed():
+                return pooled
+            pooled.invalidate()  # the server closed it while kept: as _refuse_closed would
+        return None
+
+    def give_back(self, pooled: PoolProxiedConnection) -> None:
+        """After a call that left the connection as good as before."""
+        if len(self._connections) >= self.size:
+            pooled.close()  # back to the pool
+            return
+        self._connections.append(pooled)
+        self._last_use = time.monotonic()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.idle_seconds, self._expire)
+
+    def _expire(self) -> None:
+        quiet = time.monotonic() - self._last_use
+        if quiet < self.idle_seconds:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.idle_seconds - quiet, self._expire)
+            return
+        self._timer = None
+        self.release()
+
+    def release(self) -> None:
+        """Every kept connection back to the pool."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._connections:
+            self._connections.pop().close()
 
 
 class _OneOf(ColumnElement[Any]):
