@@ -315,11 +315,15 @@ async def test_a_write_whose_connection_ends_under_it_is_found_out_not_an_outage
 
 
 @pytest.fixture
-async def pool_of_six(settings: Settings, infra: Infra) -> AsyncIterator[Database]:
+async def pool_of_six(
+    settings: Settings, infra: Infra, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Database]:
     """A service's database whose pool holds six connections, two of which the driver's calls
-    may keep (PostgreSQL only: on SQLite they go through SQLAlchemy)."""
+    may keep (PostgreSQL only: on SQLite they go through SQLAlchemy); kept for 2 s without a
+    call, so that a slow moment between a test's steps does not hand them back."""
     if not infra.postgres:
         pytest.skip("the driver's calls keep connections on PostgreSQL only")
+    monkeypatch.setattr("ticketing.common.db.KEPT_IDLE_SECONDS", 2.0)
     db = Database(settings.service_database_url("probe"), pool_size=6)
     await db.create_all()
     yield db
@@ -361,6 +365,38 @@ async def test_the_driver_keeps_a_third_of_the_pool_and_sessions_have_the_rest(
     finally:
         for connection in sessions:
             await connection.close()
+
+
+async def test_kept_connections_go_back_when_the_pool_finds_one_dead(
+    pool_of_six: Database,
+) -> None:
+    """A dead connection may mean the server restarted: the pool then replaces its older
+    connections at their next checkout, and the kept ones go back to it for that."""
+    db = pool_of_six
+    assert await db.read_first(_backend_pid(), {}) is not None
+    assert db.engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    async with db.engine.connect() as connection:
+        await connection.invalidate()
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert await db.read_first(_backend_pid(), {}) is not None
+
+
+async def test_a_read_cancelled_on_a_kept_connection_leaves_it_unkept(
+    pool_of_six: Database,
+) -> None:
+    """As test_read_first_cancelled_mid_statement_leaves_the_pool_usable, on a connection kept
+    from the call before: it is not kept again, and the next read has a good one."""
+    from sqlalchemy import bindparam, func
+
+    db = pool_of_six
+    assert await db.read_first(_backend_pid(), {}) is not None  # kept now
+    read = asyncio.create_task(db.read_first(select(func.pg_sleep(bindparam("s"))), {"s": 30}))
+    await eventually(lambda: _running("pg_sleep", database=db.engine.url.database or ""))
+    read.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await read
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert await db.read_first(_outbox_read(), {"event_id": "missing"}) is None
 
 
 async def test_a_kept_connection_the_server_ended_is_not_read_on(pool_of_six: Database) -> None:

@@ -140,6 +140,10 @@ class Database:
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self.engine: AsyncEngine = _make_engine(url, is_sqlite=self.is_sqlite, pool_size=pool_size)
         self._kept = KeptConnections(pool_size // KEPT_SHARE, KEPT_IDLE_SECONDS)
+        if not self.is_sqlite:
+            # A connection found dead may mean the server restarted: the pool then replaces
+            # the older connections at their next checkout, which kept ones would skip.
+            event.listen(self.engine.sync_engine.pool, "invalidate", self._kept.release_all)
         # A session class of its own, so the commit hook sees only this database's sessions.
         sync_class = type("ServiceSession", (Session,), {})
         self.sessionmaker = async_sessionmaker(
@@ -279,12 +283,12 @@ class Database:
 
     @asynccontextmanager
     async def _on_driver(self) -> AsyncIterator[asyncpg.Connection]:
-        """The driver's own connection of a pooled one, back to the pool when the block ends.
-        A dropped connection, or one cancelled mid-statement (its protocol then still busy),
-        must not go back: after any failure but a constraint's refusal the next checkout opens
-        a new one. The statements are fixed, so a failure is rare and almost always the
-        connection; one the server closed is raised as ConnectionLost, an outage as SQLAlchemy
-        reports it of its own connections."""
+        """The driver's own connection of a pooled one, kept for the next call or back to the
+        pool when the block ends (`KeptConnections`). A dropped connection, or one cancelled
+        mid-statement (its protocol then still busy), must be neither: after any failure but a
+        constraint's refusal the next checkout opens a new one. The statements are fixed, so a
+        failure is rare and almost always the connection; one the server closed is raised as
+        ConnectionLost, an outage as SQLAlchemy reports it of its own connections."""
         pooled = self._kept.take() or await self.engine.raw_connection()
         try:
             yield pooled.driver_connection
@@ -324,7 +328,7 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
-        self._kept.release()
+        self._kept.close()
         await self.engine.dispose()
 
 
@@ -332,8 +336,9 @@ class KeptConnections:
     """Pooled connections the driver's own calls (`Database.read_first`, `write_on_driver`)
     keep checked out between them, for a rush's every attempt: a checkout from SQLAlchemy's
     pool and its return (a greenlet, the pool's events and bookkeeping) cost about as much CPU
-    as the attempt's statement. At most `size` are kept, so that sessions always have the rest
-    of the pool; all go back after `idle_seconds` without a call."""
+    as the attempt's statement. At most `size` idle ones are kept, so that the rest of the pool
+    is left to the sessions and to calls beyond them; all go back after `idle_seconds` without
+    a call, and at once when the pool finds a connection dead."""
 
     def __init__(self, size: int, idle_seconds: float) -> None:
         self.size = size
@@ -341,6 +346,8 @@ class KeptConnections:
         self._connections: list[PoolProxiedConnection] = []
         self._last_use = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def take(self) -> PoolProxiedConnection | None:
         """The connection used last, or None when none is kept."""
@@ -354,13 +361,14 @@ class KeptConnections:
 
     def give_back(self, pooled: PoolProxiedConnection) -> None:
         """After a call that left the connection as good as before."""
-        if len(self._connections) >= self.size:
+        if self._closed or len(self._connections) >= self.size:
             pooled.close()  # back to the pool
             return
         self._connections.append(pooled)
         self._last_use = time.monotonic()
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.idle_seconds, self._expire)
+        loop = asyncio.get_running_loop()
+        if self._timer is None or self._timer_loop is not loop:  # none, or one of a past loop
+            self._timer, self._timer_loop = loop.call_later(self.idle_seconds, self._expire), loop
 
     def _expire(self) -> None:
         quiet = time.monotonic() - self._last_use
@@ -369,15 +377,20 @@ class KeptConnections:
             self._timer = loop.call_later(self.idle_seconds - quiet, self._expire)
             return
         self._timer = None
-        self.release()
+        self.release_all()
 
-    def release(self) -> None:
-        """Every kept connection back to the pool."""
+    def release_all(self, *_event: Any) -> None:
+        """Every kept connection back to the pool (also the pool's `invalidate` listener)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         while self._connections:
             self._connections.pop().close()
+
+    def close(self) -> None:
+        """Back to the pool for good: a call still running gives its connection back to it."""
+        self._closed = True
+        self.release_all()
 
 
 class _OneOf(ColumnElement[Any]):
