@@ -36,7 +36,9 @@ async def test_a_rush_with_workers_killed_and_connections_dropped_loses_nothing(
     if not infra.postgres:
         pytest.skip("the flash sale runs on PostgreSQL, NATS and Redis")
     config = Config.quick(
-        tickets=400,
+        # Enough for a rush of several seconds, so that it sees both kinds of worker killed and
+        # its connections dropped (400 tickets once sold in under the 1.5 s of a first drop).
+        tickets=1200,
         rounds=1,
         ceiling=False,
         kill_every=1.0,
